@@ -1,0 +1,139 @@
+"""Runtime subcommands: ``run``, ``chat`` and ``inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgepack.runtime.decoder import SessionSettings
+from edgepack.runtime.errors import UsageError
+from edgepack.runtime.generation import GenerationResult
+from edgepack.runtime.model import Model, load
+from edgepack.runtime.package import read_manifest
+from edgepack.runtime.sampling import SamplingConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="generate an answer to one prompt", description="Generate an answer "
+                       "to one prompt with a package, streaming it to standard output.")
+    p.add_argument("package", help="package folder")
+    p.add_argument("prompt", help="the prompt (sent through the chat template when the package has one)")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
+    _generation_args(p)
+    p.add_argument("--stats", action="store_true", help="print token counts and speed to standard error")
+    p.set_defaults(handler=run)
+
+    p = sub.add_parser("chat", help="chat with a package interactively", description="Interactive, "
+                       "streaming chat. The KV cache is kept between turns. Type /reset to start over, "
+                       "/exit (or end of input) to leave.")
+    p.add_argument("package", help="package folder")
+    p.add_argument("--system", help="a system message for the conversation")
+    _generation_args(p)
+    p.set_defaults(handler=chat)
+
+    p = sub.add_parser("inspect", help="describe a package", description="Print a package's manifest "
+                       "summary; --verify also checks every file's sha256.")
+    p.add_argument("package", help="package folder")
+    p.add_argument("--verify", action="store_true", help="check every file's size and sha256")
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    p.set_defaults(handler=inspect)
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer (default 256)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = its default)")
+    g.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the package files")
+
+
+def _sampling(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def _load(args: argparse.Namespace) -> Model:
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {args.threads}")
+    return load(args.package, verify=not args.no_verify, settings=SessionSettings(threads=args.threads))
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
+    model = _load(args)
+    result = GenerationResult()
+    for piece in model.stream(args.prompt, max_new_tokens=args.max_tokens, sampling=sampling, stop=args.stop,
+                              chat=False if args.raw else None, result=result):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.stats:
+        print(f"[{result.prompt_tokens} prompt tokens, {len(result.tokens)} new tokens, "
+              f"first token {result.first_token_s * 1000:.0f} ms, {result.tokens_per_s:.1f} tokens/s, "
+              f"finish: {result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
+    model = _load(args)
+    session = model.session(system=args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("edgepack chat: /reset to start over, /exit to leave.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            session.reset()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        try:
+            for piece in session.send(text, max_new_tokens=args.max_tokens, sampling=sampling, stop=args.stop):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except UsageError as e:  # e.g. the history outgrew the context: say so and go on
+            print(f"\nedgepack: {e}; type /reset to start a new conversation", file=sys.stderr)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def inspect(args: argparse.Namespace) -> int:
+    manifest = read_manifest(args.package)
+    if args.verify:
+        from pathlib import Path
+
+        from edgepack.runtime.package import verify_files
+
+        verify_files(Path(args.package), manifest)
+    if args.json:
+        print(manifest.to_json(), end="")
+        return 0
+    model = manifest.model
+    print(f"package      {args.package}  (format v{manifest.format_version})")
+    print(f"model        {model.get('architecture')} ({model.get('model_type')}), "
+          f"{model.get('parameters', 0) / 1e6:.1f}M parameters, {model.get('layers')} layers")
+    print(f"source       {model.get('source', {}).get('ref')}")
+    print(f"weights      {manifest.plan.get('weights', manifest.dtype)}")
+    print(f"compression  {manifest.plan.get('compression') or 'none'}")
+    print(f"context      {manifest.plan.get('context_length')} tokens")
+    print(f"size         {manifest.total_size / 1e6:.1f} MB in {len(manifest.files)} files")
+    for name, report in manifest.parity.items():
+        print(f"parity       {name}: max |Δlogit| {report['max_abs_diff']:.3g} "
+              f"(tolerance {report['tolerance']:.3g}), top-1 agreement {report['top1_agreement']:.1%}")
+    if manifest.build:
+        print(f"built in     {manifest.build.get('seconds')} s with edgepack {manifest.build.get('edgepack')}")
+    if args.verify:
+        print("verified     every file matches its sha256")
+    return 0

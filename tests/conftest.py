@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny random Llama in a Hugging Face folder, and packages built from it once."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return tiny.save_tiny(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory, tiny_model_dir) -> Path:
+    from edgepack.toolchain.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("packages") / "tiny-f32"
+    build(BuildConfig(model=str(tiny_model_dir)), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_package(tmp_path_factory, tiny_model_dir) -> Path:
+    from edgepack.toolchain.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("packages") / "tiny-int4"
+    build(BuildConfig(model=str(tiny_model_dir), int4=True), out)
+    return out
+
+
+@pytest.fixture
+def package_copy(tiny_package, tmp_path) -> Path:
+    """A private copy of the tiny package that a test may damage."""
+    import shutil
+
+    dest = tmp_path / "pkg"
+    shutil.copytree(tiny_package, dest)
+    return dest
