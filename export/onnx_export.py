@@ -28,8 +28,9 @@ def supported_model_types() -> list[str]:
     return sorted(TasksManager.get_supported_model_type_for_task(TASK, exporter="onnx"))
 
 
-def check_exportable(model: Any) -> None:
-    model_type = model.config.model_type
+def check_exportable(config: Any) -> None:
+    """Refuse, by name, a model type the exporter cannot trace with a KV cache."""
+    model_type = config.model_type
     supported = supported_model_types()
     if model_type.replace("_", "-") not in supported and model_type not in supported:
         raise UnsupportedArchitecture(
@@ -42,7 +43,7 @@ def export(model: Any, out_dir: Path, opset: int | None = None) -> list[Path]:
     """Write ``model.onnx`` (and its external data file, if any) into ``out_dir``; return the files."""
     from optimum.exporters.onnx import onnx_export_from_model
 
-    check_exportable(model)
+    check_exportable(model.config)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgepack-export-") as tmp, _quiet():
         # Our own parity check follows, on real prompts through the runtime, so optimum's is skipped.

@@ -46,12 +46,12 @@ class Model:
         chat: bool | None = None,
         cache: KVCache | None = None,
         result: GenerationResult | None = None,
+        ignore_eos: bool = False,
     ) -> Iterator[str]:
         """Yield the answer's text piece by piece as it is generated."""
         ids = self.encode_prompt(prompt, chat)
-        return self.stream_ids(
-            ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop, cache=cache, result=result
-        )
+        return self.stream_ids(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop, cache=cache,
+                               result=result, ignore_eos=ignore_eos)
 
     def stream_ids(
         self,
@@ -62,7 +62,9 @@ class Model:
         stop: Sequence[str] = (),
         cache: KVCache | None = None,
         result: GenerationResult | None = None,
+        ignore_eos: bool = False,
     ) -> Iterator[str]:
+        """As ``stream`` from token ids; ``ignore_eos`` runs to ``max_new_tokens`` (for benchmarks)."""
         return stream_tokens(
             self.decoder,
             self.tokenizer,
@@ -71,7 +73,7 @@ class Model:
             Sampler(sampling or SamplingConfig()),
             max_new_tokens=max_new_tokens,
             context_length=self.generation.context_length,
-            stop_token_ids=self.generation.eos_token_ids,
+            stop_token_ids=() if ignore_eos else self.generation.eos_token_ids,
             stop_strings=stop,
             result=result,
         )

@@ -84,7 +84,7 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
     steps = tqdm(total=5 if config.int4 else 4, desc="build", unit="step", file=sys.stderr)
     with steps:
         steps.set_postfix_str("loading model")
-        loaded = sources.load(config.model)
+        loaded = sources.load(config.model, check=onnx_export.check_exportable)
         steps.update()
         settings = generation_settings(loaded.model, loaded.tokenizer, config.context)
         prompts = parity_prompts(loaded.tokenizer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,17 +69,21 @@ def _check_gguf_magic(path: Path) -> None:
             raise ModelSourceError(f"{path} is not a GGUF file (bad magic bytes); is it corrupt?")
 
 
-def load(spec: str) -> LoadedModel:
-    """Load a causal LM and its tokenizer in float32 for compression and export."""
+def load(spec: str, check: Callable[[Any], None] | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer in float32 for compression and export.
+
+    ``check(config)`` runs once the config is read and before the weights are, so a model a later
+    step cannot handle is refused before a long load.
+    """
     source = resolve(spec)
     start = time.perf_counter()
     print(f"edgepack: loading {source.ref} ...", file=sys.stderr)
-    model, tokenizer = _load_transformers(source)
+    model, tokenizer = _load_transformers(source, check)
     model.eval()
     return LoadedModel(model, tokenizer, source, time.perf_counter() - start)
 
 
-def _load_transformers(source: ModelSource):
+def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -94,6 +99,8 @@ def _load_transformers(source: ModelSource):
     except Exception as e:  # corrupt GGUF headers surface as assorted exception types
         raise ModelSourceError(f"cannot read {source.ref}: {_first_line(e)}") from None
     _check_causal_lm(config, source)
+    if check is not None:
+        check(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)

@@ -1,0 +1,136 @@
+import json
+
+import pytest
+from edgepack.runtime.errors import ModelSourceError, UnsupportedArchitecture
+from edgepack.toolchain import sources
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(ModelSourceError, match="model not found"):
+        sources.resolve(str(tmp_path / "nope"))
+
+
+def test_file_that_is_not_gguf(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"hello")
+    with pytest.raises(ModelSourceError, match="not a .gguf"):
+        sources.resolve(str(f))
+
+
+def test_gguf_with_bad_magic(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"NOPE" + b"\0" * 100)
+    with pytest.raises(ModelSourceError, match="bad magic"):
+        sources.resolve(str(f))
+
+
+def test_truncated_gguf(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"GGUF" + b"\3\0\0\0" + b"\0" * 7)
+    with pytest.raises(ModelSourceError):
+        sources.load(str(f))
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelSourceError, match="no config.json"):
+        sources.resolve(str(tmp_path))
+
+
+def test_non_causal_architecture_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
+    with pytest.raises(UnsupportedArchitecture, match="vit"):
+        sources.load(str(tmp_path))
+
+
+def test_architecture_the_exporter_lacks_is_refused_before_loading(tmp_path):
+    from edgepack.export.onnx_export import check_exportable
+
+    # bert loads as a causal LM in transformers, but has no KV-cache export: refused from its config alone.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertLMHeadModel"]}))
+    with pytest.raises(UnsupportedArchitecture, match="'bert' cannot be exported"):
+        sources.load(str(tmp_path), check=check_exportable)
+
+
+def test_unknown_model_type_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "fancy-new-lm"}))
+    with pytest.raises((UnsupportedArchitecture, ModelSourceError), match="fancy-new-lm"):
+        sources.load(str(tmp_path))
+
+
+def test_corrupt_weights(tiny_model_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ModelSourceError, match="cannot load"):
+        sources.load(str(broken))
+
+
+def test_loads_hf_folder(tiny_model_dir):
+    loaded = sources.load(str(tiny_model_dir))
+    assert loaded.source.kind == "hf-folder"
+    assert loaded.model.config.num_hidden_layers == 2
+    assert loaded.tokenizer.is_fast
+
+
+def test_gguf_source_loads(tmp_path):
+    """Write the tiny model as a real GGUF with the gguf package, then load it back."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    import tiny
+
+    model = tiny.make_model(seed=4)
+    path = tmp_path / "tiny.gguf"
+    _write_llama_gguf(gguf, model, tiny.make_tokenizer(), path)
+    loaded = sources.load(str(path))
+    assert loaded.source.kind == "gguf" and loaded.source.sha256
+    ours = loaded.model.model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_allclose(ours, model.model.embed_tokens.weight.detach().numpy(), atol=1e-6)
+
+
+def _write_llama_gguf(gguf, model, tokenizer, path):
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    vocab = tokenizer.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+                 "post_attention_layernorm": "ffn_norm"}
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in per_layer.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    state = model.state_dict()
+    for hf, gg in names.items():
+        tensor = state[hf].detach().numpy().astype("float32")
+        if gg.endswith(("attn_q.weight", "attn_k.weight")):
+            tensor = _permute_for_gguf(tensor, cfg.num_attention_heads if "attn_q" in gg else cfg.num_key_value_heads)
+        w.add_tensor(gg, tensor)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _permute_for_gguf(weight, heads):
+    # llama.cpp stores q/k rows interleaved per rotary pair; transformers undoes this on load.
+    out_dim = weight.shape[0]
+    return weight.reshape(heads, 2, out_dim // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
