@@ -1,15 +1,16 @@
-"""Runtime subcommands: ``run``, ``chat`` and ``inspect``."""
+"""Runtime subcommands: ``run``, ``chat``, ``inspect`` and ``eval``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from edgepack.runtime.decoder import SessionSettings
 from edgepack.runtime.errors import UsageError
 from edgepack.runtime.generation import GenerationResult
 from edgepack.runtime.model import Model, load
-from edgepack.runtime.package import read_manifest
+from edgepack.runtime.package import read_manifest, verify_files
 from edgepack.runtime.sampling import SamplingConfig
 
 
@@ -37,6 +38,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action="store_true", help="check every file's size and sha256")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     p.set_defaults(handler=inspect)
+
+    p = sub.add_parser("eval", help="perplexity of a package (runtime) or a model (PyTorch) on text",
+                       description="Perplexity on the held-out evaluation split of pydoc_data.topics, or on "
+                       "--text. A package is scored in the runtime (no torch), so the figure is what ships; "
+                       "a model source ('default', folder, .gguf) is scored in PyTorch (toolchain extra).")
+    p.add_argument("target", help="package folder, or 'default' / model folder / .gguf")
+    p.add_argument("--text", help="a text file, or a folder of .txt/.md files (default: evaluation split)")
+    p.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = its default)")
+    p.set_defaults(handler=evaluate)
 
 
 def _generation_args(p: argparse.ArgumentParser) -> None:
@@ -112,10 +124,6 @@ def chat(args: argparse.Namespace) -> int:
 def inspect(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.package)
     if args.verify:
-        from pathlib import Path
-
-        from edgepack.runtime.package import verify_files
-
         verify_files(Path(args.package), manifest)
     if args.json:
         print(manifest.to_json(), end="")
@@ -136,4 +144,32 @@ def inspect(args: argparse.Namespace) -> int:
         print(f"built in     {manifest.build.get('seconds')} s with edgepack {manifest.build.get('edgepack')}")
     if args.verify:
         print("verified     every file matches its sha256")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from edgepack.runtime import text as texts
+    from edgepack.runtime.manifest import MANIFEST_NAME
+    from edgepack.runtime.perplexity import perplexity, windows
+    from tqdm import tqdm
+
+    corpus = texts.read_text(args.text) if args.text else texts.evaluation_text()
+    target = Path(args.target)
+    with tqdm(desc="eval", unit="window", file=sys.stderr) as bar:
+        if (target / MANIFEST_NAME).is_file():
+            model = load(target, settings=SessionSettings(threads=args.threads))
+            ids = model.tokenizer.encode(corpus, add_special_tokens=False)
+            bar.total = len(windows(ids, args.context, args.max_windows))
+            dec = model.decoder
+            result = perplexity(lambda w: dec.forward(w, dec.new_cache(), all_logits=True), ids, args.context,
+                                args.max_windows, bar.update)
+        else:
+            from edgepack.toolchain.cli import require_toolchain
+
+            require_toolchain()
+            from edgepack.toolchain.evaluate import evaluate_model
+
+            result = evaluate_model(args.target, corpus, args.context, args.max_windows, bar.update)
+    print(f"perplexity {result.perplexity:.3f} over {result.tokens} tokens "
+          f"({result.windows} windows of {result.context})")
     return 0

@@ -7,7 +7,7 @@ import sys
 import pytest
 from edgepack.runtime import cli
 
-COMMANDS = ["build", "run", "chat", "inspect"]
+COMMANDS = ["build", "run", "chat", "inspect", "eval"]
 
 
 def run_cli(args, capsys):
@@ -132,3 +132,24 @@ def test_build_writes_package_and_replaces_atomically(tiny_model_dir, tmp_path, 
     assert code == 2 and (out / "manifest.json").read_text() == first
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def test_eval_package_matches_pytorch_model(tiny_package, tiny_model_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The while statement is used for repeated execution as long as an expression is true. " * 20)
+    code, ours, _ = run_cli(["eval", str(tiny_package), "--text", str(text), "--context", "64"], capsys)
+    assert code == 0
+    code, torchs, _ = run_cli(["eval", str(tiny_model_dir), "--text", str(text), "--context", "64"], capsys)
+    assert code == 0
+    a, b = float(ours.split()[1]), float(torchs.split()[1])
+    assert abs(a - b) / b < 1e-3
+    assert ours.split()[3] == torchs.split()[3]  # same number of tokens scored
+
+
+def test_eval_default_text_and_errors(tiny_package, tmp_path, capsys):
+    code, out, _ = run_cli(["eval", str(tiny_package), "--max-windows", "2", "--context", "32"], capsys)
+    assert code == 0 and "2 windows of 32" in out
+    code, _, err = run_cli(["eval", str(tiny_package), "--text", str(tmp_path / "none.txt")], capsys)
+    assert code == 2 and "text not found" in err
+    code, _, err = run_cli(["eval", str(tiny_package), "--context", "1"], capsys)
+    assert code == 2 and "--context" in err

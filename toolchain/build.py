@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.export import onnx_export, package_writer, parity, quantize
+from edgepack.runtime import text
 from edgepack.runtime.errors import UsageError
 from edgepack.runtime.manifest import GenerationSettings, Manifest
-from edgepack.toolchain import sources, text
+from edgepack.toolchain import sources
 from tqdm import tqdm
 
 PARITY_QUESTION = "What is the capital of France?"

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=build)
 
 
-def _require_toolchain() -> None:
+def require_toolchain() -> None:
     try:
         import optimum.exporters.onnx  # noqa: F401
         import torch  # noqa: F401
@@ -33,7 +33,7 @@ def _require_toolchain() -> None:
 
 
 def build(args: argparse.Namespace) -> int:
-    _require_toolchain()
+    require_toolchain()
     from edgepack.toolchain.build import BuildConfig
     from edgepack.toolchain.build import build as run_build
 
