@@ -110,7 +110,7 @@ def plot(rows: list[list[object]], path: Path) -> None:
         ax.text(v, i, f" {v:.1f}", va="center")
     ax.invert_yaxis()
     ax.set_xlabel("decode tokens/s (higher is better)")
-    ax.set_title("SmolLM2-135M-Instruct, greedy, same prompt, same machine")
+    ax.set_title("SmolLM2-135M-Instruct: greedy decoding, same prompt, one run", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
