@@ -121,6 +121,13 @@ def chat(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
 
+def _describe_compression(report: dict | None) -> str:
+    if not report:
+        return "none"
+    return (f"{report['config']['method']}, last {report['layers_compressed']} layers factorized, "
+            f"{report['removed_share']:.1%} of decoder linear parameters removed")
+
+
 def inspect(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.package)
     if args.verify:
@@ -134,7 +141,7 @@ def inspect(args: argparse.Namespace) -> int:
           f"{model.get('parameters', 0) / 1e6:.1f}M parameters, {model.get('layers')} layers")
     print(f"source       {model.get('source', {}).get('ref')}")
     print(f"weights      {manifest.plan.get('weights', manifest.dtype)}")
-    print(f"compression  {manifest.plan.get('compression') or 'none'}")
+    print(f"compression  {_describe_compression(manifest.plan.get('compression'))}")
     print(f"context      {manifest.plan.get('context_length')} tokens")
     print(f"size         {manifest.total_size / 1e6:.1f} MB in {len(manifest.files)} files")
     for name, report in manifest.parity.items():

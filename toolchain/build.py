@@ -16,6 +16,7 @@ from edgepack.runtime import text
 from edgepack.runtime.errors import UsageError
 from edgepack.runtime.manifest import GenerationSettings, Manifest
 from edgepack.toolchain import sources
+from edgepack.toolchain.ressvd import ResSVDConfig
 from tqdm import tqdm
 
 PARITY_QUESTION = "What is the capital of France?"
@@ -29,6 +30,8 @@ class BuildConfig:
     model: str = sources.DEFAULT
     int4: bool = False
     context: int = 2048
+    compression: ResSVDConfig | None = None
+    calib: str | None = None
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -36,7 +39,9 @@ class BuildConfig:
             raise UsageError(f"--context must be at least 16 tokens, got {self.context}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["compression"] = self.compression.to_dict() if self.compression else None
+        return d
 
 
 def generation_settings(model: Any, tokenizer: Any, context: int) -> GenerationSettings:
@@ -82,11 +87,19 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
 
     output = Path(output)
     start = time.perf_counter()
-    steps = tqdm(total=5 if config.int4 else 4, desc="build", unit="step", file=sys.stderr)
+    steps = tqdm(total=4 + config.int4 + (config.compression is not None), desc="build", unit="step",
+                 file=sys.stderr)
     with steps:
         steps.set_postfix_str("loading model")
         loaded = sources.load(config.model, check=onnx_export.check_exportable)
         steps.update()
+        compression = None
+        if config.compression is not None:
+            from edgepack.toolchain.compression import compress_loaded
+
+            steps.set_postfix_str("compressing (ResSVD)")
+            compression = compress_loaded(loaded, config.compression, config.calib).to_dict()
+            steps.update()
         settings = generation_settings(loaded.model, loaded.tokenizer, config.context)
         prompts = parity_prompts(loaded.tokenizer)
         with atomic_dir(output) as staging, tempfile.TemporaryDirectory(
@@ -118,7 +131,7 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
                 name=output.name,
                 dtype="int4" if config.int4 else "float32",
                 model=_model_info(loaded),
-                plan={"config": config.to_dict(), "compression": None,
+                plan={"config": config.to_dict(), "compression": compression,
                       "weights": "int4 (MatMulNBits, block 32, asymmetric)" if config.int4 else "float32",
                       "context_length": settings.context_length},
                 parity=reports,

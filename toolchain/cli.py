@@ -17,7 +17,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="package folder to write (replaced atomically)")
     p.add_argument("--int4", action="store_true", help="int4 weights (onnxruntime MatMulNBits, block 32)")
     p.add_argument("--context", type=int, default=2048, help="context length in tokens (default 2048)")
+    _compression_args(p, required=False)
     p.set_defaults(handler=build)
+
+    p = sub.add_parser("compress", help="compress a model with ResSVD", description="Factorize the linear "
+                       "layers of the last decoder layers into pairs of linear ops (in→r, r→out) so that "
+                       "--ratio of the decoder's linear parameters is removed; write a model folder that "
+                       "'edgepack build' and 'edgepack eval' accept.")
+    p.add_argument("model", help="'default', a Hugging Face model folder, or a .gguf file")
+    p.add_argument("-o", "--output", required=True, help="folder to write (replaced atomically)")
+    _compression_args(p, required=True)
+    p.set_defaults(handler=compress)
+
+
+def _compression_args(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("compression (ResSVD)")
+    g.add_argument("--ratio", type=float, required=required, default=None,
+                   help="share of decoder linear parameters to remove, e.g. 0.2")
+    g.add_argument("--method", default="ressvd", help="ressvd (default) | svd-llm | svd")
+    g.add_argument("--layers", default="auto", help="auto (search k) | all | K (compress the last K layers)")
+    g.add_argument("--calib", help="calibration text file or folder (default: pydoc_data.topics split)")
+
+
+def _compression_config(args: argparse.Namespace):
+    from edgepack.toolchain.ressvd import ResSVDConfig
+
+    return ResSVDConfig(ratio=args.ratio, method=args.method, layers=args.layers)
 
 
 def require_toolchain() -> None:
@@ -37,10 +62,27 @@ def build(args: argparse.Namespace) -> int:
     from edgepack.toolchain.build import BuildConfig
     from edgepack.toolchain.build import build as run_build
 
-    manifest = run_build(BuildConfig(model=args.model, int4=args.int4, context=args.context), args.output)
+    compression = _compression_config(args) if args.ratio is not None else None
+    config = BuildConfig(model=args.model, int4=args.int4, context=args.context, compression=compression,
+                         calib=args.calib)
+    manifest = run_build(config, args.output)
     parity = manifest.parity.get(manifest.dtype, {})
     print(f"built {args.output}: {manifest.dtype}, {manifest.total_size / 1e6:.1f} MB, "
           f"parity max |Δlogit| {parity.get('max_abs_diff', float('nan')):.3g}, "
           f"top-1 agreement {parity.get('top1_agreement', float('nan')):.1%}, "
           f"{manifest.build['seconds']} s", file=sys.stderr)
+    return 0
+
+
+def compress(args: argparse.Namespace) -> int:
+    require_toolchain()
+    from edgepack.toolchain.compression import compress as run_compress
+
+    report = run_compress(args.model, _compression_config(args), args.output, args.calib)
+    print(f"compressed {args.model} -> {args.output}: {report.layers_compressed} layers factorized, "
+          f"{report.removed_share:.1%} of decoder linear parameters removed, "
+          f"{report.params_before / 1e6:.1f}M -> {report.params_after / 1e6:.1f}M parameters, {report.seconds} s",
+          file=sys.stderr)
+    for point in report.search:
+        print(f"  k={point['k']:3d}  final hidden-state error {point['hidden_error']:.4f}", file=sys.stderr)
     return 0

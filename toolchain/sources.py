@@ -85,6 +85,7 @@ def load(spec: str, check: Callable[[Any], None] | None = None) -> LoadedModel:
 
 def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None):
     import torch
+    from edgepack.toolchain.ressvd import storage as ressvd_storage
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"local_files_only": True}
@@ -102,8 +103,13 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
     if check is not None:
         check(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **kwargs)
+        if ressvd_storage.is_compressed(source.path):
+            model = ressvd_storage.load(source.path, config)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except ModelSourceError:
+        raise
     except Exception as e:
         raise ModelSourceError(f"cannot load {source.ref}: {_first_line(e)}") from None
     if not getattr(tokenizer, "is_fast", False):

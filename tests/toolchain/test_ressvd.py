@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+import torch
+from edgepack.runtime.errors import UsageError
+from edgepack.toolchain.ressvd import ResSVDConfig, compress_, factorize, selection
+from edgepack.toolchain.ressvd.layers import factorized_linear, rank_for_ratio
+
+
+def correlated_inputs(n=2000, dim=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+    scales = torch.logspace(0, -3, dim, dtype=torch.float64)
+    return torch.randn(n, dim, generator=g, dtype=torch.float64) @ (mix * scales[:, None])
+
+
+def test_full_rank_factorization_equals_dense():
+    w = torch.randn(40, 48, dtype=torch.float64)
+    x = correlated_inputs()
+    s = factorize.whitening(x.T @ x, 1e-4)
+    for a, b in (factorize.plain(w, 40), factorize.whitened(w, 40, s)):
+        torch.testing.assert_close(a @ b, w, atol=1e-8, rtol=1e-8)
+    layer = factorized_linear(*factorize.plain(w, 40), bias=torch.ones(40), dtype=torch.float64)
+    torch.testing.assert_close(layer(x[:5]), x[:5] @ w.T + 1)
+
+
+def test_whitened_beats_plain_on_output_error():
+    w = torch.randn(40, 48, dtype=torch.float64)
+    x = correlated_inputs()
+    s = factorize.whitening(x.T @ x, 1e-4)
+
+    def out_err(a, b):
+        return float(((x @ (w - a @ b).T) ** 2).sum())
+
+    assert out_err(*factorize.whitened(w, 8, s)) < 0.5 * out_err(*factorize.plain(w, 8))
+
+
+def test_residual_split_keeps_storage():
+    w = torch.randn(40, 48, dtype=torch.float64)
+    x = correlated_inputs()
+    s = factorize.whitening(x.T @ x, 1e-4)
+    a, b = factorize.residual(w, 20, s, share=0.1)
+    assert a.shape == (40, 20) and b.shape == (20, 48)
+
+
+def test_cholesky_falls_back_to_damping():
+    x = correlated_inputs(n=10)  # rank 10 < 48: X·Xᵀ is singular
+    s = factorize.whitening(x.T @ x, 1e-4)
+    assert torch.isfinite(s).all()
+
+
+def test_rank_formula():
+    assert rank_for_ratio(576, 1536, 0.2) == int(0.8 * 576 * 1536 // (576 + 1536))
+
+
+@pytest.fixture
+def model():
+    import tiny
+
+    return tiny.make_model(seed=5, layers=4)
+
+
+def test_last_k_meets_overall_ratio(model):
+    per_layer = selection.target_linears(model, ResSVDConfig().targets)
+    for ratio, k in [(0.2, 4), (0.2, 2), (0.3, 3)]:
+        ranks = selection.last_k_ranks(per_layer, ratio, k)
+        assert {n.split(".")[2] for n in ranks} == {str(i) for i in range(4 - k, 4)}
+        share = selection.removed_share(per_layer, ranks)
+        total = sum(selection.params(layer) for layer in per_layer)
+        slack = sum(m.in_features + m.out_features for layer in per_layer[4 - k:] for _, m in layer) / total
+        assert ratio <= share <= ratio + slack  # flooring ranks removes at most one rank per layer more
+
+
+def test_impossible_ratio_is_refused(model):
+    per_layer = selection.target_linears(model, ResSVDConfig().targets)
+    with pytest.raises(UsageError, match="--layers 2 or more"):
+        selection.last_k_ranks(per_layer, 0.4, 1)
+    with pytest.raises(UsageError, match="ratio"):
+        ResSVDConfig(ratio=1.5)
+    with pytest.raises(UsageError, match="method"):
+        ResSVDConfig(method="magic")
+
+
+def test_compress_auto_reports_search_and_shrinks(model):
+    windows = [list(range(i, i + 32)) for i in range(0, 256, 32)]
+    before = sum(p.numel() for p in model.parameters())
+    report = compress_(model, ResSVDConfig(ratio=0.25, calib_windows=8, calib_length=32), windows)
+    assert report.search and {p["k"] for p in report.search} >= {4}
+    best = min(report.search, key=lambda p: p["hidden_error"])
+    assert report.layers_compressed == best["k"]
+    assert report.params_after < before
+    assert isinstance(model.model.layers[-1].mlp.down_proj, torch.nn.Sequential)
+
+
+def test_save_reload_export_parity(tiny_model_dir, tmp_path):
+    from edgepack.export import onnx_export, parity
+    from edgepack.toolchain import sources
+    from edgepack.toolchain.compression import compress
+
+    out = tmp_path / "compressed"
+    report = compress(str(tiny_model_dir), ResSVDConfig(ratio=0.2, layers=2, calib_windows=4, calib_length=64), out)
+    reloaded = sources.load(str(out)).model
+    fresh = sources.load(str(tiny_model_dir))
+    from edgepack.toolchain.compression import compress_loaded
+
+    compress_loaded(fresh, ResSVDConfig(ratio=0.2, layers=2, calib_windows=4, calib_length=64))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.inference_mode():
+        np.testing.assert_allclose(reloaded(ids).logits.numpy(), fresh.model(ids).logits.numpy(), atol=1e-5)
+    assert sum(p.numel() for p in reloaded.parameters()) == report.params_after
+    files = onnx_export.export(reloaded, tmp_path / "onnx")
+    assert parity.check(reloaded, files[0], [[5, 6, 7, 8, 9, 10]]).passed

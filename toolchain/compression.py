@@ -1,0 +1,30 @@
+"""``compress``: model source → calibration → ResSVD → a compressed model folder (or, inline, a
+compressed model in memory for ``build``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgepack.runtime import text as texts
+from edgepack.toolchain import sources
+from edgepack.toolchain.ressvd import CompressionReport, ResSVDConfig, compress_
+from edgepack.toolchain.ressvd.calibration import calibration_windows
+
+
+def compress_loaded(loaded: sources.LoadedModel, config: ResSVDConfig, calib: str | None = None) -> CompressionReport:
+    """Compress an already loaded model in place. ``calib`` is a text file or folder (default: the
+    calibration split of pydoc_data.topics)."""
+    windows = []
+    if config.method != "svd":
+        corpus = texts.read_text(calib) if calib else texts.calibration_text()
+        windows = calibration_windows(loaded.tokenizer, corpus, config.calib_windows, config.calib_length)
+    return compress_(loaded.model, config, windows)
+
+
+def compress(spec: str, config: ResSVDConfig, output: Path | str, calib: str | None = None) -> CompressionReport:
+    from edgepack.toolchain.ressvd import storage
+
+    loaded = sources.load(spec)
+    report = compress_loaded(loaded, config, calib)
+    storage.save(loaded.model, loaded.tokenizer, output, {**report.to_dict(), "source": loaded.source.to_dict()})
+    return report

@@ -1,0 +1,139 @@
+"""``compress_``: replace chosen linear layers of a model, in place, by truncated factor pairs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from edgepack.toolchain.ressvd import factorize, selection
+from edgepack.toolchain.ressvd.calibration import GramCollector
+from edgepack.toolchain.ressvd.config import ResSVDConfig
+from edgepack.toolchain.ressvd.layers import factorized_linear, set_module
+from torch import nn
+from tqdm import tqdm
+
+
+@dataclass
+class CompressionReport:
+    config: dict[str, Any]
+    ranks: dict[str, int]
+    layers_compressed: int
+    removed_share: float  # of the decoder's target linear parameters
+    params_before: int
+    params_after: int
+    search: list[dict[str, float]] = field(default_factory=list)  # k → final hidden-state error
+    calibration_tokens: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Whitened:
+    """Per-module SVD of W·S, computed once and truncated at any rank (the k search reuses it)."""
+
+    def __init__(self, weight: torch.Tensor, gram: torch.Tensor, damping: float) -> None:
+        self.weight = weight.detach().double()
+        self.s = factorize.whitening(gram, damping)
+        self.u, self.sig, self.vh = torch.linalg.svd(self.weight @ self.s, full_matrices=False)
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        root = self.sig[:rank].sqrt()
+        b = torch.linalg.solve_triangular(self.s.T, (root[:, None] * self.vh[:rank]).T, upper=True).T
+        return self.u[:, :rank] * root, b
+
+
+def compress_(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence[int]] = ()) -> CompressionReport:
+    """Compress ``model`` in place following ``config``; ``windows`` are calibration token windows
+    (needed by every method but plain ``svd``)."""
+    start = time.perf_counter()
+    per_layer = selection.target_linears(model, config.targets)
+    modules = {n: m for layer in per_layer for n, m in layer}
+    before = sum(p.numel() for p in model.parameters())
+    candidates = _candidate_modules(per_layer, config)
+    grams, tokens = {}, 0
+    if config.method != "svd":
+        if not windows:
+            raise ValueError(f"method {config.method!r} needs calibration windows")
+        collector = GramCollector(model, candidates)
+        grams = collector.run(model, windows)
+        tokens = collector.tokens
+    whitened = {n: _Whitened(modules[n].weight, grams[n], config.damping)
+                for n in tqdm(candidates, desc="decomposing", unit="layer")} if grams else {}
+    search: list[dict[str, float]] = []
+    if config.rank_map:
+        ranks = dict(config.rank_map)
+    elif config.layers == "auto":
+        ranks, search = _search_k(model, per_layer, config, whitened, windows)
+    else:
+        k = len(per_layer) if config.layers == "all" else int(config.layers)
+        ranks = selection.last_k_ranks(per_layer, config.ratio, k)
+    for name, rank in tqdm(ranks.items(), desc="factorizing", unit="layer"):
+        a, b = _factors(config, modules[name], rank, whitened.get(name))
+        set_module(model, name, factorized_linear(a, b, modules[name].bias, modules[name].weight.dtype))
+    return CompressionReport(
+        config=config.to_dict(), ranks=ranks,
+        layers_compressed=len({n.rsplit(".", 2)[0] for n in ranks}),
+        removed_share=selection.removed_share(per_layer, ranks), params_before=before,
+        params_after=sum(p.numel() for p in model.parameters()), search=search, calibration_tokens=tokens,
+        seconds=round(time.perf_counter() - start, 1),
+    )
+
+
+def _candidate_modules(per_layer, config: ResSVDConfig) -> list[str]:
+    if config.rank_map:
+        return list(config.rank_map)
+    if config.layers == "auto":
+        k = len(per_layer)
+    elif config.layers == "all":
+        k = len(per_layer)
+    else:
+        k = int(config.layers)
+        selection.last_k_ranks(per_layer, config.ratio, k)  # refuse an impossible k before calibrating
+    return [n for layer in per_layer[len(per_layer) - k:] for n, _ in layer]
+
+
+def _factors(config: ResSVDConfig, module: nn.Linear, rank: int, white: _Whitened | None):
+    if config.method == "svd":
+        return factorize.plain(module.weight.detach(), rank)
+    if config.method == "ressvd" and config.residual_share > 0:
+        return factorize.residual(module.weight.detach(), rank, white.s, config.residual_share)
+    return white.factors(rank)
+
+
+def _final_hidden(model: nn.Module, windows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [model(torch.tensor([list(w)]), output_hidden_states=True, use_cache=False).hidden_states[-1]
+                for w in windows]
+
+
+def _search_k(model, per_layer, config: ResSVDConfig, whitened: dict[str, _Whitened], windows):
+    """Try several k; keep the one whose final hidden states move least (relative squared error)."""
+    n = len(per_layer)
+    probe = list(windows[: max(1, min(8, len(windows)))])
+    reference = _final_hidden(model, probe)
+    curve, best = [], None
+    for k in tqdm(selection.search_candidates(n, selection.min_layers(per_layer, config.ratio)),
+                  desc="searching k", unit="k"):
+        ranks = selection.last_k_ranks(per_layer, config.ratio, k)
+        originals = {}
+        for name, rank in ranks.items():
+            module = model.get_submodule(name)
+            originals[name] = module
+            if config.method == "svd":
+                a, b = factorize.plain(module.weight.detach(), rank)
+            else:
+                a, b = whitened[name].factors(rank)
+            set_module(model, name, factorized_linear(a, b, module.bias, module.weight.dtype))
+        hidden = _final_hidden(model, probe)
+        for name, module in originals.items():
+            set_module(model, name, module)
+        err = float(sum(((h - r) ** 2).sum() for h, r in zip(hidden, reference))
+                    / sum((r ** 2).sum() for r in reference))
+        curve.append({"k": k, "hidden_error": err})
+        if best is None or err < best[1]:
+            best = (ranks, err)
+    return best[0], curve

@@ -1,0 +1,67 @@
+"""ResSVD's configuration: a frozen, versioned dataclass that round-trips to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgepack.runtime.errors import UsageError
+
+METHODS = ("svd", "svd-llm", "ressvd")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ResSVDConfig:
+    """How to compress.
+
+    ratio: share of the decoder's target linear parameters to remove, over the whole model.
+    method: ``svd`` (plain, data-free), ``svd-llm`` (whitened by calibration activations), or
+        ``ressvd`` (whitened, plus a residual stage of ``residual_share`` of the rank).
+    layers: ``"auto"`` searches how many of the last layers to compress; an int compresses that
+        many last layers; ``"all"`` compresses every layer at the overall ratio.
+    rank_map: explicit ``{module name: rank}``; overrides ``ratio`` and ``layers`` (the planner's way).
+    """
+
+    ratio: float = 0.2
+    method: str = "ressvd"
+    layers: str | int = "auto"
+    residual_share: float = 0.05
+    damping: float = 1e-4  # relative to the mean diagonal of X·Xᵀ, added only when Cholesky fails
+    calib_windows: int = 64
+    calib_length: int = 256
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    rank_map: dict[str, int] = field(default_factory=dict)
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not self.rank_map and not 0.0 < self.ratio < 1.0:
+            raise UsageError(f"--ratio must be between 0 and 1 (share of parameters removed), got {self.ratio}")
+        if isinstance(self.layers, str) and self.layers not in ("auto", "all"):
+            try:
+                object.__setattr__(self, "layers", int(self.layers))
+            except ValueError:
+                raise UsageError(f"--layers must be 'auto', 'all' or a number, got {self.layers!r}") from None
+        if isinstance(self.layers, int) and self.layers < 1:
+            raise UsageError(f"--layers must be at least 1, got {self.layers}")
+        if not 0.0 <= self.residual_share < 1.0:
+            raise UsageError(f"residual_share must be in [0, 1), got {self.residual_share}")
+        if self.calib_windows < 1 or self.calib_length < 2:
+            raise UsageError("calibration needs at least 1 window of at least 2 tokens")
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ResSVDConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise UsageError(f"unknown ResSVD config field(s): {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,51 @@
+"""Truncation of one weight matrix W (out × in) to a factor pair A (out × r), B (r × in), W ≈ A·B.
+
+All in float64. ``whitened`` truncates W·S, where S·Sᵀ = X·Xᵀ (the layer's calibration inputs), so
+that it minimizes the error of the layer's outputs on that data rather than of its weights
+(SVD-LLM). ``residual`` adds ResSVD's second stage: the residual of a rank r_i truncation is itself
+truncated to rank r_r under the *plain* weight metric; using the same metric twice would equal a
+single rank r_i + r_r truncation (Eckart–Young), so the stages must differ to change anything.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def plain(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def whitening(gram: Tensor, damping: float) -> Tensor:
+    """Lower-triangular S with S·Sᵀ = X·Xᵀ (+ damping when X·Xᵀ is singular)."""
+    gram = gram.double()
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    scale = gram.diagonal().mean().clamp_min(1e-12)
+    lam = 0.0
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(gram + lam * scale * eye)
+        if int(info) == 0:
+            return factor
+        lam = damping if lam == 0.0 else lam * 10
+    raise ValueError("X·Xᵀ is not positive definite even with damping; calibration data may be degenerate")
+
+
+def whitened(weight: Tensor, rank: int, s: Tensor) -> tuple[Tensor, Tensor]:
+    u, sig, vh = torch.linalg.svd(weight.double() @ s, full_matrices=False)
+    root = sig[:rank].sqrt()
+    # B = Σ½·Vᵣᵀ·S⁻¹, computed as a triangular solve rather than an explicit inverse.
+    b = torch.linalg.solve_triangular(s.T, (root[:, None] * vh[:rank]).T, upper=True).T
+    return u[:, :rank] * root, b
+
+
+def residual(weight: Tensor, rank: int, s: Tensor, share: float) -> tuple[Tensor, Tensor]:
+    r_res = int(round(rank * share))
+    if r_res == 0 or r_res >= rank:
+        return whitened(weight, rank, s)
+    a1, b1 = whitened(weight, rank - r_res, s)
+    a2, b2 = plain(weight.double() - a1 @ b1, r_res)
+    return torch.cat([a1, a2], dim=1), torch.cat([b1, b2], dim=0)

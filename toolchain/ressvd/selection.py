@@ -1,0 +1,82 @@
+"""Which layers to compress and at which ranks: the last-k rule and its search."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from edgepack.runtime.errors import UnsupportedArchitecture, UsageError
+from edgepack.toolchain.ressvd.layers import rank_for_ratio
+from torch import nn
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder blocks (the ModuleList as long as the config's layer count)."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise UnsupportedArchitecture(f"cannot find the decoder layers of {type(model).__name__} for compression")
+
+
+def target_linears(model: nn.Module, targets: Sequence[str]) -> list[list[tuple[str, nn.Linear]]]:
+    """Per decoder layer, the (full name, module) of each target linear layer, in order."""
+    layers = decoder_layers(model)
+    prefix = {id(m): n for n, m in model.named_modules()}[id(layers)]
+    out = []
+    for i, layer in enumerate(layers):
+        found = [(f"{prefix}.{i}.{n}", m) for n, m in layer.named_modules()
+                 if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+        if not found:
+            raise UnsupportedArchitecture(
+                f"decoder layer {i} of {type(model).__name__} has none of the target linear layers {list(targets)}")
+        out.append(found)
+    return out
+
+
+def params(linears: Sequence[tuple[str, nn.Linear]]) -> int:
+    return sum(m.weight.numel() for _, m in linears)
+
+
+def min_layers(per_layer: Sequence[Sequence[tuple[str, nn.Linear]]], ratio: float) -> int:
+    """The fewest last layers that can still remove ``ratio`` of all target parameters."""
+    total = sum(params(layer) for layer in per_layer)
+    for k in range(1, len(per_layer) + 1):
+        kept = sum(params(layer) for layer in per_layer[-k:])
+        if ratio * total / kept < 0.95:  # a layer kept at under 5 % is no longer a model
+            return k
+    raise UsageError(f"a ratio of {ratio} cannot be met even by compressing all {len(per_layer)} layers")
+
+
+def last_k_ranks(per_layer: Sequence[Sequence[tuple[str, nn.Linear]]], ratio: float, k: int) -> dict[str, int]:
+    """Ranks for the last ``k`` layers at the raised per-layer ratio R·P_total / P_last_k."""
+    n = len(per_layer)
+    if not 1 <= k <= n:
+        raise UsageError(f"--layers {k} is out of range for a model with {n} decoder layers")
+    total = sum(params(layer) for layer in per_layer)
+    chosen = per_layer[n - k:]
+    layer_ratio = ratio * total / sum(params(layer) for layer in chosen)
+    if layer_ratio >= 0.95:
+        need = min_layers(per_layer, ratio)
+        raise UsageError(
+            f"removing {ratio:.0%} of the parameters from the last {k} layers would remove {layer_ratio:.0%} of "
+            f"each; use --layers {need} or more (or a smaller --ratio)")
+    ranks = {}
+    for layer in chosen:
+        for name, m in layer:
+            ranks[name] = max(1, rank_for_ratio(m.out_features, m.in_features, layer_ratio))
+    return ranks
+
+
+def removed_share(per_layer: Sequence[Sequence[tuple[str, nn.Linear]]], ranks: dict[str, int]) -> float:
+    modules = {n: m for layer in per_layer for n, m in layer}
+    total = sum(m.weight.numel() for m in modules.values())
+    removed = sum(modules[n].weight.numel() - r * (modules[n].in_features + modules[n].out_features)
+                  for n, r in ranks.items())
+    return removed / total
+
+
+def search_candidates(n: int, minimum: int) -> list[int]:
+    """A handful of k values from the fewest possible to all layers, denser near the small end."""
+    steps = sorted({minimum, n, *(minimum + math.ceil((n - minimum) * f) for f in (0.1, 0.25, 0.4, 0.6, 0.8))})
+    return [k for k in steps if minimum <= k <= n]

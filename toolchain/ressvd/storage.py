@@ -1,0 +1,60 @@
+"""Save a compressed model as safetensors + config, and rebuild it from them.
+
+The folder is a normal Hugging Face model folder (config.json, tokenizer files) whose weights file
+holds the factor pairs (``...q_proj.0.weight`` = B, ``...q_proj.1.weight`` = A), plus
+``edgepack_compression.json`` recording every factorized layer's rank, from which ``load`` rebuilds
+the paired modules before loading the weights strictly (every key and shape must match).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgepack.runtime.errors import ModelSourceError
+from edgepack.runtime.files import atomic_dir
+
+COMPRESSION_NAME = "edgepack_compression.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def save(model: Any, tokenizer: Any, folder: Path | str, report: dict[str, Any]) -> None:
+    from safetensors.torch import save_model
+
+    with atomic_dir(Path(folder)) as staging:
+        model.config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        save_model(model, str(staging / WEIGHTS_NAME))  # de-duplicates the tied embedding
+        (staging / COMPRESSION_NAME).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def is_compressed(folder: Path | str) -> bool:
+    return (Path(folder) / COMPRESSION_NAME).is_file()
+
+
+def load(folder: Path | str, config: Any) -> Any:
+    """Rebuild the compressed model described by ``folder`` (its ``config`` already read)."""
+    import torch
+    from edgepack.toolchain.ressvd.layers import empty_factorized, set_module
+    from safetensors.torch import load_model
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    try:
+        report = json.loads((folder / COMPRESSION_NAME).read_text())
+        ranks = {str(k): int(v) for k, v in report["ranks"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelSourceError(f"{folder / COMPRESSION_NAME} is unreadable: {e}") from None
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, rank in ranks.items():
+        dense = model.get_submodule(name)
+        set_module(model, name, empty_factorized((dense.out_features, dense.in_features), rank,
+                                                 dense.bias is not None, dense.weight.dtype))
+    try:
+        load_model(model, str(folder / WEIGHTS_NAME), strict=True)
+    except (RuntimeError, OSError) as e:
+        raise ModelSourceError(f"the weights in {folder} do not match its compression record: {e}") from None
+    model.tie_weights()
+    return model.eval()
