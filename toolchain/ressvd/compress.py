@@ -100,7 +100,7 @@ def _factors(config: ResSVDConfig, module: nn.Linear, rank: int, white: _Whitene
     if config.method == "svd":
         return factorize.plain(module.weight.detach(), rank)
     if config.method == "ressvd" and config.residual_share > 0:
-        return factorize.residual(module.weight.detach(), rank, white.s, config.residual_share)
+        return factorize.residual(module.weight.detach(), rank, white.s, config.residual_share, white.factors)
     return white.factors(rank)
 
 

@@ -9,6 +9,8 @@ single rank r_i + r_r truncation (Eckart–Young), so the stages must differ to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 Tensor = torch.Tensor
@@ -42,10 +44,13 @@ def whitened(weight: Tensor, rank: int, s: Tensor) -> tuple[Tensor, Tensor]:
     return u[:, :rank] * root, b
 
 
-def residual(weight: Tensor, rank: int, s: Tensor, share: float) -> tuple[Tensor, Tensor]:
+def residual(weight: Tensor, rank: int, s: Tensor, share: float,
+             first_stage: Callable[[int], tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor]:
+    """``first_stage(rank)`` may supply the whitened factors from an SVD already computed."""
+    stage = first_stage or (lambda r: whitened(weight, r, s))
     r_res = int(round(rank * share))
     if r_res == 0 or r_res >= rank:
-        return whitened(weight, rank, s)
-    a1, b1 = whitened(weight, rank - r_res, s)
+        return stage(rank)
+    a1, b1 = stage(rank - r_res)
     a2, b2 = plain(weight.double() - a1 @ b1, r_res)
     return torch.cat([a1, a2], dim=1), torch.cat([b1, b2], dim=0)
