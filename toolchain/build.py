@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import sys
 import tempfile
@@ -93,7 +94,7 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
         steps.set_postfix_str("loading model")
         loaded = sources.load(config.model, check=onnx_export.check_exportable)
         steps.update()
-        compression = None
+        compression = _recorded_compression(loaded.source.path)
         if config.compression is not None:
             from edgepack.toolchain.compression import compress_loaded
 
@@ -140,6 +141,15 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
             )
             steps.update()
     return manifest
+
+
+def _recorded_compression(path: str) -> dict[str, Any] | None:
+    """The compression report of a folder written by ``edgepack compress``, if it is one."""
+    from edgepack.toolchain.ressvd import storage
+
+    if not storage.is_compressed(path):
+        return None
+    return json.loads((Path(path) / storage.COMPRESSION_NAME).read_text())
 
 
 def _model_info(loaded: sources.LoadedModel) -> dict[str, Any]:

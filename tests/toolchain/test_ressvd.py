@@ -109,3 +109,16 @@ def test_save_reload_export_parity(tiny_model_dir, tmp_path):
     assert sum(p.numel() for p in reloaded.parameters()) == report.params_after
     files = onnx_export.export(reloaded, tmp_path / "onnx")
     assert parity.check(reloaded, files[0], [[5, 6, 7, 8, 9, 10]]).passed
+
+
+def test_package_of_compressed_folder_records_compression(tiny_model_dir, tmp_path):
+    from edgepack.runtime import load
+    from edgepack.toolchain.build import BuildConfig, build
+    from edgepack.toolchain.compression import compress
+
+    folder = tmp_path / "c"
+    compress(str(tiny_model_dir), ResSVDConfig(ratio=0.2, layers=2, calib_windows=4, calib_length=64), folder)
+    manifest = build(BuildConfig(model=str(folder)), tmp_path / "pkg")
+    assert manifest.plan["compression"]["layers_compressed"] == 2
+    assert manifest.parity["float32"]["passed"]
+    assert len(load(tmp_path / "pkg").generate("hi", max_new_tokens=3).tokens) >= 1
