@@ -122,3 +122,37 @@ def test_package_of_compressed_folder_records_compression(tiny_model_dir, tmp_pa
     assert manifest.plan["compression"]["layers_compressed"] == 2
     assert manifest.parity["float32"]["passed"]
     assert len(load(tmp_path / "pkg").generate("hi", max_new_tokens=3).tokens) >= 1
+
+
+def test_corrected_factors_undo_upstream_error():
+    from edgepack.toolchain.ressvd.sequential import corrected_factors
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 48, dtype=torch.float64, generator=g)
+    x = correlated_inputs()
+    distort = torch.eye(48, dtype=torch.float64) + 0.1 * torch.randn(48, 48, dtype=torch.float64, generator=g)
+    x_hat = x @ distort  # what the layer sees once earlier layers are compressed
+    target = x @ w.T
+    a, b = corrected_factors(w, x, x_hat, 48, 1e-4)
+    naive = float(((target - x_hat @ w.T) ** 2).sum())
+    assert float(((target - x_hat @ (a @ b).T) ** 2).sum()) < 1e-6 * naive
+    a, b = corrected_factors(w, x, x_hat, 12, 1e-4)
+    s = factorize.whitening(x_hat.T @ x_hat, 1e-4)
+    a0, b0 = factorize.whitened(w, 12, s)
+    assert float(((target - x_hat @ (a @ b).T) ** 2).sum()) < float(((target - x_hat @ (a0 @ b0).T) ** 2).sum())
+
+
+def test_propagation_aware_compression_lowers_output_error():
+    import tiny
+
+    windows = [list(range(i, i + 32)) for i in range(0, 320, 32)]
+    errors = {}
+    for propagate in (False, True):
+        model = tiny.make_model(seed=5, layers=4)
+        with torch.inference_mode():
+            reference = model(torch.tensor(windows[:4])).logits
+        compress_(model, ResSVDConfig(ratio=0.3, layers=4, method="svd-llm", propagate=propagate), windows)
+        with torch.inference_mode():
+            out = model(torch.tensor(windows[:4])).logits
+        errors[propagate] = float(((out - reference) ** 2).mean() / (reference ** 2).mean())
+    assert errors[True] < 0.5 * errors[False]

@@ -12,6 +12,7 @@ from edgepack.toolchain.ressvd import factorize, selection
 from edgepack.toolchain.ressvd.calibration import GramCollector
 from edgepack.toolchain.ressvd.config import ResSVDConfig
 from edgepack.toolchain.ressvd.layers import factorized_linear, set_module
+from edgepack.toolchain.ressvd.sequential import compress_sequential_
 from torch import nn
 from tqdm import tqdm
 
@@ -71,9 +72,16 @@ def compress_(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
     else:
         k = len(per_layer) if config.layers == "all" else int(config.layers)
         ranks = selection.last_k_ranks(per_layer, config.ratio, k)
-    for name, rank in tqdm(ranks.items(), desc="factorizing", unit="layer"):
-        a, b = _factors(config, modules[name], rank, whitened.get(name))
-        set_module(model, name, factorized_linear(a, b, modules[name].bias, modules[name].weight.dtype))
+    if config.propagate and config.method != "svd":
+        truncate = None
+        if config.method == "ressvd" and config.residual_share > 0:
+            def truncate(w, rank, s):
+                return factorize.residual(w, rank, s, config.residual_share)
+        compress_sequential_(model, ranks, windows, config.damping, truncate)
+    else:
+        for name, rank in tqdm(ranks.items(), desc="factorizing", unit="layer"):
+            a, b = _factors(config, modules[name], rank, whitened.get(name))
+            set_module(model, name, factorized_linear(a, b, modules[name].bias, modules[name].weight.dtype))
     return CompressionReport(
         config=config.to_dict(), ranks=ranks,
         layers_compressed=len({n.rsplit(".", 2)[0] for n in ranks}),

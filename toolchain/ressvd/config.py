@@ -33,6 +33,7 @@ class ResSVDConfig:
     calib_length: int = 256
     targets: tuple[str, ...] = DEFAULT_TARGETS
     rank_map: dict[str, int] = field(default_factory=dict)
+    propagate: bool = False  # correct each layer for upstream compression error (sequential.py)
     version: int = 1
 
     def __post_init__(self) -> None:
