@@ -61,8 +61,9 @@ def _torch_steps(model: Any, prompt: Sequence[int], decode_steps: int) -> tuple[
 
 
 def compare(model: Any, onnx_path: Path, prompts: Sequence[Sequence[int]], decode_steps: int = 3,
-            rtol: float = RTOL) -> ParityReport:
-    decoder = Decoder(onnx_path)
+            rtol: float = RTOL, decoder_class: type = Decoder) -> ParityReport:
+    """``decoder_class`` is the runtime decoder of the graph's kind (``fused_decoder.decoder_class``)."""
+    decoder = decoder_class(onnx_path)
     diffs, peaks, agree, total = [], [], 0, 0
     for prompt in prompts:
         reference, fed = _torch_steps(model, prompt, decode_steps)
@@ -81,9 +82,10 @@ def compare(model: Any, onnx_path: Path, prompts: Sequence[Sequence[int]], decod
     )
 
 
-def check(model: Any, onnx_path: Path, prompts: Sequence[Sequence[int]], decode_steps: int = 3) -> ParityReport:
+def check(model: Any, onnx_path: Path, prompts: Sequence[Sequence[int]], decode_steps: int = 3,
+          decoder_class: type = Decoder) -> ParityReport:
     """Compare and raise ``ParityError`` past the tolerance."""
-    report = compare(model, onnx_path, prompts, decode_steps)
+    report = compare(model, onnx_path, prompts, decode_steps, decoder_class=decoder_class)
     if not report.passed:
         raise ParityError(
             f"exported model differs from PyTorch: max |Δlogit| {report.max_abs_diff:.4g} > "

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from edgepack.runtime.decoder import Decoder, KVCache, SessionSettings
+from edgepack.runtime.decoder import KVCache, SessionSettings
+from edgepack.runtime.fused_decoder import decoder_class
 from edgepack.runtime.generation import GenerationResult, stream_tokens
 from edgepack.runtime.package import Package, open_package
 from edgepack.runtime.sampling import Sampler, SamplingConfig
@@ -24,7 +25,8 @@ class Model:
         self.tokenizer = Tokenizer(
             package.tokenizer_path, package.chat_template, gen.bos_token, gen.eos_token
         )
-        self.decoder = Decoder(package.model_path, settings)
+        # plan.graph: absent for optimum's export, "fused" for edgepack's own graph (export/fused).
+        self.decoder = decoder_class(package.manifest.plan.get("graph"))(package.model_path, settings)
 
     def encode_prompt(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
         """Token ids for a prompt: messages always go through the chat template; a plain string

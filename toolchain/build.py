@@ -15,29 +15,35 @@ from typing import Any
 from edgepack.export import onnx_export, package_writer, parity, quantize
 from edgepack.runtime import text
 from edgepack.runtime.errors import UsageError
+from edgepack.runtime.fused_decoder import decoder_class
 from edgepack.runtime.manifest import GenerationSettings, Manifest
 from edgepack.toolchain import sources
 from edgepack.toolchain.ressvd import ResSVDConfig
 from tqdm import tqdm
 
 PARITY_QUESTION = "What is the capital of France?"
+GRAPHS = ("optimum", "fused")
 
 
 @dataclass(frozen=True)
 class BuildConfig:
     """What to build. ``context`` caps the package's context length (the model's own max if larger
-    is never exceeded); ``int4`` quantizes every linear weight with MatMulNBits."""
+    is never exceeded); ``int4`` quantizes every linear weight with MatMulNBits. ``graph``: "optimum"
+    (optimum's export, any architecture it traces) or "fused" (edgepack's Llama-family graph)."""
 
     model: str = sources.DEFAULT
     int4: bool = False
     context: int = 2048
     compression: ResSVDConfig | None = None
     calib: str | None = None
+    graph: str = "optimum"
     version: int = 1
 
     def __post_init__(self) -> None:
         if self.context < 16:
             raise UsageError(f"--context must be at least 16 tokens, got {self.context}")
+        if self.graph not in GRAPHS:
+            raise UsageError(f"--graph must be one of {', '.join(GRAPHS)}, got {self.graph!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -92,7 +98,7 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
                  file=sys.stderr)
     with steps:
         steps.set_postfix_str("loading model")
-        loaded = sources.load(config.model, check=onnx_export.check_exportable)
+        loaded = sources.load(config.model, check=_exportable_check(config.graph))
         steps.update()
         compression = _recorded_compression(loaded.source.path)
         if config.compression is not None:
@@ -108,17 +114,22 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
         ) as work:
             steps.set_postfix_str("exporting to ONNX")
             t0 = time.perf_counter()
-            float_files = onnx_export.export(loaded.model, Path(work) / "float32")
+            float_files = _export(config, loaded.model, Path(work) / "float32", settings.context_length, False)
             export_s = time.perf_counter() - t0
             steps.update()
             steps.set_postfix_str("checking parity")
-            float_report = parity.check(loaded.model, float_files[0], prompts)
+            runtime_decoder = decoder_class(config.graph)
+            float_report = parity.check(loaded.model, float_files[0], prompts, decoder_class=runtime_decoder)
             reports = {"float32": float_report.to_dict()}
             steps.update()
             if config.int4:
                 steps.set_postfix_str("quantizing to int4")
-                quantize.quantize_int4(float_files[0], staging / float_files[0].name)
-                reports["int4"] = parity.compare(loaded.model, staging / float_files[0].name, prompts).to_dict()
+                if config.graph == "fused":
+                    _export(config, loaded.model, staging, settings.context_length, True)
+                else:
+                    quantize.quantize_int4(float_files[0], staging / float_files[0].name)
+                reports["int4"] = parity.compare(loaded.model, staging / float_files[0].name, prompts,
+                                                 decoder_class=runtime_decoder).to_dict()
                 steps.update()
             else:
                 for f in float_files:
@@ -132,15 +143,39 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
                 name=output.name,
                 dtype="int4" if config.int4 else "float32",
                 model=_model_info(loaded),
-                plan={"config": config.to_dict(), "compression": compression,
-                      "weights": "int4 (MatMulNBits, block 32, asymmetric)" if config.int4 else "float32",
-                      "context_length": settings.context_length},
+                plan={"config": config.to_dict(), "compression": compression, "graph": config.graph,
+                      "weights": _weights_description(config), "context_length": settings.context_length},
                 parity=reports,
                 build={"seconds": round(time.perf_counter() - start, 1), "export_seconds": round(export_s, 1),
                        "load_seconds": round(loaded.load_seconds, 1), "edgepack": _version()},
             )
             steps.update()
     return manifest
+
+
+def _exportable_check(graph: str) -> Any:
+    if graph == "fused":
+        from edgepack.export import fused
+
+        return fused.check_supported
+    return onnx_export.check_exportable
+
+
+def _export(config: BuildConfig, model: Any, out_dir: Path, context: int, int4: bool) -> list[Path]:
+    """The float32 (or, for the fused graph, directly int4) ONNX files of ``model`` in ``out_dir``."""
+    if config.graph == "fused":
+        from edgepack.export import fused
+
+        return fused.export(model, out_dir, context, int4)
+    return onnx_export.export(model, out_dir)
+
+
+def _weights_description(config: BuildConfig) -> str:
+    if config.graph == "fused":
+        from edgepack.export import fused
+
+        return fused.weights_description(config.int4)
+    return "int4 (MatMulNBits, block 32, asymmetric)" if config.int4 else "float32"
 
 
 def _recorded_compression(path: str) -> dict[str, Any] | None:

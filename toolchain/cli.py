@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="package folder to write (replaced atomically)")
     p.add_argument("--int4", action="store_true", help="int4 weights (onnxruntime MatMulNBits, block 32)")
     p.add_argument("--context", type=int, default=2048, help="context length in tokens (default 2048)")
+    p.add_argument("--graph", choices=("optimum", "fused"), default="optimum",
+                   help="optimum: optimum's export (any supported architecture); fused: edgepack's own "
+                        "inference graph for the Llama family (GroupQueryAttention, fused norms, faster)")
     _compression_args(p, required=False)
     p.set_defaults(handler=build)
 
@@ -64,7 +67,7 @@ def build(args: argparse.Namespace) -> int:
 
     compression = _compression_config(args) if args.ratio is not None else None
     config = BuildConfig(model=args.model, int4=args.int4, context=args.context, compression=compression,
-                         calib=args.calib)
+                         calib=args.calib, graph=args.graph)
     manifest = run_build(config, args.output)
     parity = manifest.parity.get(manifest.dtype, {})
     print(f"built {args.output}: {manifest.dtype}, {manifest.total_size / 1e6:.1f} MB, "

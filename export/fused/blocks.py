@@ -1,0 +1,80 @@
+"""Block quantization of linear weights in numpy, laid out for onnxruntime's MatMulNBits.
+
+MatMulNBits computes ``w = (q - zp) * scale`` per block of 32 input features, and its fast CPU
+kernels need *integer* zero points (float zero points are accepted but run ~50x slower here). The
+default model ships as GGUF Q4_1, ``w = q * d + m`` with a float minimum ``m`` per block; rounding
+``-m / d`` to an integer shifts every weight of the block by up to d/2 (perplexity 1.21x float32).
+So ``quantize_q4`` keeps ``q`` and ``d`` exactly, uses the default zero point 8, and returns the
+per-block remainder ``m + 8 d`` as a small matrix: the graph adds ``blocksum(x) @ remainder.T``,
+which restores Q4_1 exactly (one tiny MatMul per distinct input, shared by packed projections).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 32
+
+
+@dataclass(frozen=True)
+class Q4Weight:
+    """A [n_out, n_in] weight as MatMulNBits inputs plus the block remainders."""
+
+    packed: np.ndarray  # uint8 [n_out, blocks, 16], two 4-bit values a byte, low nibble first
+    scales: np.ndarray  # float32 [n_out * blocks]
+    remainder: np.ndarray  # float32 [n_out, blocks]: m + 8 d, added through the block sums of x
+    n_in: int
+    n_out: int
+
+
+@dataclass(frozen=True)
+class Q8Weight:
+    """A [n_out, n_in] weight as 8-bit MatMulNBits inputs (symmetric, zero point 128 implied)."""
+
+    data: np.ndarray  # uint8 [n_out, blocks, 32]
+    scales: np.ndarray  # float32 [n_out * blocks]
+    n_in: int
+    n_out: int
+
+
+def _blocks(weight: np.ndarray) -> np.ndarray:
+    """[n_out, n_in] → [n_out, blocks, 32], zero-padding n_in up to a whole block."""
+    n_out, n_in = weight.shape
+    pad = (-n_in) % BLOCK
+    w = np.asarray(weight, dtype=np.float32)
+    if pad:
+        w = np.concatenate([w, np.zeros((n_out, pad), np.float32)], axis=1)
+    return w.reshape(n_out, -1, BLOCK)
+
+
+def quantize_q4(weight: np.ndarray) -> Q4Weight:
+    """Asymmetric 4-bit, block 32, with a float minimum per block (Q4_1's form)."""
+    w = _blocks(weight)
+    low, high = w.min(axis=-1), w.max(axis=-1)
+    scale = (high - low) / 15.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # a constant block: q = 0, all in the minimum
+    q = np.clip(np.rint((w - low[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    remainder = (low + 8.0 * scale).astype(np.float32)
+    return Q4Weight(packed, scale.reshape(-1), remainder, weight.shape[1], weight.shape[0])
+
+
+def dequantize_q4(q: Q4Weight) -> np.ndarray:
+    """The float weight the graph computes with (for tests and error measurements)."""
+    values = np.empty(q.packed.shape[:2] + (BLOCK,), np.float32)
+    values[..., 0::2] = q.packed & 0x0F
+    values[..., 1::2] = q.packed >> 4
+    scales = q.scales.reshape(q.n_out, -1, 1)
+    w = (values - 8.0) * scales + q.remainder[..., None]
+    return w.reshape(q.n_out, -1)[:, : q.n_in]
+
+
+def quantize_q8(weight: np.ndarray) -> Q8Weight:
+    """Symmetric 8-bit, block 32 (Q8_0's form, which the default model's embedding ships as)."""
+    w = _blocks(weight)
+    scale = np.abs(w).max(axis=-1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale[..., None]), -127, 127).astype(np.int16) + 128
+    return Q8Weight(q.astype(np.uint8), scale.reshape(-1), weight.shape[1], weight.shape[0])

@@ -1,0 +1,115 @@
+"""Linear layers as graph nodes: float32 MatMul, or int4 MatMulNBits with the exact Q4_1 remainder.
+
+A layer is an ``nn.Linear`` or a factorized ``nn.Sequential(Linear(in, r), Linear(r, out))`` (what
+ResSVD compression leaves); the latter becomes two MatMuls (or two MatMulNBits), never re-multiplied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from edgepack.export.fused.blocks import BLOCK, quantize_q4, quantize_q8
+from edgepack.export.fused.builder import MS_DOMAIN, GraphBuilder
+from edgepack.runtime.errors import UnsupportedArchitecture
+
+ACCURACY_LEVEL = 4  # MatMulNBits computes in int8 on CPU: the fast path
+
+
+@dataclass
+class LinearEmitter:
+    """Emits linear layers into ``builder``; ``int4`` picks MatMulNBits."""
+
+    builder: GraphBuilder
+    int4: bool
+    _block_sums: dict[str, str] = field(default_factory=dict)  # input name → its per-block sums
+
+    def module(self, x: str, module: Any, name: str) -> str:
+        """An ``nn.Linear`` or ``nn.Sequential`` of them, applied to ``x``."""
+        import torch.nn as nn
+
+        if isinstance(module, nn.Linear):
+            return self.weight(x, _array(module.weight), _bias(module), name)
+        if isinstance(module, nn.Sequential) and all(isinstance(m, nn.Linear) for m in module):
+            for i, part in enumerate(module):
+                x = self.weight(x, _array(part.weight), _bias(part), f"{name}.{i}")
+            return x
+        raise UnsupportedArchitecture(f"{name} is a {type(module).__name__}; the fused graph handles nn.Linear "
+                                      "and nn.Sequential of nn.Linear")
+
+    def weight(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str) -> str:
+        """``x @ weight.T + bias`` for a [n_out, n_in] weight."""
+        y = self._int4(x, weight, name) if self.int4 else self._float(x, weight, name)
+        if bias is not None:
+            y = self.builder.op1("Add", [y, self.builder.weight(f"{name}.bias", bias)], f"{name}/bias")
+        return y
+
+    def _float(self, x: str, weight: np.ndarray, name: str) -> str:
+        w = self.builder.weight(f"{name}.weight", np.ascontiguousarray(weight.T))
+        return self.builder.op1("MatMul", [x, w], f"{name}/MatMul")
+
+    def _int4(self, x: str, weight: np.ndarray, name: str) -> str:
+        b = self.builder
+        q = quantize_q4(weight)
+        y = b.op1("MatMulNBits", [x, b.weight(f"{name}.qweight", q.packed), b.weight(f"{name}.scales", q.scales)],
+                  f"{name}/MatMulNBits", domain=MS_DOMAIN, K=q.n_in, N=q.n_out, bits=4, block_size=BLOCK,
+                  accuracy_level=ACCURACY_LEVEL)
+        # The per-block minimum MatMulNBits cannot hold as an integer zero point: sum_b blocksum_b(x) * r_b.
+        sums = self._block_sum(x, q.n_in)
+        fix = b.op1("MatMul", [sums, b.weight(f"{name}.remainder", np.ascontiguousarray(q.remainder.T))],
+                    f"{name}/remainder")
+        return b.op1("Add", [y, fix], f"{name}/add_remainder")
+
+    def _block_sum(self, x: str, n_in: int) -> str:
+        """Sums of ``x`` over each block of 32 features, as x @ (0/1 block indicator); shared per input."""
+        if x not in self._block_sums:
+            blocks = -(-n_in // BLOCK)
+            indicator = np.zeros((n_in, blocks), np.float32)
+            indicator[np.arange(n_in), np.arange(n_in) // BLOCK] = 1.0
+            self._block_sums[x] = self.builder.op1(
+                "MatMul", [x, self.builder.const(indicator, np.float32)], f"{x}/block_sums")
+        return self._block_sums[x]
+
+
+@dataclass(frozen=True)
+class Table8:
+    """An embedding table stored once as 8-bit blocks, for both lookups and the tied LM head."""
+
+    data: str  # initializer name, uint8 [vocab, blocks, 32]
+    scales: str  # initializer name, float32 [vocab * blocks]
+    vocab: int
+    hidden: int
+
+
+def table_8bit(b: GraphBuilder, embedding: np.ndarray) -> Table8:
+    """Store a [vocab, hidden] table as symmetric 8-bit blocks (the default model's embedding is Q8_0,
+    so this is exact for it)."""
+    q8 = quantize_q8(embedding)
+    return Table8(b.weight("embed.q8", q8.data), b.weight("embed.scales", q8.scales), q8.n_out, q8.n_in)
+
+
+def embed_8bit(b: GraphBuilder, ids: str, table: Table8) -> str:
+    """Look up rows: Gather bytes and block scales, then (q - 128) * scale, flattened to [1, S, hidden]."""
+    rows = b.op1("Gather", [table.data, ids], "embed/gather_q")
+    scales = b.op1("Reshape", [table.scales, b.const([table.vocab, -1, 1])], "embed/scales_3d")
+    row_scales = b.op1("Gather", [scales, ids], "embed/gather_scales")
+    values = b.op1("Sub", [b.op1("Cast", [rows], "embed/cast", to=1), b.const([128.0], np.float32)], "embed/center")
+    flat = b.op1("Reshape", [b.op1("Mul", [values, row_scales], "embed/scale"), b.const([0, 0, -1])], "embed/flat")
+    if (-(-table.hidden // BLOCK)) * BLOCK != table.hidden:
+        flat = b.op1("Slice", [flat, b.const([0]), b.const([table.hidden]), b.const([2])], "embed/unpad")
+    return flat
+
+
+def head_8bit(b: GraphBuilder, x: str, table: Table8) -> str:
+    """Logits through 8-bit MatMulNBits over the very initializers ``embed_8bit`` reads."""
+    return b.op1("MatMulNBits", [x, table.data, table.scales], "lm_head/MatMulNBits", domain=MS_DOMAIN,
+                 K=table.hidden, N=table.vocab, bits=8, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
+
+
+def _array(t: Any) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _bias(m: Any) -> np.ndarray | None:
+    return None if m.bias is None else _array(m.bias)

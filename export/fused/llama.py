@@ -1,0 +1,158 @@
+"""The fused inference graph of a Llama-family decoder, built from the weights with onnx.helper.
+
+Per layer: SimplifiedLayerNormalization (RMSNorm; the residual add is fused into the next
+norm by SkipSimplifiedLayerNormalization), one packed QKV projection, GroupQueryAttention with the
+rotary embedding applied inside (cos/sin caches) and a KV cache shared between past and present
+(one preallocated buffer of ``context`` positions per layer and kind), an o projection, and a
+SwiGLU MLP with packed gate/up projections. Linear layers are float32 MatMul or int4 MatMulNBits
+(``linear.py``); the tied embedding is stored once.
+
+Graph contract (what ``runtime/fused_decoder.py`` binds):
+    inputs   input_ids int64 [1, S]; seqlens_k int32 [1] (= positions after this step - 1);
+             total_sequence_length int32 [] (= positions after this step);
+             past_key_values.N.key / .value float32 [1, kv_heads, context, head_dim]
+    outputs  logits float32 [1, S, vocab]; present.N.key / .value (the same buffers as the past)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from edgepack.export.fused.builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
+from edgepack.export.fused.linear import LinearEmitter, embed_8bit, head_8bit, table_8bit
+from edgepack.runtime.errors import UnsupportedArchitecture
+
+SUPPORTED_TYPES = ("llama", "mistral")
+GRAPH_NAME = "fused"
+
+
+def check_supported(config: Any) -> None:
+    """Refuse, by name, models the fused layout does not describe."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_TYPES:
+        raise UnsupportedArchitecture(f"model type '{model_type}' has no fused graph yet "
+                                      f"(supported: {', '.join(SUPPORTED_TYPES)}); build without --graph fused")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UnsupportedArchitecture(f"the fused graph needs a SiLU MLP, this model uses {config.hidden_act}")
+    if getattr(config, "sliding_window", None):
+        raise UnsupportedArchitecture("the fused graph does not implement sliding-window attention yet")
+
+
+def head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def build_llama(model: Any, context: int, int4: bool = False) -> Any:
+    """The fused graph (an ``onnx.ModelProto``) of a LlamaForCausalLM for ``context`` positions."""
+    cfg = model.config
+    check_supported(cfg)
+    b = GraphBuilder("edgepack_fused_llama")
+    ids = b.add_input("input_ids", INT64, [1, "sequence_length"])
+    seqlens = b.add_input("seqlens_k", INT32, [1])
+    total = b.add_input("total_sequence_length", INT32, [])
+    lin = LinearEmitter(b, int4)
+    cos, sin = _rotary_caches(b, model, context)
+    embedding = _array(model.model.embed_tokens.weight)
+    tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    table = table_8bit(b, embedding) if int4 and tied else None
+    if table is not None:
+        hidden = embed_8bit(b, ids, table)
+    else:
+        hidden = b.op1("Gather", [b.weight("embed.weight", embedding), ids], "embed/gather")
+    eps = float(cfg.rms_norm_eps)
+    residual, pending = hidden, None  # pending: a block output not yet added to the residual
+    kv_shape = [1, cfg.num_key_value_heads, context, head_dim(cfg)]
+    for i, layer in enumerate(model.model.layers):
+        x, residual = _norm(b, pending, residual, layer.input_layernorm.weight, eps, f"layers.{i}.input_norm")
+        past = [b.add_input(f"past_key_values.{i}.{kind}", FLOAT, kv_shape) for kind in ("key", "value")]
+        attn = _attention(b, lin, x, layer.self_attn, cfg, past, (seqlens, total, cos, sin), i, kv_shape)
+        x, residual = _norm(b, attn, residual, layer.post_attention_layernorm.weight, eps, f"layers.{i}.post_norm")
+        pending = _mlp(b, lin, x, layer.mlp, f"layers.{i}.mlp")
+    x, _ = _norm(b, pending, residual, model.model.norm.weight, eps, "final_norm")
+    if table is not None:
+        logits = head_8bit(b, x, table)
+    elif tied:  # one float32 copy: the head reads the embedding transposed
+        logits = b.op1("FusedMatMul", [x, "embed.weight"], "lm_head/FusedMatMul", domain=MS_DOMAIN, transB=1)
+    else:
+        logits = lin.module(x, model.lm_head, "lm_head")
+    b.add_output(logits, "logits", FLOAT, [1, "sequence_length", cfg.vocab_size])
+    return b.to_model()
+
+
+def _norm(b: GraphBuilder, block_out: str | None, residual: str, weight: Any, eps: float,
+          name: str) -> tuple[str, str]:
+    """RMSNorm of residual + block_out; returns (normed, new residual). The first has nothing to add."""
+    gamma = b.weight(f"{name}.weight", _array(weight))
+    out = b.unique(f"{name}/out")
+    if block_out is None:
+        b.op_named("SimplifiedLayerNormalization", [residual, gamma], [out], name, axis=-1, epsilon=eps,
+                   stash_type=1)
+        return out, residual
+    total = b.unique(f"{name}/residual")
+    b.op_named("SkipSimplifiedLayerNormalization", [block_out, residual, gamma], [out, "", "", total], name,
+               domain=MS_DOMAIN, epsilon=eps)
+    return out, total
+
+
+def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, cfg: Any, past: list[str],
+               shared: tuple[str, str, str, str], i: int, kv_shape: list[int]) -> str:
+    import torch.nn as nn
+
+    name = f"layers.{i}.attn"
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if all(isinstance(p, nn.Linear) for p in projections):  # one packed projection, GQA splits it
+        weight = np.concatenate([_array(p.weight) for p in projections])
+        biases = [p.bias for p in projections]
+        bias = np.concatenate([_array(t) for t in biases]) if all(t is not None for t in biases) else None
+        if bias is None and any(t is not None for t in biases):
+            raise UnsupportedArchitecture("q/k/v projections with bias on only some of them")
+        qkv = [lin.weight(x, weight, bias, f"{name}.qkv"), "", ""]
+    else:  # factorized projections stay separate
+        qkv = [lin.module(x, p, f"{name}.{p_name}") for p, p_name in zip(projections, ("q", "k", "v"))]
+    seqlens, total, cos, sin = shared
+    out = b.unique(f"{name}/out")
+    present = [f"present.{i}.key", f"present.{i}.value"]
+    b.op_named("GroupQueryAttention", [*qkv, *past, seqlens, total, cos, sin], [out, *present], f"{name}/gqa",
+               domain=MS_DOMAIN, num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
+               do_rotary=1, rotary_interleaved=0, scale=float(head_dim(cfg)) ** -0.5)
+    for p in present:
+        b.outputs.append(_value_info(p, kv_shape))
+    return lin.module(out, attn.o_proj, f"{name}.o")
+
+
+def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, name: str) -> str:
+    """down(silu(gate(x)) * up(x)), with gate and up as one packed projection when both are plain."""
+    import torch.nn as nn
+
+    if isinstance(mlp.gate_proj, nn.Linear) and isinstance(mlp.up_proj, nn.Linear) and \
+            mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
+        both = lin.weight(x, np.concatenate([_array(mlp.gate_proj.weight), _array(mlp.up_proj.weight)]), None,
+                          f"{name}.gate_up")
+        gate, up = b.op("Split", [both, b.const([mlp.gate_proj.out_features] * 2)], f"{name}/split", 2, axis=-1)
+    else:
+        gate, up = lin.module(x, mlp.gate_proj, f"{name}.gate"), lin.module(x, mlp.up_proj, f"{name}.up")
+    silu = b.op1("Mul", [gate, b.op1("Sigmoid", [gate], f"{name}/sigmoid")], f"{name}/silu")
+    return lin.module(b.op1("Mul", [silu, up], f"{name}/gated"), mlp.down_proj, f"{name}.down")
+
+
+def _rotary_caches(b: GraphBuilder, model: Any, context: int) -> tuple[str, str]:
+    """cos/sin [context, head_dim/2] from the model's own inverse frequencies (so rope scaling
+    variants come along), computed in float32 as transformers does."""
+    rotary = model.model.rotary_emb
+    inv_freq = rotary.inv_freq.detach().float().cpu().numpy()
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    freqs = np.arange(context, dtype=np.float32)[:, None] * inv_freq[None, :]
+    cos = (np.cos(freqs) * scaling).astype(np.float32)
+    sin = (np.sin(freqs) * scaling).astype(np.float32)
+    return b.weight("rotary.cos", cos), b.weight("rotary.sin", sin)
+
+
+def _value_info(name: str, shape: list[int]) -> Any:
+    from onnx import helper
+
+    return helper.make_tensor_value_info(name, FLOAT, shape)
+
+
+def _array(t: Any) -> np.ndarray:
+    return t.detach().float().cpu().numpy()

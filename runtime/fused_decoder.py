@@ -1,0 +1,140 @@
+"""The decode loop for edgepack's fused graph (``export/fused``): GroupQueryAttention with a KV cache
+that is one preallocated buffer per layer and kind, shared by the graph's past input and present
+output, so a step writes its new keys/values in place and nothing is reallocated per token.
+
+Same interface as ``decoder.Decoder``: ``new_cache()``, ``forward(tokens, cache, all_logits)``,
+``kv_heads``, ``head_dim``, ``num_layers``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from edgepack.runtime.decoder import KVCache, SessionSettings
+from edgepack.runtime.errors import PackageError, UsageError
+
+GRAPH_NAME = "fused"
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_REQUIRED = ("input_ids", "seqlens_k", "total_sequence_length")
+
+
+@dataclass
+class FusedKVCache(KVCache):
+    """Cache buffers of the full context; ``length`` says how many positions are valid.
+
+    ``binding`` is the IO binding of single-token steps, made once per cache: its inputs are numpy
+    arrays updated in place, its outputs preallocated.
+    """
+
+    binding: Any = None
+    step: dict[str, np.ndarray] | None = None
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions: later ones are simply overwritten by the next steps."""
+        if length >= self.length:
+            return
+        self.length = length
+        del self.tokens[length:]
+
+
+class FusedDecoder:
+    def __init__(self, model_path: Path, settings: SessionSettings | None = None) -> None:
+        self.settings = settings or SessionSettings()
+        try:
+            self.session = ort.InferenceSession(
+                str(model_path), self.settings.to_ort(), providers=list(self.settings.providers))
+        except Exception as e:  # onnxruntime raises its own untyped errors for bad graphs
+            raise PackageError(f"onnxruntime cannot load {model_path}: {e}") from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        missing = [n for n in _REQUIRED if n not in inputs]
+        if missing:
+            raise PackageError(f"the model graph lacks inputs {missing}; not an edgepack fused graph")
+        past = sorted((int(m.group(1)), m.group(2), n) for n in inputs if (m := _PAST.match(n)))
+        self.past_names = [n for _, _, n in past]
+        self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
+        if not self.past_names:
+            raise PackageError("the fused graph has no past_key_values inputs")
+        shape = inputs[self.past_names[0]].shape
+        if not all(isinstance(d, int) for d in shape[1:]):
+            raise PackageError(f"the fused graph's KV cache needs a fixed shape, got {shape}")
+        _, self.kv_heads, self.context_length, self.head_dim = (int(d) if isinstance(d, int) else 1 for d in shape)
+        self.num_layers = len(self.past_names) // 2
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if "logits" not in outputs:
+            raise PackageError("the fused graph has no 'logits' output")
+        self.vocab_size = int(outputs["logits"].shape[-1])
+
+    def new_cache(self) -> FusedKVCache:
+        shape = (1, self.kv_heads, self.context_length, self.head_dim)
+        values = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in self.past_names]
+        return FusedKVCache(values=values)
+
+    def forward(self, tokens: list[int], cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run ``tokens`` after what ``cache`` holds; update the cache in place.
+
+        Returns the logits of the last position (1-D), or of every new position (2-D).
+        """
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("forward() needs at least one token")
+        if not isinstance(cache, FusedKVCache):
+            raise UsageError("this cache was not made by this decoder's new_cache()")
+        total = cache.length + n
+        if total > self.context_length:
+            raise UsageError(f"{total} positions exceed this package's context of {self.context_length}")
+        if n == 1:
+            logits = self._step(tokens[0], cache, total)
+        else:
+            logits = self._prefill(tokens, cache, total)
+        cache.length = total
+        cache.tokens.extend(tokens)
+        return logits if all_logits else logits[-1]
+
+    def _bind_cache(self, binding: ort.IOBinding, cache: FusedKVCache) -> None:
+        # The same buffer is past and present: GroupQueryAttention then appends in place.
+        for past, present, value in zip(self.past_names, self.present_names, cache.values):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+
+    def _prefill(self, tokens: list[int], cache: FusedKVCache, total: int) -> np.ndarray:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
+        binding.bind_cpu_input("seqlens_k", np.asarray([total - 1], dtype=np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.asarray(total, dtype=np.int32))
+        binding.bind_output("logits")  # first, so it is the first of get_outputs()
+        self._bind_cache(binding, cache)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[0]
+
+    def _step(self, token: int, cache: FusedKVCache, total: int) -> np.ndarray:
+        if cache.binding is None:
+            cache.step = {
+                "input_ids": np.zeros((1, 1), np.int64),
+                "seqlens_k": np.zeros((1,), np.int32),
+                "total_sequence_length": np.zeros((), np.int32),
+                "logits": np.zeros((1, 1, self.vocab_size), np.float32),
+            }
+            binding = self.session.io_binding()
+            for name in _REQUIRED:  # OrtValues over the numpy arrays: updating the arrays updates the inputs
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(cache.step[name]))
+            self._bind_cache(binding, cache)
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(cache.step["logits"]))
+            cache.binding = binding
+        step = cache.step
+        step["input_ids"][0, 0] = token
+        step["seqlens_k"][0] = total - 1
+        step["total_sequence_length"][...] = total
+        self.session.run_with_iobinding(cache.binding)
+        return step["logits"][0].copy()
+
+
+def decoder_class(graph: str | None) -> type:
+    """The decoder for a package's ``plan.graph`` (absent: optimum's export)."""
+    from edgepack.runtime.decoder import Decoder
+
+    return FusedDecoder if graph == GRAPH_NAME else Decoder
