@@ -61,6 +61,33 @@ def quantize_q4(weight: np.ndarray) -> Q4Weight:
     return Q4Weight(packed, scale.reshape(-1), remainder, weight.shape[1], weight.shape[0])
 
 
+@dataclass(frozen=True)
+class Q4IntWeight:
+    """A [n_out, n_in] weight as MatMulNBits inputs with integer zero points (no remainder)."""
+
+    packed: np.ndarray  # uint8 [n_out, blocks, 16]
+    scales: np.ndarray  # float32 [n_out * blocks]
+    zero_points: np.ndarray  # uint8 [n_out * ceil(blocks / 2)], low nibble first
+    n_in: int
+    n_out: int
+
+
+def quantize_q4_int(weight: np.ndarray) -> Q4IntWeight:
+    """Asymmetric 4-bit, block 32, zero point rounded to an integer (what MatMulNBits runs fastest);
+    the zero point is rounded first and the codes against it, so the rounding error is per weight."""
+    w = _blocks(weight)
+    low, high = np.minimum(w.min(axis=-1), 0.0), np.maximum(w.max(axis=-1), 0.0)
+    scale = (high - low) / 15.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    zp = np.clip(np.rint(-low / scale), 0, 15).astype(np.uint8)
+    q = np.clip(np.rint(w / scale[..., None]) + zp[..., None], 0, 15).astype(np.uint8)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    if zp.shape[1] % 2:
+        zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
+    zp_packed = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+    return Q4IntWeight(packed, scale.reshape(-1), zp_packed, weight.shape[1], weight.shape[0])
+
+
 def dequantize_q4(q: Q4Weight) -> np.ndarray:
     """The float weight the graph computes with (for tests and error measurements)."""
     values = np.empty(q.packed.shape[:2] + (BLOCK,), np.float32)

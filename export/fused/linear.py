@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from edgepack.export.fused.blocks import BLOCK, quantize_q4, quantize_q8
+from edgepack.export.fused.blocks import BLOCK, quantize_q4, quantize_q4_int, quantize_q8
 from edgepack.export.fused.builder import MS_DOMAIN, GraphBuilder
 from edgepack.runtime.errors import UnsupportedArchitecture
 
@@ -23,6 +23,7 @@ class LinearEmitter:
 
     builder: GraphBuilder
     int4: bool
+    exact: bool = True  # int4: keep Q4_1's float block minimum (remainder MatMul) or round it to an integer
     _block_sums: dict[str, str] = field(default_factory=dict)  # input name → its per-block sums
 
     def module(self, x: str, module: Any, name: str) -> str:
@@ -51,6 +52,12 @@ class LinearEmitter:
 
     def _int4(self, x: str, weight: np.ndarray, name: str) -> str:
         b = self.builder
+        if not self.exact:
+            qi = quantize_q4_int(weight)
+            inputs = [x, b.weight(f"{name}.qweight", qi.packed), b.weight(f"{name}.scales", qi.scales),
+                      b.weight(f"{name}.zero_points", qi.zero_points)]
+            return b.op1("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN, K=qi.n_in, N=qi.n_out,
+                         bits=4, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
         q = quantize_q4(weight)
         y = b.op1("MatMulNBits", [x, b.weight(f"{name}.qweight", q.packed), b.weight(f"{name}.scales", q.scales)],
                   f"{name}/MatMulNBits", domain=MS_DOMAIN, K=q.n_in, N=q.n_out, bits=4, block_size=BLOCK,
