@@ -1,4 +1,5 @@
-"""Runtime subcommands: ``run``, ``chat``, ``inspect`` and ``eval``."""
+"""Runtime subcommands: ``run``, ``chat``, ``inspect`` and ``eval`` (``profile`` and ``bench`` in
+``device_commands``)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = its default)")
     p.set_defaults(handler=evaluate)
+
+    from edgepack.runtime import device_commands
+
+    device_commands.register(sub)
 
 
 def _generation_args(p: argparse.ArgumentParser) -> None:

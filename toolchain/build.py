@@ -37,6 +37,9 @@ class BuildConfig:
     compression: ResSVDConfig | None = None
     calib: str | None = None
     graph: str = "optimum"
+    int4_all: bool = False  # with int4: embedding and LM head int4 too, weights as external data (device builds)
+    ort_format: bool = False  # also write model.ort and its reduced operator config (phones)
+    device_plan: dict[str, Any] | None = None  # the planner's Plan, recorded in the manifest
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -126,6 +129,10 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
                 steps.set_postfix_str("quantizing to int4")
                 if config.graph == "fused":
                     _export(config, loaded.model, staging, settings.context_length, True)
+                elif config.int4_all:
+                    from edgepack.toolchain.device_layout import quantize_all_int4
+
+                    quantize_all_int4(float_files[0], staging / float_files[0].name)
                 else:
                     quantize.quantize_int4(float_files[0], staging / float_files[0].name)
                 reports["int4"] = parity.compare(loaded.model, staging / float_files[0].name, prompts,
@@ -138,19 +145,37 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
             tok = loaded.tokenizer
             package_writer.write_tokenizer_files(staging, tok.backend_tokenizer.to_str(), tok.chat_template)
             package_writer.write_generation(staging, settings)
+            if config.ort_format:
+                from edgepack.toolchain.device_layout import write_ort_format
+
+                steps.set_postfix_str("writing the .ort format")
+                write_ort_format(staging)
             manifest = package_writer.write_manifest(
                 staging,
                 name=output.name,
                 dtype="int4" if config.int4 else "float32",
                 model=_model_info(loaded),
                 plan={"config": config.to_dict(), "compression": compression, "graph": config.graph,
-                      "weights": _weights_description(config), "context_length": settings.context_length},
+                      "weights": _weights_description(config), "context_length": settings.context_length,
+                      **_device_entries(config)},
                 parity=reports,
                 build={"seconds": round(time.perf_counter() - start, 1), "export_seconds": round(export_s, 1),
                        "load_seconds": round(loaded.load_seconds, 1), "edgepack": _version()},
             )
             steps.update()
     return manifest
+
+
+def _device_entries(config: BuildConfig) -> dict[str, Any]:
+    """Manifest plan entries of a device build (``edgepack build --device``)."""
+    if config.device_plan is None and not config.int4_all and not config.ort_format:
+        return {}
+    from edgepack.toolchain.device_layout import ORT_CONFIG_NAME, ORT_NAME
+
+    weights = {"weights": "int4 everywhere (MatMulNBits + GatherBlockQuantized embedding, block 32, asymmetric), "
+                          "external data"} if config.int4_all else {}
+    return {**weights, "device": config.device_plan, "layout": "int4" if config.int4_all else None,
+            "mobile": {"ort_model": ORT_NAME, "operator_config": ORT_CONFIG_NAME} if config.ort_format else None}
 
 
 def _exportable_check(graph: str) -> Any:
@@ -197,7 +222,18 @@ def _model_info(loaded: sources.LoadedModel) -> dict[str, Any]:
         "layers": getattr(cfg, "num_hidden_layers", None),
         "hidden_size": getattr(cfg, "hidden_size", None),
         "vocab_size": getattr(cfg, "vocab_size", None),
+        "shape": _shape(cfg),
     }
+
+
+def _shape(cfg: Any) -> dict[str, Any] | None:
+    """The memory model's view of the architecture (``edgepack.runtime.memory.ModelShape``)."""
+    from edgepack.runtime.memory import ModelShape
+
+    try:
+        return ModelShape.from_config(cfg.to_dict()).to_dict()
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _version() -> str:

@@ -16,12 +16,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="'default', a Hugging Face model folder, or a .gguf file")
     p.add_argument("-o", "--output", required=True, help="package folder to write (replaced atomically)")
     p.add_argument("--int4", action="store_true", help="int4 weights (onnxruntime MatMulNBits, block 32)")
-    p.add_argument("--context", type=int, default=2048, help="context length in tokens (default 2048)")
+    p.add_argument("--context", type=int, default=None, help="context length in tokens (default 2048; with "
+                   "--device, 2048 halved until the plan fits)")
     p.add_argument("--graph", choices=("optimum", "fused"), default="optimum",
                    help="optimum: optimum's export (any supported architecture); fused: edgepack's own "
                         "inference graph for the Llama family (GroupQueryAttention, fused norms, faster)")
     _compression_args(p, required=False)
+    p.add_argument("--device", help="plan for this device profile (name or .yaml) and build that plan; "
+                   "overrides --int4/--ratio (see 'edgepack plan')")
     p.set_defaults(handler=build)
+
+    p = sub.add_parser("plan", help="choose dtype and compression so a model fits a device",
+                       description="From MODEL's config and a device profile, choose the dtype and ResSVD "
+                       "ranks with the least expected quality loss whose predicted peak memory and size fit "
+                       "the device; print the plan, or refuse with the smallest footprint reachable.")
+    p.add_argument("model", help="'default', a Hugging Face model folder, or a .gguf file")
+    p.add_argument("--device", required=True, help="device profile name (see 'edgepack profile --list') or .yaml")
+    p.add_argument("--context", type=int, default=None,
+                   help="context length in tokens (default: 2048, halved until the plan fits)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(handler=plan)
 
     p = sub.add_parser("compress", help="compress a model with ResSVD", description="Factorize the linear "
                        "layers of the last decoder layers into pairs of linear ops (in→r, r→out) so that "
@@ -62,11 +76,13 @@ def require_toolchain() -> None:
 
 def build(args: argparse.Namespace) -> int:
     require_toolchain()
+    if getattr(args, "device", None):
+        return _build_for_device(args)
     from edgepack.toolchain.build import BuildConfig
     from edgepack.toolchain.build import build as run_build
 
     compression = _compression_config(args) if args.ratio is not None else None
-    config = BuildConfig(model=args.model, int4=args.int4, context=args.context, compression=compression,
+    config = BuildConfig(model=args.model, int4=args.int4, context=args.context or 2048, compression=compression,
                          calib=args.calib, graph=args.graph)
     manifest = run_build(config, args.output)
     parity = manifest.parity.get(manifest.dtype, {})
@@ -88,4 +104,27 @@ def compress(args: argparse.Namespace) -> int:
           file=sys.stderr)
     for point in report.search:
         print(f"  k={point['k']:3d}  final hidden-state error {point['hidden_error']:.4f}", file=sys.stderr)
+    return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    from edgepack.runtime.profiles import load_profile
+    from edgepack.toolchain.planner.plan import plan_for
+    from edgepack.toolchain.planner.report import describe
+
+    profile = load_profile(args.device)
+    result = plan_for(args.model, profile, args.context)
+    print(result.to_json() if args.json else describe(result, profile), end="")
+    return 0
+
+
+def _build_for_device(args: argparse.Namespace) -> int:
+    from edgepack.runtime.profiles import load_profile
+    from edgepack.toolchain.planner.device_build import build_for_device
+    from edgepack.toolchain.planner.report import describe
+
+    chosen, manifest = build_for_device(args.model, args.device, args.output, args.context, args.calib)
+    print(describe(chosen, load_profile(args.device)), end="", file=sys.stderr)
+    print(f"built {args.output}: {manifest.dtype}, {manifest.total_size / 1e6:.1f} MB, {manifest.build['seconds']} s",
+          file=sys.stderr)
     return 0

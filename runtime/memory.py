@@ -1,0 +1,190 @@
+"""The memory model: predicted peak resident memory of running a package in this runtime.
+
+    peak = runtime + weights × load_factor(layout) + folded copies + KV cache(context) + activations(chunk, context)
+
+- runtime: the interpreter with numpy, onnxruntime and the tokenizer loaded (measured).
+- weights: the bytes of the package's initializers at their dtype (factorized layers at their ranks),
+  read from the model files of a package, or computed from the model config when planning.
+  ``load_factor`` is what onnxruntime holds per stored byte once the session is built (a float32
+  session re-lays MatMul weights out and frees the originals; an int4 session keeps the mapped
+  weights and adds the MatMulNBits pre-packed copy) — measured on this runtime, see README.
+- folded copies: a float32 export feeds its tied LM head from ``Transpose(embedding)``, which
+  onnxruntime constant-folds at load into a second vocab × hidden float32 matrix.
+- KV cache: 2 × layers × kv_heads × head_dim × context × 4 bytes.
+- activations: one forward over a prefill chunk of ``chunk`` tokens attending ``context`` positions
+  (logits, attention scores, MLP), times onnxruntime's arena growth factor.
+Torch-free, so ``edgepack bench --device`` can check a package on a target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+F32 = 4
+INT4_BLOCK = 32
+
+# Calibrated on this runtime (onnxruntime 1.32, CPU, graph optimization "all"); see README, memory model.
+RUNTIME_BYTES = 75e6
+# layout → resident bytes per stored byte. "int4": the device layout (all weights int4, external data);
+# "int4-matmul": the plain ``--int4`` build (float32 embedding in the protobuf, decoder MatMuls int4).
+LOAD_FACTOR = {"float32": 1.32, "int4": 1.65, "int4-matmul": 2.2}
+FOLDED_LAYOUTS = ("float32", "int4-matmul")
+ARENA_FACTOR = 2.0
+ATTENTION_BUFFERS = 4  # scores, mask add, softmax, and the where/cast the export keeps, per head
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs of a decoder-only transformer (a Llama-style block)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ModelShape:
+        heads = int(cfg["num_attention_heads"])
+        return cls(
+            layers=int(cfg["num_hidden_layers"]), hidden=int(cfg["hidden_size"]),
+            intermediate=int(cfg["intermediate_size"]), heads=heads,
+            kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads), vocab=int(cfg["vocab_size"]),
+            tied=bool(cfg.get("tie_word_embeddings", True)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def linears(self) -> list[list[tuple[str, int, int]]]:
+        """Per layer, (name, out, in) of the decoder's linear layers, in ResSVD's naming."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        shapes = [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
+                  ("self_attn.o_proj", h, q), ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h),
+                  ("mlp.down_proj", h, i)]
+        return [[(f"model.layers.{n}.{name}", o, k) for name, o, k in shapes] for n in range(self.layers)]
+
+    @property
+    def parameters(self) -> int:
+        linear = sum(o * k for layer in self.linears() for _, o, k in layer)
+        norms = self.hidden * (2 * self.layers + 1)
+        return linear + norms + self.vocab * self.hidden * (1 if self.tied else 2)
+
+
+def int4_bytes(out: int, inner: int, block: int = INT4_BLOCK) -> int:
+    """MatMulNBits / GatherBlockQuantized storage: packed nibbles, float32 scales, packed zero points."""
+    blocks = -(-inner // block)
+    return out * blocks * (block // 2 + F32) + out * (-(-blocks // 2))
+
+
+def matrix_bytes(out: int, inner: int, dtype: str) -> int:
+    return out * inner * F32 if dtype == "float32" else int4_bytes(out, inner)
+
+
+def weight_bytes(shape: ModelShape, dtype: str, ranks: dict[str, int] | None = None) -> dict[str, int]:
+    """Bytes of each kind of weight a package of ``dtype`` holds (float32: the plain export; int4:
+    the device layout, where embedding and LM head are int4 too). Factorized layers count as their
+    two factors (in→r, r→out)."""
+    ranks = ranks or {}
+    linear = 0
+    for layer in shape.linears():
+        for name, out, inner in layer:
+            r = ranks.get(name)
+            linear += matrix_bytes(out, inner, dtype) if r is None else (
+                matrix_bytes(r, inner, dtype) + matrix_bytes(out, r, dtype))
+    vocab = shape.vocab * shape.hidden
+    embedding = vocab * F32 if dtype == "float32" else int4_bytes(shape.vocab, shape.hidden)
+    lm_head = 0 if dtype == "float32" and shape.tied else matrix_bytes(shape.vocab, shape.hidden, dtype)
+    norms = shape.hidden * (2 * shape.layers + 1) * F32
+    return {"linear": linear, "embedding": embedding, "lm_head": lm_head, "norms": norms}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak resident bytes of running a package, by term."""
+
+    runtime: int
+    weights: int  # as held in memory: stored bytes × load factor
+    folded: int  # constant-folded copies made at load
+    kv_cache: int
+    activations: int
+    stored_weights: int  # bytes on disk (the package's model files)
+    context: int
+    chunk: int
+
+    @property
+    def peak(self) -> int:
+        return self.runtime + self.weights + self.folded + self.kv_cache + self.activations
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "peak": self.peak}
+
+
+def kv_cache_bytes(shape: ModelShape, context: int) -> int:
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * context * F32
+
+
+def activation_bytes(shape: ModelShape, context: int, chunk: int) -> int:
+    """One forward over ``chunk`` new tokens after ``context − chunk`` cached ones, arena-rounded."""
+    chunk = min(chunk, context)
+    logits = chunk * shape.vocab * F32
+    attention = ATTENTION_BUFFERS * shape.heads * chunk * context * F32
+    mlp = 3 * chunk * shape.intermediate * F32
+    hidden = 8 * chunk * shape.hidden * F32
+    return int(ARENA_FACTOR * (logits + attention + mlp + hidden))
+
+
+def estimate(shape: ModelShape, dtype: str, stored_weights: int, context: int, chunk: int = 256,
+             folded: int | None = None) -> MemoryEstimate:
+    """Peak for a package whose model files hold ``stored_weights`` bytes."""
+    if dtype not in LOAD_FACTOR:
+        raise ValueError(f"no memory model for dtype {dtype!r}")
+    if folded is None:
+        folded = shape.vocab * shape.hidden * F32 if dtype in FOLDED_LAYOUTS and shape.tied else 0
+    return MemoryEstimate(
+        runtime=int(RUNTIME_BYTES), weights=int(stored_weights * LOAD_FACTOR[dtype]), folded=folded,
+        kv_cache=kv_cache_bytes(shape, context), activations=activation_bytes(shape, context, chunk),
+        stored_weights=stored_weights, context=context, chunk=chunk,
+    )
+
+
+def estimate_plan(shape: ModelShape, dtype: str, context: int, ranks: dict[str, int] | None = None,
+                  chunk: int = 256) -> MemoryEstimate:
+    """Peak for a package not built yet, from the model's shape alone."""
+    stored = sum(weight_bytes(shape, dtype, ranks).values())
+    return estimate(shape, dtype, stored, context, chunk)
+
+
+def package_layout(manifest: Any, files: dict[str, int]) -> str:
+    """The memory model's layout of a built package (see ``LOAD_FACTOR``)."""
+    layout = manifest.plan.get("layout")
+    if layout in LOAD_FACTOR:
+        return layout
+    if manifest.dtype == "int4":
+        return "int4" if "model.onnx.data" in files else "int4-matmul"
+    return "float32"
+
+
+def estimate_package(path: Any, context: int | None = None, chunk: int = 256,
+                     shape: ModelShape | None = None) -> MemoryEstimate:
+    """Peak for a built package, from its manifest and the sizes of its model files."""
+    from edgepack.runtime.errors import PackageError
+    from edgepack.runtime.package import read_manifest
+
+    manifest = read_manifest(path)
+    if shape is None:
+        if not manifest.model.get("shape"):
+            raise PackageError(f"{path}: the manifest records no model shape (built before edgepack 0.1's "
+                               "memory model); rebuild it to check it against a device")
+        shape = ModelShape(**manifest.model["shape"])
+    files = {name: entry.size for name, entry in manifest.files.items()}
+    stored = sum(size for name, size in files.items() if name.startswith("model.onnx"))
+    context = context or int(manifest.plan.get("context_length") or 2048)
+    return estimate(shape, package_layout(manifest, files), stored, context, chunk)
