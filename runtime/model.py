@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from edgepack.runtime.decoder import KVCache, SessionSettings
+from edgepack.runtime.errors import UsageError
 from edgepack.runtime.fused_decoder import decoder_class
 from edgepack.runtime.generation import GenerationResult, stream_tokens
 from edgepack.runtime.package import Package, open_package
@@ -102,17 +103,35 @@ class Session:
         self.cache = model.decoder.new_cache()
         self.last: GenerationResult | None = None
 
-    def send(self, content: str, **kwargs) -> Iterator[str]:
-        """Add a user turn and stream the assistant's answer; the answer joins the history."""
+    def send(self, content: str, *, max_new_tokens: int = 256, **kwargs) -> Iterator[str]:
+        """Add a user turn and stream the assistant's answer; the answer joins the history.
+
+        When the history and the answer's budget no longer fit the context, the oldest turns are
+        dropped (the system message stays) and the cache keeps only what still matches.
+        """
         self.messages.append({"role": "user", "content": content})
         result = GenerationResult()
         self.last = result
         try:
-            yield from self.model.stream(self.messages, cache=self.cache, result=result, **kwargs)
+            ids = self._fit_history(max_new_tokens)
+            yield from self.model.stream_ids(ids, max_new_tokens=max_new_tokens, cache=self.cache, result=result,
+                                             **kwargs)
         except BaseException:
             self.messages.pop()
             raise
         self.messages.append({"role": "assistant", "content": result.text})
+
+    def _fit_history(self, max_new_tokens: int) -> list[int]:
+        budget = self.model.generation.context_length - max_new_tokens
+        ids = self.model.tokenizer.encode_chat(self.messages)
+        first = 1 if self.messages[0]["role"] == "system" else 0
+        while len(ids) > budget and len(self.messages) - first > 1:
+            del self.messages[first]  # the oldest turn goes first
+            ids = self.model.tokenizer.encode_chat(self.messages)
+        if len(ids) > budget:
+            raise UsageError(f"this message is {len(ids)} tokens with the history that must stay; the context "
+                             f"is {self.model.generation.context_length} with {max_new_tokens} kept for the answer")
+        return ids
 
     def ask(self, content: str, **kwargs) -> str:
         return "".join(self.send(content, **kwargs))

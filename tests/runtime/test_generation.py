@@ -102,3 +102,22 @@ def test_context_limit(model):
     result = GenerationResult()
     list(model.stream_ids(long_prompt[: ctx - 3], max_new_tokens=50, result=result))
     assert result.finish_reason == "context"
+
+
+def test_session_beyond_context_drops_oldest_turns(model):
+    session = model.session(system="S")
+    ctx = model.generation.context_length
+    for i in range(40):  # far more text than the tiny model's context holds
+        session.ask(f"turn {i}: tell me about the for statement and iterators", max_new_tokens=16)
+        assert len(model.tokenizer.encode_chat(session.messages[:-1])) <= ctx - 16
+    assert session.messages[0] == {"role": "system", "content": "S"}
+    oldest = session.messages[1]["content"]
+    assert oldest.startswith("turn ") and not oldest.startswith("turn 0:")
+    assert session.cache.length < ctx
+
+
+def test_session_single_message_too_long(model):
+    session = model.session()
+    with pytest.raises(UsageError, match="context"):
+        session.ask("word " * 2000, max_new_tokens=8)
+    assert session.messages == []
