@@ -62,7 +62,7 @@ class FusedDecoder:
         shape = inputs[self.past_names[0]].shape
         if not all(isinstance(d, int) for d in shape[1:]):
             raise PackageError(f"the fused graph's KV cache needs a fixed shape, got {shape}")
-        _, self.kv_heads, self.context_length, self.head_dim = (int(d) if isinstance(d, int) else 1 for d in shape)
+        self.kv_heads, self.context_length, self.head_dim = (int(d) for d in shape[1:])
         self.num_layers = len(self.past_names) // 2
         outputs = {o.name: o for o in self.session.get_outputs()}
         if "logits" not in outputs:

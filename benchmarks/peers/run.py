@@ -24,7 +24,7 @@ PROMPT = ("The Python for statement iterates over the items of any sequence, suc
           "in the order that they appear. Explain it briefly:")
 
 
-def ensure_package(out: Path, int4: bool, rebuild: bool) -> Path:
+def ensure_package(out: Path, int4: bool, rebuild: bool, graph: str = "optimum") -> Path:
     from edgepack.runtime.errors import PackageError
     from edgepack.runtime.package import open_package
     from edgepack.toolchain.build import BuildConfig, build
@@ -35,7 +35,7 @@ def ensure_package(out: Path, int4: bool, rebuild: bool) -> Path:
             return out
         except PackageError:
             pass
-    build(BuildConfig(model="default", int4=int4), out)
+    build(BuildConfig(model="default", int4=int4, graph=graph), out)
     return out
 
 
@@ -130,6 +130,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     f32 = ensure_package(args.work / "smollm2-float32", int4=False, rebuild=args.rebuild)
     int4 = ensure_package(args.work / "smollm2-int4", int4=True, rebuild=args.rebuild)
+    fused_f32 = ensure_package(args.work / "smollm2-fused-float32", int4=False, rebuild=args.rebuild, graph="fused")
+    fused_int4 = ensure_package(args.work / "smollm2-fused-int4", int4=True, rebuild=args.rebuild, graph="fused")
     loaded = sources.load("default")
     prompt = loaded.tokenizer(PROMPT)["input_ids"]
     gguf = Path(loaded.source.path) / loaded.source.gguf_file
@@ -143,6 +145,8 @@ def main() -> None:
          folder_size(int4)),
         ("edgepack, float32", lambda: edgepack_runner(f32, prompt), folder_size(f32)),
         ("edgepack, int4", lambda: edgepack_runner(int4, prompt), folder_size(int4)),
+        ("edgepack fused, float32", lambda: edgepack_runner(fused_f32, prompt), folder_size(fused_f32)),
+        ("edgepack fused, int4", lambda: edgepack_runner(fused_int4, prompt), folder_size(fused_int4)),
     ]
     rows = [measure(name, make(), args.runs, args.new_tokens, size) for name, make, size in systems]
 
