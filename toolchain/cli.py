@@ -119,12 +119,22 @@ def plan(args: argparse.Namespace) -> int:
 
 
 def _build_for_device(args: argparse.Namespace) -> int:
+    from edgepack.runtime.bench import BenchConfig, bench
     from edgepack.runtime.profiles import load_profile
     from edgepack.toolchain.planner.device_build import build_for_device
     from edgepack.toolchain.planner.report import describe
 
+    profile = load_profile(args.device)
     chosen, manifest = build_for_device(args.model, args.device, args.output, args.context, args.calib)
-    print(describe(chosen, load_profile(args.device)), end="", file=sys.stderr)
+    print(describe(chosen, profile), end="", file=sys.stderr)
     print(f"built {args.output}: {manifest.dtype}, {manifest.total_size / 1e6:.1f} MB, {manifest.build['seconds']} s",
           file=sys.stderr)
-    return 0
+    # Prove the fit: run the package with its KV cache filled to the planned context, in a fresh process.
+    fill = max(0, chosen.context - 64)
+    report = bench(args.output, BenchConfig(max_new_tokens=16, fill=fill, chunk=chosen.memory["chunk"],
+                                            prompts=("What is the capital of France?",)))
+    fits = report.peak_rss_bytes <= profile.budget_bytes
+    print(f"measured peak RSS {report.peak_rss_bytes / (1 << 20):.0f} MiB with {report.context_filled} tokens "
+          f"in context (predicted {chosen.peak_bytes / (1 << 20):.0f}); budget {profile.app_memory_mb:g} MiB: "
+          f"{'fits' if fits else 'DOES NOT FIT'}", file=sys.stderr)
+    return 0 if fits else 3

@@ -6,7 +6,7 @@ import pytest
 from edgepack.runtime import load
 from edgepack.runtime.cli import main
 from edgepack.runtime.memory import estimate_package
-from edgepack.runtime.package import open_package
+from edgepack.runtime.package import open_package, read_manifest
 from edgepack.runtime.profiles import DeviceProfile
 from edgepack.toolchain.planner.plan import candidates, model_shape
 
@@ -77,3 +77,14 @@ def test_profile_cli_lists_and_saves(tmp_path, monkeypatch, capsys):
     assert main(["profile", "--save", "this-box"]) == 0
     saved = DeviceProfile.from_yaml((tmp_path / "this-box.yaml").read_text())
     assert saved.kind == "host" and saved.cores >= 1
+
+
+def test_build_cli_with_device_proves_the_fit(tiny_model_dir, tmp_path, capsys):
+    roomy = DeviceProfile(name="roomy", description="made-up", kind="sbc", ram_mb=8000, app_memory_mb=4000,
+                          storage_mb=1000, cores=4, cpu="test", arch="aarch64")
+    path = tmp_path / "roomy.yaml"
+    path.write_text(roomy.to_yaml())
+    assert main(["build", str(tiny_model_dir), "--device", str(path), "-o", str(tmp_path / "pkg")]) == 0
+    err = capsys.readouterr().err
+    assert "dtype        float32" in err and "measured peak RSS" in err and ": fits" in err
+    assert read_manifest(tmp_path / "pkg").plan["device"]["device"] == "roomy"
