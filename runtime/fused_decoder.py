@@ -2,6 +2,11 @@
 that is one preallocated buffer per layer and kind, shared by the graph's past input and present
 output, so a step writes its new keys/values in place and nothing is reallocated per token.
 
+The buffers start at ``initial_capacity`` positions and double (copying the valid prefix) when a
+conversation outgrows them, up to the package's context length: a short chat does not pay for a
+full-context cache (2048 positions of the default model are 94 MB), and a long one reallocates
+only log2(context / initial) times.
+
 Same interface as ``decoder.Decoder``: ``new_cache()``, ``forward(tokens, cache, all_logits)``,
 ``kv_heads``, ``head_dim``, ``num_layers``.
 """
@@ -19,6 +24,7 @@ from edgepack.runtime.decoder import KVCache, SessionSettings
 from edgepack.runtime.errors import PackageError, UsageError
 
 GRAPH_NAME = "fused"
+CONTEXT_KEY = "edgepack.context_length"
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _REQUIRED = ("input_ids", "seqlens_k", "total_sequence_length")
 
@@ -31,8 +37,13 @@ class FusedKVCache(KVCache):
     arrays updated in place, its outputs preallocated.
     """
 
+    arrays: list[np.ndarray] | None = None  # the memory behind ``values`` (onnxruntime writes into it)
     binding: Any = None
     step: dict[str, np.ndarray] | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.arrays[0].shape[2] if self.arrays else 0
 
     def truncate(self, length: int) -> None:
         """Keep the first ``length`` positions: later ones are simply overwritten by the next steps."""
@@ -43,6 +54,8 @@ class FusedKVCache(KVCache):
 
 
 class FusedDecoder:
+    initial_capacity = 256  # KV positions allocated by new_cache(); doubled on demand
+
     def __init__(self, model_path: Path, settings: SessionSettings | None = None) -> None:
         self.settings = settings or SessionSettings()
         try:
@@ -60,9 +73,13 @@ class FusedDecoder:
         if not self.past_names:
             raise PackageError("the fused graph has no past_key_values inputs")
         shape = inputs[self.past_names[0]].shape
-        if not all(isinstance(d, int) for d in shape[1:]):
-            raise PackageError(f"the fused graph's KV cache needs a fixed shape, got {shape}")
-        self.kv_heads, self.context_length, self.head_dim = (int(d) for d in shape[1:])
+        if not (isinstance(shape[1], int) and isinstance(shape[3], int)):
+            raise PackageError(f"the fused graph's KV cache needs fixed head counts and sizes, got {shape}")
+        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        context = self.session.get_modelmeta().custom_metadata_map.get(CONTEXT_KEY)
+        if context is None or not context.isdigit():
+            raise PackageError(f"the fused graph does not record its context length ({CONTEXT_KEY})")
+        self.context_length = int(context)
         self.num_layers = len(self.past_names) // 2
         outputs = {o.name: o for o in self.session.get_outputs()}
         if "logits" not in outputs:
@@ -70,9 +87,19 @@ class FusedDecoder:
         self.vocab_size = int(outputs["logits"].shape[-1])
 
     def new_cache(self) -> FusedKVCache:
-        shape = (1, self.kv_heads, self.context_length, self.head_dim)
-        values = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in self.past_names]
-        return FusedKVCache(values=values)
+        cache = FusedKVCache(values=[])
+        self._allocate(cache, min(self.initial_capacity, self.context_length))
+        return cache
+
+    def _allocate(self, cache: FusedKVCache, capacity: int) -> None:
+        """(Re)allocate the buffers with room for ``capacity`` positions, keeping the valid prefix."""
+        shape = (1, self.kv_heads, capacity, self.head_dim)
+        arrays = [np.zeros(shape, np.float32) for _ in self.past_names]
+        for new, old in zip(arrays, cache.arrays or []):
+            new[:, :, :cache.length] = old[:, :, :cache.length]
+        cache.arrays = arrays
+        cache.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # shares the arrays' memory
+        cache.binding = None  # the step binding points at the old buffers
 
     def forward(self, tokens: list[int], cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run ``tokens`` after what ``cache`` holds; update the cache in place.
@@ -87,6 +114,8 @@ class FusedDecoder:
         total = cache.length + n
         if total > self.context_length:
             raise UsageError(f"{total} positions exceed this package's context of {self.context_length}")
+        if total > cache.capacity:
+            self._allocate(cache, min(self.context_length, max(total, 2 * cache.capacity)))
         if n == 1:
             logits = self._step(tokens[0], cache, total)
         else:

@@ -78,12 +78,14 @@ class GraphBuilder:
             self.nodes.append(helper.make_node("Identity", [source], [name], name=self.unique(name + "_id")))
         self.outputs.append(helper.make_tensor_value_info(name, elem, list(shape)))
 
-    def to_model(self) -> onnx.ModelProto:
+    def to_model(self, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+        """The model; ``metadata`` goes into its metadata_props (onnxruntime's custom_metadata_map)."""
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                         helper.make_opsetid(MS_DOMAIN, 1)],
                                   producer_name="edgepack")
         model.ir_version = 10
+        helper.set_model_props(model, metadata or {})
         return model
 
 

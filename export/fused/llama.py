@@ -10,8 +10,10 @@ SwiGLU MLP with packed gate/up projections. Linear layers are float32 MatMul or 
 Graph contract (what ``runtime/fused_decoder.py`` binds):
     inputs   input_ids int64 [1, S]; seqlens_k int32 [1] (= positions after this step - 1);
              total_sequence_length int32 [] (= positions after this step);
-             past_key_values.N.key / .value float32 [1, kv_heads, context, head_dim]
+             past_key_values.N.key / .value float32 [1, kv_heads, capacity, head_dim]
     outputs  logits float32 [1, S, vocab]; present.N.key / .value (the same buffers as the past)
+    metadata edgepack.graph = "fused", edgepack.context_length = the positions the rotary caches cover
+The cache capacity is the runtime's choice (up to the context length): it can start small and grow.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from edgepack.runtime.errors import UnsupportedArchitecture
 
 SUPPORTED_TYPES = ("llama", "mistral")
 GRAPH_NAME = "fused"
+CONTEXT_KEY = "edgepack.context_length"
 
 
 def check_supported(config: Any) -> None:
@@ -62,7 +65,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
         hidden = b.op1("Gather", [b.weight("embed.weight", embedding), ids], "embed/gather")
     eps = float(cfg.rms_norm_eps)
     residual, pending = hidden, None  # pending: a block output not yet added to the residual
-    kv_shape = [1, cfg.num_key_value_heads, context, head_dim(cfg)]
+    kv_shape = [1, cfg.num_key_value_heads, "capacity", head_dim(cfg)]
     for i, layer in enumerate(model.model.layers):
         x, residual = _norm(b, pending, residual, layer.input_layernorm.weight, eps, f"layers.{i}.input_norm")
         past = [b.add_input(f"past_key_values.{i}.{kind}", FLOAT, kv_shape) for kind in ("key", "value")]
@@ -77,7 +80,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     else:
         logits = lin.module(x, model.lm_head, "lm_head")
     b.add_output(logits, "logits", FLOAT, [1, "sequence_length", cfg.vocab_size])
-    return b.to_model()
+    return b.to_model({"edgepack.graph": GRAPH_NAME, CONTEXT_KEY: str(context)})
 
 
 def _norm(b: GraphBuilder, block_out: str | None, residual: str, weight: Any, eps: float,
@@ -96,7 +99,7 @@ def _norm(b: GraphBuilder, block_out: str | None, residual: str, weight: Any, ep
 
 
 def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, cfg: Any, past: list[str],
-               shared: tuple[str, str, str, str], i: int, kv_shape: list[int]) -> str:
+               shared: tuple[str, str, str, str], i: int, kv_shape: list[int | str]) -> str:
     import torch.nn as nn
 
     name = f"layers.{i}.attn"
@@ -148,7 +151,7 @@ def _rotary_caches(b: GraphBuilder, model: Any, context: int) -> tuple[str, str]
     return b.weight("rotary.cos", cos), b.weight("rotary.sin", sin)
 
 
-def _value_info(name: str, shape: list[int]) -> Any:
+def _value_info(name: str, shape: list[int | str]) -> Any:
     from onnx import helper
 
     return helper.make_tensor_value_info(name, FLOAT, shape)

@@ -85,6 +85,24 @@ def test_cache_is_preallocated_and_reused(tmp_path):
         decoder.forward(list(range(CONTEXT)), cache)
 
 
+def test_cache_grows_by_doubling_and_keeps_its_prefix(tmp_path):
+    model = tiny.make_model()
+    decoder = FusedDecoder(_graph(model, tmp_path, "f32"))
+    assert decoder.context_length == CONTEXT
+    decoder.initial_capacity = 8
+    ids = PROMPTS[1]
+    full = decoder.forward(ids, decoder.new_cache(), all_logits=True)  # 30 positions: one allocation of 30
+    cache = decoder.new_cache()
+    assert cache.capacity == 8
+    got = [decoder.forward(ids[:6], cache)]
+    capacities = []
+    for t in ids[6:]:
+        got.append(decoder.forward([t], cache))
+        capacities.append(cache.capacity)
+    assert sorted(set(capacities)) == [8, 16, 32]
+    assert np.abs(np.stack(got) - full[5:]).max() < 1e-4
+
+
 def test_int4_graph_matches_pytorch_on_its_own_weights(tmp_path):
     """int4 computes Q4_1-form blocks exactly: against PyTorch running the dequantized weights, only
     the int8 activations of MatMulNBits' fast kernel differ."""
