@@ -13,6 +13,25 @@ from torch import nn
 from tqdm import tqdm
 
 
+def gram_f64(x: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """xᵀx accumulated in float64 over chunks computed in x's own dtype: float32 activations use the
+    fast float32 BLAS within a chunk (relative error ~1e-7 per term), and the running total, which
+    would drift over many chunks, is float64. Inputs are never down-cast."""
+    out = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64)
+    for start in range(0, x.shape[0], rows):
+        chunk = x[start:start + rows]
+        out += (chunk.T @ chunk).double()
+    return out
+
+
+def cross_f64(x: torch.Tensor, y: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """xᵀy, chunked like ``gram_f64``."""
+    out = torch.zeros(x.shape[-1], y.shape[-1], dtype=torch.float64)
+    for start in range(0, x.shape[0], rows):
+        out += (x[start:start + rows].T @ y[start:start + rows]).double()
+    return out
+
+
 def calibration_windows(tokenizer, text: str, count: int, length: int) -> list[list[int]]:
     """``count`` windows of ``length`` tokens spread evenly over ``text``."""
     from edgepack.runtime.errors import UsageError
@@ -41,8 +60,7 @@ class GramCollector:
                 self.alias[name] = owner[0]
                 return
             self._seen[id(x)] = (name, x)
-            flat = x.detach().reshape(-1, x.shape[-1]).double()
-            gram = flat.T @ flat
+            gram = gram_f64(x.detach().reshape(-1, x.shape[-1]))
             if name in self.grams:
                 self.grams[name] += gram
             else:

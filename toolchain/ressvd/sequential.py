@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from edgepack.toolchain.ressvd import factorize, selection
+from edgepack.toolchain.ressvd.calibration import cross_f64, gram_f64
 from edgepack.toolchain.ressvd.layers import factorized_linear, set_module
 from torch import nn
 from tqdm import tqdm
@@ -88,11 +89,11 @@ def _groups(order: list[str], inputs: dict[str, torch.Tensor]) -> list[list[str]
 
 def corrected_factors(weight: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, rank: int, damping: float,
                       truncate: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x.reshape(-1, x.shape[-1]).double()
-    x_hat = x_hat.reshape(-1, x_hat.shape[-1]).double()
-    gram = x_hat.T @ x_hat
+    x = x.reshape(-1, x.shape[-1])
+    x_hat = x_hat.reshape(-1, x_hat.shape[-1])
+    gram = gram_f64(x_hat)
     s = factorize.whitening(gram, damping)
-    cross = x.T @ x_hat
+    cross = cross_f64(x, x_hat)
     # W* = W·C·G⁻¹ via two triangular solves with G = S·Sᵀ (no explicit inverse).
     y = torch.linalg.solve_triangular(s, (weight.double() @ cross).T, upper=False)
     w_star = torch.linalg.solve_triangular(s.T, y, upper=True).T
