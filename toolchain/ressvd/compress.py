@@ -55,13 +55,16 @@ def compress_(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
     modules = {n: m for layer in per_layer for n, m in layer}
     before = sum(p.numel() for p in model.parameters())
     candidates = _candidate_modules(per_layer, config)
-    grams, tokens = {}, 0
-    if config.method != "svd":
-        if not windows:
-            raise ValueError(f"method {config.method!r} needs calibration windows")
+    grams: dict[str, torch.Tensor] = {}
+    tokens = sum(len(w) for w in windows) if config.method != "svd" else 0
+    if config.method != "svd" and not windows:
+        raise ValueError(f"method {config.method!r} needs calibration windows")
+    searching = config.layers == "auto" and not config.rank_map
+    # Propagation-aware truncation gathers its own statistics layer by layer; the dense model's
+    # X·Xᵀ is then needed only as the k search's (cheaper, non-propagated) proxy.
+    if config.method != "svd" and (searching or not config.propagate):
         collector = GramCollector(model, candidates)
         grams = collector.run(model, windows)
-        tokens = collector.tokens
     whitened = {n: _Whitened(modules[n].weight, grams[n], config.damping)
                 for n in tqdm(candidates, desc="decomposing", unit="layer")} if grams else {}
     search: list[dict[str, float]] = []
