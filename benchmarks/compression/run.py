@@ -3,8 +3,9 @@
     python benchmarks/compression/run.py [--ratios 0.1 0.2 0.3 0.4] [--max-windows N]
 
 Variants (each from a fresh copy of the dense model): dense; plain SVD on all layers; whitened
-(SVD-LLM) on all layers; whitened on the last k layers (k searched); ResSVD (whitened + residual
-stage, last k searched). Perplexity is measured in PyTorch on the held-out evaluation split
+(SVD-LLM) on all layers; whitened on the last k layers (k searched); ResSVD as published (whitened
++ a plain-metric residual stage, last k searched); and both with propagation-aware truncation
+(each layer corrected in closed form for the compressed layers before it). Perplexity is measured in PyTorch on the held-out evaluation split
 (512-token windows), with compression time and peak RSS. Writes results/compression.md and .png.
 """
 
@@ -25,7 +26,9 @@ VARIANTS = {
     "svd, all layers": dict(method="svd", layers="all"),
     "svd-llm, all layers": dict(method="svd-llm", layers="all"),
     "svd-llm, last k (searched)": dict(method="svd-llm", layers="auto"),
-    "ressvd, last k (searched)": dict(method="ressvd", layers="auto"),
+    "ressvd as published, last k": dict(method="ressvd", layers="auto"),
+    "svd-llm + propagation, last k": dict(method="svd-llm", layers="auto", propagate=True),
+    "ressvd + propagation, last k": dict(method="ressvd", layers="auto", propagate=True),
 }
 
 
