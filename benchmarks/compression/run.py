@@ -5,7 +5,8 @@
 Variants (each from a fresh copy of the dense model): dense; plain SVD on all layers; whitened
 (SVD-LLM) on all layers; whitened on the last k layers (k searched); ResSVD as published (whitened
 + a plain-metric residual stage, last k searched); and both with propagation-aware truncation
-(each layer corrected in closed form for the compressed layers before it). Perplexity is measured in PyTorch on the held-out evaluation split
+(each layer corrected in closed form for the compressed layers before it). Perplexity is
+measured in PyTorch on the held-out evaluation split
 (512-token windows), with compression time and peak RSS. Writes results/compression.md and .png.
 """
 
