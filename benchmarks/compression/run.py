@@ -70,15 +70,19 @@ def main() -> None:
                          f"{rss:.0f}"])
             print(rows[-1], file=sys.stderr)
             del variant
+            _write(rows, args.max_windows)  # after every variant: a long run killed midway keeps its rows
+    print((results_dir(__file__) / "compression.md").read_text())
+
+
+def _write(rows, max_windows) -> None:
     out = results_dir(__file__)
     header = (f"Default model, evaluation split of pydoc_data.topics, 512-token windows"
-              f"{'' if args.max_windows is None else f' (first {args.max_windows})'}; share of decoder linear "
+              f"{'' if max_windows is None else f' (first {max_windows})'}; share of decoder linear "
               "parameters removed. Peak RSS is the process's high-water mark so far.\n\n")
     table = markdown_table(["variant", "removed", "perplexity", "× dense", "layers", "compress s", "peak RSS MB"],
                            rows)
     (out / "compression.md").write_text(header + table)
     _plot(rows, out / "compression.png")
-    print(header + table)
 
 
 def _plot(rows, path: Path) -> None:
