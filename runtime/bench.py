@@ -82,6 +82,16 @@ def bench(package: Path | str, config: BenchConfig | None = None, timeout: float
 
 
 def _maxrss() -> int:
+    """Peak resident bytes of this process. Linux: VmHWM, the high-water mark of this process's own
+    memory map; ``ru_maxrss`` is not used there because it survives ``exec`` and so starts at the size
+    of the (possibly large) parent that spawned the child."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 

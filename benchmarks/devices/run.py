@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from edgepack.runtime.bench import BenchConfig, bench
-from edgepack.runtime.memory import ModelShape, estimate_package
+from edgepack.runtime.memory import ModelShape, estimate_package, package_layout
 from edgepack.runtime.package import read_manifest
 from edgepack.runtime.profiles import available, load_profile
 from edgepack.toolchain.planner.plan import PlanError, plan_for
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/ep-devices")
     ap.add_argument("--windows", type=int, default=20)
     ap.add_argument("--validate", action="append", default=[], help="extra package for the memory table")
+    ap.add_argument("--reuse-perplexity", help="a previous devices.json whose perplexities to keep (skips eval)")
     args = ap.parse_args()
     out = Path(args.out)
     rows, builds = [], {}
@@ -54,7 +55,10 @@ def main() -> None:
         pkg = b["package"]
         if not (pkg / "manifest.json").is_file():
             subprocess.run(["edgepack", "build", "default", "--device", b["devices"][0], "-o", str(pkg)], check=True)
-        measured[key] = measure(pkg, b["plan"].context, b["plan"].memory["chunk"], args.windows)
+        known = _known_perplexity(args.reuse_perplexity, key)
+        measured[key] = measure(pkg, b["plan"].context, b["plan"].memory["chunk"], 0 if known else args.windows)
+        if known:
+            measured[key]["perplexity"] = known
         measured[key]["devices"] = b["devices"]
     validation = [v for m in measured.values() for v in m["memory"]]
     for extra in args.validate:
@@ -75,7 +79,8 @@ def measure(pkg: Path, context: int, chunk: int, windows: int, shape: ModelShape
         est = estimate_package(pkg, context=ctx, chunk=chunk if fill else max(x["prompt_tokens"] for x in r.runs),
                                shape=shape)
         result["memory"].append({
-            "package": pkg.name, "layout": manifest.plan.get("layout") or manifest.dtype, "context": ctx,
+            "package": pkg.name, "context": ctx,
+            "layout": package_layout(manifest, {n: e.size for n, e in manifest.files.items()}),
             "predicted_mb": est.peak / MB, "measured_mb": r.peak_rss_bytes / MB,
             "error": est.peak / r.peak_rss_bytes - 1, "tokens_per_s": r.tokens_per_s,
             "first_token_ms": r.first_token_ms})
@@ -84,6 +89,12 @@ def measure(pkg: Path, context: int, chunk: int, windows: int, shape: ModelShape
                               text=True, check=True)
         result["perplexity"] = float(re.search(r"perplexity ([\d.]+)", proc.stdout).group(1))
     return result
+
+
+def _known_perplexity(path: str | None, key: tuple) -> float | None:
+    if not path:
+        return None
+    return json.loads(Path(path).read_text())["builds"].get(str(key), {}).get("perplexity")
 
 
 def _default_shape() -> ModelShape:
