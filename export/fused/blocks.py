@@ -7,6 +7,8 @@ default model ships as GGUF Q4_1, ``w = q * d + m`` with a float minimum ``m`` p
 So ``quantize_q4`` keeps ``q`` and ``d`` exactly, uses the default zero point 8, and returns the
 per-block remainder ``m + 8 d`` as a small matrix: the graph adds ``blocksum(x) @ remainder.T``,
 which restores Q4_1 exactly (one tiny MatMul per distinct input, shared by packed projections).
+Faster, and as good in perplexity: ``remainder_digits`` writes the remainders as two 4-bit digit
+blocks, so one MatMulNBits over ``[x, blocksum(x), blocksum(x)]`` applies them (linear.py).
 """
 
 from __future__ import annotations
@@ -86,6 +88,25 @@ def quantize_q4_int(weight: np.ndarray) -> Q4IntWeight:
         zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
     zp_packed = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
     return Q4IntWeight(packed, scale.reshape(-1), zp_packed, weight.shape[1], weight.shape[0])
+
+
+def remainder_digits(remainder: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The [n_out, blocks] remainders as two 4-bit "digits" (a coarse code and a code of what it
+    missed), so MatMulNBits can apply them to the block sums appended to its input: returns packed
+    codes [n_out, 2 * padded / 32, 16], their scales [n_out * 2 * padded / 32], and the error left."""
+    r = _blocks(remainder)  # [n_out, padded / 32, 32]
+    codes, scales = [], []
+    for _ in range(2):
+        scale = np.abs(r).max(axis=-1) / 7.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        c = np.clip(np.rint(r / scale[..., None]), -8, 7)
+        r = r - c * scale[..., None]
+        codes.append((c + 8).astype(np.uint8))
+        scales.append(scale)
+    q = np.concatenate(codes, axis=1)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    error = r.reshape(remainder.shape[0], -1)[:, : remainder.shape[1]]
+    return packed, np.concatenate(scales, axis=1).reshape(-1), error
 
 
 def dequantize_q4(q: Q4Weight) -> np.ndarray:

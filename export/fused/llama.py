@@ -46,7 +46,7 @@ def head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True) -> Any:
+def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True, fold: bool = True) -> Any:
     """The fused graph (an ``onnx.ModelProto``) of a LlamaForCausalLM for ``context`` positions."""
     cfg = model.config
     check_supported(cfg)
@@ -54,7 +54,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     ids = b.add_input("input_ids", INT64, [1, "sequence_length"])
     seqlens = b.add_input("seqlens_k", INT32, [1])
     total = b.add_input("total_sequence_length", INT32, [])
-    lin = LinearEmitter(b, int4, exact)
+    lin = LinearEmitter(b, int4, exact, fold)
     cos, sin = _rotary_caches(b, model, context)
     embedding = _array(model.model.embed_tokens.weight)
     tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

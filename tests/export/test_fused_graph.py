@@ -136,6 +136,14 @@ def test_q4_blocks_represent_q4_1_weights_exactly():
     assert np.abs(blocks.dequantize_q4(blocks.quantize_q4(w)) - w).max() < 1e-6
 
 
+def test_remainder_digits_are_close_to_the_remainders():
+    rng = np.random.default_rng(1)
+    remainder = rng.normal(size=(16, 48)).astype(np.float32)
+    packed, scales, error = blocks.remainder_digits(remainder)
+    assert packed.shape == (16, 4, 16) and scales.shape == (16 * 4,)  # 48 sums pad to 64: 2 blocks per digit
+    assert np.abs(error).max() < np.abs(remainder).max() / 150
+
+
 def test_factorized_layers_become_two_matmuls(tmp_path):
     model = tiny.make_model()
     layer = model.model.layers[1]
