@@ -79,6 +79,7 @@ def stream_tokens(
     stop_strings: Sequence[str] = (),
     result: GenerationResult | None = None,
     on_token: Callable[[int], None] | None = None,
+    prefill_chunk: int = 256,
 ) -> Iterator[str]:
     """Yield text pieces as they are generated; fill ``result`` with tokens, reason and timings.
 
@@ -98,7 +99,11 @@ def stream_tokens(
     detok = tokenizer.stream_decoder()
     stop_text = _StopText(stop_strings)
     start = time.perf_counter()
-    logits = decoder.forward(reuse_prefix(cache, prompt), cache)
+    rest = reuse_prefix(cache, prompt)
+    # A long prompt goes in chunks: the logits and attention buffers of one forward grow with the
+    # tokens fed at once, and device plans budget for at most ``prefill_chunk`` of them.
+    for i in range(0, len(rest), prefill_chunk):
+        logits = decoder.forward(rest[i:i + prefill_chunk], cache)
     first_at = 0.0
     hit_stop_string = False
     while True:

@@ -14,6 +14,7 @@ from edgepack.runtime.sampling import Sampler, SamplingConfig
 from edgepack.runtime.tokenizer import Message, Tokenizer
 
 Prompt = str | Sequence[Message]
+DEFAULT_PREFILL_CHUNK = 256
 
 
 class Model:
@@ -28,6 +29,9 @@ class Model:
         )
         # plan.graph: absent for optimum's export, "fused" for edgepack's own graph (export/fused).
         self.decoder = decoder_class(package.manifest.plan.get("graph"))(package.model_path, settings)
+        # A device plan budgets memory for prompts fed this many tokens at a time.
+        device_memory = (package.manifest.plan.get("device") or {}).get("memory") or {}
+        self.prefill_chunk = int(device_memory.get("chunk") or DEFAULT_PREFILL_CHUNK)
 
     def encode_prompt(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
         """Token ids for a prompt: messages always go through the chat template; a plain string
@@ -79,6 +83,7 @@ class Model:
             stop_token_ids=() if ignore_eos else self.generation.eos_token_ids,
             stop_strings=stop,
             result=result,
+            prefill_chunk=self.prefill_chunk,
         )
 
     def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:

@@ -121,3 +121,15 @@ def test_session_single_message_too_long(model):
     with pytest.raises(UsageError, match="context"):
         session.ask("word " * 2000, max_new_tokens=8)
     assert session.messages == []
+
+
+def test_chunked_prefill_gives_the_same_answer(model):
+    prompt = model.tokenizer.encode("The for statement iterates over the items of any sequence " * 4)
+    results = []
+    for chunk in (1000, 7, 1):
+        model.prefill_chunk = chunk
+        result = GenerationResult()
+        list(model.stream_ids(prompt, max_new_tokens=8, result=result))
+        results.append(result.tokens)
+    model.prefill_chunk = 256
+    assert results[0] == results[1] == results[2]
