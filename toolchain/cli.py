@@ -54,12 +54,14 @@ def _compression_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--method", default="ressvd", help="ressvd (default) | svd-llm | svd")
     g.add_argument("--layers", default="auto", help="auto (search k) | all | K (compress the last K layers)")
     g.add_argument("--calib", help="calibration text file or folder (default: pydoc_data.topics split)")
+    g.add_argument("--propagate", action="store_true",
+                   help="correct each layer for the compression error of the layers before it (slower, better)")
 
 
 def _compression_config(args: argparse.Namespace):
     from edgepack.toolchain.ressvd import ResSVDConfig
 
-    return ResSVDConfig(ratio=args.ratio, method=args.method, layers=args.layers)
+    return ResSVDConfig(ratio=args.ratio, method=args.method, layers=args.layers, propagate=args.propagate)
 
 
 def require_toolchain() -> None:
