@@ -48,7 +48,8 @@ def test_phone_build_lists_ort_format_and_operator_config(phone_build):
 
 def test_device_package_generates_and_is_estimated(phone_build):
     plan, _, pkg, _ = phone_build
-    assert load(pkg).generate("Hello", max_new_tokens=4).tokens
+    # ignore_eos: a random tiny model may well pick its end token first; the package must still decode
+    assert len(load(pkg).generate("Hello", max_new_tokens=4, ignore_eos=True).tokens) == 4
     est = estimate_package(pkg, context=plan.context, chunk=plan.memory["chunk"])
     assert est.stored_weights == sum(f.stat().st_size for f in pkg.glob("model.onnx*"))
 

@@ -33,7 +33,9 @@ class ResSVDConfig:
     calib_length: int = 256
     targets: tuple[str, ...] = DEFAULT_TARGETS
     rank_map: dict[str, int] = field(default_factory=dict)
-    propagate: bool = False  # correct each layer for upstream compression error (sequential.py)
+    # Correct each layer for the compression error upstream (sequential.py). On by default: the best
+    # measured variant (20 %: perplexity 1.86× dense against 1.97× without), at about twice the time.
+    propagate: bool = True
     version: int = 1
 
     def __post_init__(self) -> None:
