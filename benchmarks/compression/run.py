@@ -25,9 +25,9 @@ from common import markdown_table, results_dir  # noqa: E402
 
 VARIANTS = {
     "svd, all layers": dict(method="svd", layers="all"),
-    "svd-llm, all layers": dict(method="svd-llm", layers="all"),
-    "svd-llm, last k (searched)": dict(method="svd-llm", layers="auto"),
-    "ressvd as published, last k": dict(method="ressvd", layers="auto"),
+    "svd-llm, all layers": dict(method="svd-llm", layers="all", propagate=False),
+    "svd-llm, last k (searched)": dict(method="svd-llm", layers="auto", propagate=False),
+    "ressvd as published, last k": dict(method="ressvd", layers="auto", propagate=False),
     "svd-llm + propagation, last k": dict(method="svd-llm", layers="auto", propagate=True),
     "ressvd + propagation, last k": dict(method="ressvd", layers="auto", propagate=True),
 }
