@@ -42,9 +42,7 @@ class _Whitened:
         self.u, self.sig, self.vh = torch.linalg.svd(self.weight @ self.s, full_matrices=False)
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        root = self.sig[:rank].sqrt()
-        b = torch.linalg.solve_triangular(self.s.T, (root[:, None] * self.vh[:rank]).T, upper=True).T
-        return self.u[:, :rank] * root, b
+        return factorize.unwhiten(self.u, self.sig, self.vh, self.s, rank)
 
 
 def compress_(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence[int]] = ()) -> CompressionReport:

@@ -38,8 +38,13 @@ def whitening(gram: Tensor, damping: float) -> Tensor:
 
 def whitened(weight: Tensor, rank: int, s: Tensor) -> tuple[Tensor, Tensor]:
     u, sig, vh = torch.linalg.svd(weight.double() @ s, full_matrices=False)
+    return unwhiten(u, sig, vh, s, rank)
+
+
+def unwhiten(u: Tensor, sig: Tensor, vh: Tensor, s: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Rank-``rank`` factors from the SVD of W·S: A = Uᵣ·Σ½, B = Σ½·Vᵣᵀ·S⁻¹."""
     root = sig[:rank].sqrt()
-    # B = Σ½·Vᵣᵀ·S⁻¹, computed as a triangular solve rather than an explicit inverse.
+    # S⁻¹ is applied as a triangular solve rather than an explicit inverse.
     b = torch.linalg.solve_triangular(s.T, (root[:, None] * vh[:rank]).T, upper=True).T
     return u[:, :rank] * root, b
 
