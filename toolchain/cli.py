@@ -54,8 +54,8 @@ def _compression_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--method", default="ressvd", help="ressvd (default) | svd-llm | svd")
     g.add_argument("--layers", default="auto", help="auto (search k) | all | K (compress the last K layers)")
     g.add_argument("--calib", help="calibration text file or folder (default: pydoc_data.topics split)")
-    g.add_argument("--no-propagate", dest="propagate", action="store_false",
-                   help="skip correcting each layer for the error of the layers before it (faster, worse)")
+    g.add_argument("--propagate", action="store_true",
+                   help="correct each layer for the error of the layers before it (experimental, slower)")
 
 
 def _compression_config(args: argparse.Namespace):
