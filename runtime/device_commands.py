@@ -8,8 +8,8 @@ import json
 import sys
 
 from edgepack.runtime.errors import UsageError
+from edgepack.runtime.profiles import MB
 
-MB = 1 << 20
 OVER_BUDGET = 3  # bench --device: the package does not fit the device
 
 

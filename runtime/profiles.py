@@ -20,7 +20,7 @@ from edgepack.runtime.errors import UsageError
 
 KINDS = ("host", "sbc", "phone", "microcontroller")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-MB = 1 << 20
+MB = 1 << 20  # one MiB: every memory figure in profiles, plans and reports uses it
 
 
 class ProfileError(UsageError):

@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from edgepack.runtime.profiles import DeviceProfile
+from edgepack.runtime.profiles import MB, DeviceProfile
 
-MB = 1 << 20
 _ISA_OF_INTEREST = ("neon", "asimd", "asimddp", "fphp", "asimdhp", "sve", "sve2", "i8mm", "bf16", "sse4_2", "avx",
                     "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
 

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from edgepack.runtime.errors import MissingExtraError
+from edgepack.runtime.profiles import MB
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -136,7 +137,7 @@ def _build_for_device(args: argparse.Namespace) -> int:
     report = bench(args.output, BenchConfig(max_new_tokens=16, fill=fill, chunk=chosen.memory["chunk"],
                                             prompts=("What is the capital of France?",)))
     fits = report.peak_rss_bytes <= profile.budget_bytes
-    print(f"measured peak RSS {report.peak_rss_bytes / (1 << 20):.0f} MiB with {report.context_filled} tokens "
-          f"in context (predicted {chosen.peak_bytes / (1 << 20):.0f}); budget {profile.app_memory_mb:g} MiB: "
+    print(f"measured peak RSS {report.peak_rss_bytes / MB:.0f} MiB with {report.context_filled} tokens "
+          f"in context (predicted {chosen.peak_bytes / MB:.0f}); budget {profile.app_memory_mb:g} MiB: "
           f"{'fits' if fits else 'DOES NOT FIT'}", file=sys.stderr)
     return 0 if fits else 3

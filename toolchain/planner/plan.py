@@ -20,7 +20,7 @@ from typing import Any
 
 from edgepack.runtime import memory
 from edgepack.runtime.errors import UsageError
-from edgepack.runtime.profiles import DeviceProfile
+from edgepack.runtime.profiles import MB, DeviceProfile
 from edgepack.toolchain.planner import quality
 
 DTYPES = ("float32", "int4")
@@ -28,7 +28,6 @@ RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4)
 LAYER_SHARE = 0.5  # each compressed layer loses about this share of its linear parameters
 MIN_CONTEXT = 256
 CHUNK = 256  # longest prefill fed in one forward (what the memory model assumes; see chunk_for)
-MB = 1 << 20
 
 
 class PlanError(UsageError):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from edgepack.runtime.profiles import DeviceProfile
+from edgepack.runtime.profiles import MB, DeviceProfile
 from edgepack.toolchain.planner.plan import Plan
-
-MB = 1 << 20
 
 
 def describe(plan: Plan, profile: DeviceProfile) -> str:
