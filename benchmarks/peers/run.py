@@ -1,30 +1,59 @@
-"""Tokens/s of edgepack's runtime against its peers on the default model, side by side in one run.
+"""edgepack's runtime against its peers on the default model, side by side in one run.
 
-    python benchmarks/peers/run.py [--runs 5] [--new-tokens 64] [--work DIR]
+    python benchmarks/peers/run.py [--with-llama-cpp] [--runs 5] [--new-tokens 64] [--ppl-windows 20]
+                                   [--work DIR] [--rebuild] [--only NAME ...]
 
-Every system gets the same prompt tokens and generates exactly N new tokens greedily. Each is timed
-generating 1 token (time to first token, i.e. prefill) and N tokens; the decode rate is
-(N - 1) / (t_N - t_1), medians over --runs. Writes results/peers.md and results/peers.png.
+Every system runs in its own worker process (worker.py), so its peak RSS is its own, and gets the
+same token ids: a chat-templated question (~30 tokens) and a 256-token passage, greedy, exactly N new
+tokens (end-of-sequence ignored), the same thread count (onnxruntime intra-op threads, torch threads,
+llama.cpp n_threads) and the same context (llama.cpp n_ctx = the packages' context length).
+Timed requests go round-robin over the systems (A, B, C, A, B, C, ...; each round starts one system
+later), so background load on a shared machine falls on all of them alike; the 1-minute load average
+is sampled every round and recorded. Per round and system: t_1 and t_N on the short prompt (decode rate
+(N - 1) / (t_N - t_1)) and t_1 on the 256-token prompt (time to first token); medians over rounds.
+``--with-llama-cpp`` pip-installs llama-cpp-python (compiles llama.cpp, minutes) when it is missing;
+llama.cpp is benchmarked whenever it is importable. Writes results/peers.{md,json,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
 import platform
+import re
+import statistics
+import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import folder_size, markdown_table, median_seconds, results_dir  # noqa: E402
+import llamacpp  # noqa: E402
+import report  # noqa: E402
+from common import folder_size, results_dir  # noqa: E402
 
-PROMPT = ("The Python for statement iterates over the items of any sequence, such as a list or a string, "
-          "in the order that they appear. Explain it briefly:")
+QUESTION = "Explain briefly what a Python list comprehension is."
+LONG_PROMPT_TOKENS = 256
+WORKER = Path(__file__).resolve().parent / "worker.py"
+SETTLE_S = 0.2  # pause between requests: idle thread pools (OpenMP, onnxruntime) stop spinning
 
 
-def ensure_package(out: Path, int4: bool, rebuild: bool, graph: str = "optimum") -> Path:
+@dataclass(frozen=True)
+class System:
+    name: str
+    kind: str  # worker.py runner
+    path: Path
+    size_bytes: int | None
+    package: Path | None = None  # an edgepack package: perplexity is measured on it
+
+
+def ensure_package(out: Path, rebuild: bool, **config: object) -> Path:
     from edgepack.runtime.errors import PackageError
     from edgepack.runtime.package import open_package
     from edgepack.toolchain.build import BuildConfig, build
@@ -35,129 +64,184 @@ def ensure_package(out: Path, int4: bool, rebuild: bool, graph: str = "optimum")
             return out
         except PackageError:
             pass
-    build(BuildConfig(model="default", int4=int4, graph=graph), out)
+    print(f"peers: building {out.name}", file=sys.stderr)
+    build(BuildConfig(model="default", **config), out)
     return out
 
 
-def edgepack_runner(package: Path, prompt: list[int]):
-    from edgepack.runtime import load
+def prepare(args: argparse.Namespace) -> tuple[list[System], dict[str, list[int]]]:
+    """Build the packages, write optimum's folders, make the prompts; the PyTorch model is freed after."""
+    from edgepack.runtime import text
+    from edgepack.toolchain import default_model, sources
+    from edgepack.toolchain.ressvd import ResSVDConfig
 
-    model = load(package)
-
-    def run(n: int) -> None:
-        for _ in model.stream_ids(prompt, max_new_tokens=n, ignore_eos=True):
-            pass
-
-    return run
-
-
-def torch_runner(model, prompt: list[int]):
-    import torch
-
-    ids = torch.tensor([prompt])
-
-    def run(n: int) -> None:
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=model.config.pad_token_id)
-
-    return run
-
-
-def optimum_runner(package: Path, hf_model, prompt: list[int], work: Path):
-    import torch
-    from optimum.onnxruntime import ORTModelForCausalLM
-
-    folder = work / f"optimum-{package.name}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in package.glob("model.onnx*"):
-        link = folder / f.name
-        if not link.exists():
-            link.symlink_to(f.resolve())
-    hf_model.config.save_pretrained(folder)
-    hf_model.generation_config.save_pretrained(folder)
-    model = ORTModelForCausalLM.from_pretrained(folder, use_cache=True, use_io_binding=False)
-    ids = torch.tensor([prompt])
-
-    def run(n: int) -> None:
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=hf_model.config.pad_token_id)
-
-    return run
-
-
-def measure(name: str, run, runs: int, new_tokens: int, size: int) -> list[object]:
-    run(4)  # warm up: first-call allocations and graph preparation are not what users feel per token
-    t1 = median_seconds(lambda: run(1), runs)
-    tn = median_seconds(lambda: run(new_tokens), runs)
-    rate = (new_tokens - 1) / (tn - t1)
-    print(f"{name:40s} {rate:6.1f} tok/s, first token {t1 * 1000:.0f} ms", file=sys.stderr)
-    return [name, rate, t1 * 1000, size / 1e6]
+    w = args.work
+    f32 = ensure_package(w / "smollm2-float32", args.rebuild)
+    int4 = ensure_package(w / "smollm2-int4", args.rebuild, int4=True)
+    fused_f32 = ensure_package(w / "smollm2-fused-float32", args.rebuild, graph="fused")
+    fused_int4 = ensure_package(w / "smollm2-fused-int4", args.rebuild, graph="fused", int4=True)
+    ressvd = ensure_package(w / "smollm2-fused-int4-ressvd20", args.rebuild, graph="fused", int4=True,
+                            compression=ResSVDConfig(ratio=0.2))
+    loaded = sources.load("default")
+    tok = loaded.tokenizer
+    short = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                    tokenize=True)
+    long = tok(text.evaluation_text(), add_special_tokens=False)["input_ids"][:LONG_PROMPT_TOKENS]
+    prompts = {"short": [int(t) for t in short], "long": [int(t) for t in long]}
+    folders = {}
+    for package in (f32, int4):
+        folder = w / f"optimum-{package.name}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in package.glob("model.onnx*"):
+            if not (folder / f.name).exists():
+                (folder / f.name).symlink_to(f.resolve())
+        loaded.model.config.save_pretrained(folder)
+        loaded.model.generation_config.save_pretrained(folder)
+        folders[package] = folder
+    torch_bytes = 4 * sum(p.numel() for p in loaded.model.parameters())
+    del loaded
+    gc.collect()
+    gguf = default_model.default_gguf_path()
+    systems = [
+        System("PyTorch eager, float32", "torch", gguf, torch_bytes),
+        System("optimum ORTModelForCausalLM, float32", "optimum", folders[f32], folder_size(f32)),
+        System("optimum ORTModelForCausalLM, int4", "optimum", folders[int4], folder_size(int4)),
+        System("edgepack, float32 (fused graph)", "edgepack", fused_f32, folder_size(fused_f32), fused_f32),
+        System("edgepack, int4 (fused graph)", "edgepack", fused_int4, folder_size(fused_int4), fused_int4),
+        System("edgepack, ResSVD 20 % + int4 (fused graph)", "edgepack", ressvd, folder_size(ressvd), ressvd),
+    ]
+    if llamacpp.installed():
+        systems.append(System("llama.cpp Q4_1 (llama-cpp-python)", "llama-cpp", gguf, gguf.stat().st_size))
+    else:
+        print("peers: llama-cpp-python is not installed; --with-llama-cpp installs it", file=sys.stderr)
+    if args.only:
+        systems = [s for s in systems if any(o.lower() in s.name.lower() for o in args.only)]
+    return systems, prompts
 
 
-def plot(rows: list[list[object]], path: Path) -> None:
-    import matplotlib
+class Worker:
+    def __init__(self, system: System, threads: int, context: int) -> None:
+        self.system = system
+        cmd = [sys.executable, str(WORKER), system.kind, str(system.path), "--threads", str(threads),
+               "--context", str(context)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def request(self, **body: object) -> dict:
+        self.proc.stdin.write(json.dumps(body) + "\n")
+        self.proc.stdin.flush()
+        return self.read()
 
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
-    names = [r[0] for r in rows]
-    rates = [r[1] for r in rows]
-    colors = ["tab:blue" if n.startswith("edgepack") else "tab:gray" for n in names]
-    ax.barh(names, rates, color=colors)
-    for i, v in enumerate(rates):
-        ax.text(v, i, f" {v:.1f}", va="center")
-    ax.invert_yaxis()
-    ax.set_xlabel("decode tokens/s (higher is better)")
-    ax.set_title("SmolLM2-135M-Instruct: greedy decoding, same prompt, one run", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    def read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"peers: the worker for {self.system.name} exited (code {self.proc.wait()})")
+        return json.loads(line)
+
+    def time(self, prompt: list[int], n: int) -> float:
+        seconds = self.request(prompt=prompt, new_tokens=n)["seconds"]
+        time.sleep(SETTLE_S)
+        return seconds
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def measure(systems: list[System], prompts: dict[str, list[int]], args: argparse.Namespace) -> tuple[list, list]:
+    rows = [report.Row(s.name, s.size_bytes) for s in systems]
+    workers = [Worker(s, args.threads, args.context) for s in systems]  # they load in parallel
+    for row, worker in zip(rows, workers):
+        row.load_s = worker.read()["load_s"]
+        worker.time(prompts["short"], 4)  # warm-up: first-call allocations and graph preparation
+        worker.time(prompts["long"], 1)
+    loads = []
+    for r in range(args.runs):
+        order = list(range(len(workers)))
+        order = order[r % len(order):] + order[:r % len(order)]
+        for i in order:
+            loads.append(os.getloadavg()[0])
+            w, row = workers[i], rows[i]
+            row.first_short_s.append(w.time(prompts["short"], 1))
+            row.full_short_s.append(w.time(prompts["short"], args.new_tokens))
+            row.first_long_s.append(w.time(prompts["long"], 1))
+        print(f"peers: round {r + 1}/{args.runs} done, load average {loads[-1]:.2f}", file=sys.stderr)
+    loads.append(os.getloadavg()[0])
+    for row, worker in zip(rows, workers):
+        row.peak_rss_bytes = worker.request(rss=True)["rss"]
+        worker.close()
+    return rows, loads
+
+
+def perplexity(package: Path, windows: int, threads: int) -> float | None:
+    cmd = [sys.executable, "-m", "edgepack.runtime.cli", "eval", str(package), "--max-windows", str(windows),
+           "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    found = re.search(r"perplexity ([0-9.]+)", out.stdout)
+    if not found:
+        print(f"peers: eval of {package} failed: {out.stderr.strip()[-300:]}", file=sys.stderr)
+    return float(found.group(1)) if found else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--with-llama-cpp", action="store_true", help="pip-install llama-cpp-python if missing")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--context", type=int, default=2048, help="the packages' context; llama.cpp's n_ctx")
+    parser.add_argument("--ppl-windows", type=int, default=20, help="evaluation windows of 512 tokens (0: skip)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgepack-bench")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the edgepack packages")
+    parser.add_argument("--only", nargs="*", help="benchmark only systems whose name contains one of these")
     args = parser.parse_args()
-
-    import torch
-    from edgepack.toolchain import sources
-
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.with_llama_cpp:
+        llamacpp.ensure_installed()
     args.work.mkdir(parents=True, exist_ok=True)
-    f32 = ensure_package(args.work / "smollm2-float32", int4=False, rebuild=args.rebuild)
-    int4 = ensure_package(args.work / "smollm2-int4", int4=True, rebuild=args.rebuild)
-    fused_f32 = ensure_package(args.work / "smollm2-fused-float32", int4=False, rebuild=args.rebuild, graph="fused")
-    fused_int4 = ensure_package(args.work / "smollm2-fused-int4", int4=True, rebuild=args.rebuild, graph="fused")
-    loaded = sources.load("default")
-    prompt = loaded.tokenizer(PROMPT)["input_ids"]
-    gguf = Path(loaded.source.path) / loaded.source.gguf_file
+    systems, prompts = prepare(args)
+    start = time.time()
+    rows, loads = measure(systems, prompts, args)
+    elapsed = time.time() - start
+    if args.ppl_windows:
+        for system, row in zip(systems, rows):
+            if system.package is not None:
+                row.perplexity = perplexity(system.package, args.ppl_windows, args.threads)
+    rows.insert(next((i for i, r in enumerate(rows) if "int4 (fused" in r.name), len(rows)),
+                report.Row("edgepack, int8", None, note="no int8 build path"))
+    write_results(rows, loads, prompts, args, elapsed)
 
-    systems = [
-        ("PyTorch eager, float32", lambda: torch_runner(loaded.model, prompt), 4 * sum(
-            p.numel() for p in loaded.model.parameters())),
-        ("optimum ORTModelForCausalLM, float32", lambda: optimum_runner(f32, loaded.model, prompt, args.work),
-         folder_size(f32)),
-        ("optimum ORTModelForCausalLM, int4", lambda: optimum_runner(int4, loaded.model, prompt, args.work),
-         folder_size(int4)),
-        ("edgepack, float32", lambda: edgepack_runner(f32, prompt), folder_size(f32)),
-        ("edgepack, int4", lambda: edgepack_runner(int4, prompt), folder_size(int4)),
-        ("edgepack fused, float32", lambda: edgepack_runner(fused_f32, prompt), folder_size(fused_f32)),
-        ("edgepack fused, int4", lambda: edgepack_runner(fused_int4, prompt), folder_size(fused_int4)),
-    ]
-    rows = [measure(name, make(), args.runs, args.new_tokens, size) for name, make, size in systems]
 
+def ratio_line(rows: list[report.Row], n: int) -> str:
+    by_name = {r.name: r for r in rows}
+    ours, peer = by_name.get("edgepack, int4 (fused graph)"), by_name.get("llama.cpp Q4_1 (llama-cpp-python)")
+    if not (ours and peer and ours.decode_rate(n) and peer.decode_rate(n)):
+        return ""
+    per_round = [(tnp - t1p) / (tno - t1o) for t1o, tno, t1p, tnp in
+                 zip(ours.first_short_s, ours.full_short_s, peer.first_short_s, peer.full_short_s)]
+    return (f"edgepack int4 / llama.cpp, decode tokens/s: {ours.decode_rate(n) / peer.decode_rate(n):.2f}x "
+            f"(median of per-round ratios {statistics.median(per_round):.2f}x); time to first token, 256-token "
+            f"prompt: {ours.median_ms(ours.first_long_s):.0f} ms vs {peer.median_ms(peer.first_long_s):.0f} ms; "
+            f"peak RSS {ours.peak_rss_bytes / 1e6:.0f} MB vs {peer.peak_rss_bytes / 1e6:.0f} MB.\n\n")
+
+
+def write_results(rows: list[report.Row], loads: list[float], prompts: dict, args: argparse.Namespace,
+                  elapsed: float) -> None:
+    cpu = platform.processor() or platform.machine()
+    header = (f"Default model, chat-templated {len(prompts['short'])}-token prompt and a {len(prompts['long'])}-token "
+              f"passage, {args.new_tokens} greedy new tokens (EOS ignored), {args.threads} threads, context "
+              f"{args.context}, {cpu}, {os.cpu_count()} cores. Medians of {args.runs} rounds, systems interleaved "
+              f"round-robin, each in its own process ({elapsed:.0f} s). 1-minute load average during the run: "
+              f"min {min(loads):.2f}, median {statistics.median(loads):.2f}, max {max(loads):.2f}.\n\n")
     out = results_dir(__file__)
-    header = (f"Default model, {len(prompt)}-token prompt, {args.new_tokens} greedy new tokens, median of "
-              f"{args.runs} runs, {os.cpu_count()} CPU threads, {platform.processor() or platform.machine()}. "
-              f"Source GGUF {gguf.stat().st_size / 1e6:.0f} MB.\n\n")
-    table = markdown_table(["system", "decode tokens/s", "first token (ms)", "size on disk (MB)"], rows)
-    (out / "peers.md").write_text(header + table)
-    plot(rows, out / "peers.png")
-    print(header + table)
+    body = header + ratio_line(rows, args.new_tokens) + report.table(rows, args.new_tokens, args.ppl_windows)
+    (out / "peers.md").write_text(body)
+    meta = {"command": " ".join(sys.argv), "prompts": prompts, "loads": loads, "runs": args.runs,
+            "new_tokens": args.new_tokens, "threads": args.threads, "context": args.context,
+            "ppl_windows": args.ppl_windows, "elapsed_s": elapsed, "cpu": cpu, "when": time.strftime("%F %T")}
+    report.save_json(rows, meta, out / "peers.json")
+    report.plot(rows, args.new_tokens, out / "peers.png",
+                f"SmolLM2-135M-Instruct, {args.threads} threads, one interleaved run "
+                f"(load average median {statistics.median(loads):.1f})")
+    print(body)
 
 
 if __name__ == "__main__":
