@@ -11,14 +11,14 @@ from edgepack.runtime.decoder import SessionSettings
 from edgepack.runtime.errors import UsageError
 from edgepack.runtime.generation import GenerationResult
 from edgepack.runtime.model import Model, load
-from edgepack.runtime.package import read_manifest, verify_files
+from edgepack.runtime.package import open_package, read_manifest
 from edgepack.runtime.sampling import SamplingConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="generate an answer to one prompt", description="Generate an answer "
                        "to one prompt with a package, streaming it to standard output.")
-    p.add_argument("package", help="package folder")
+    p.add_argument("package", help="package folder or .edgepack archive")
     p.add_argument("prompt", help="the prompt (sent through the chat template when the package has one)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
     _generation_args(p)
@@ -28,23 +28,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with a package interactively", description="Interactive, "
                        "streaming chat. The KV cache is kept between turns. Type /reset to start over, "
                        "/exit (or end of input) to leave.")
-    p.add_argument("package", help="package folder")
+    p.add_argument("package", help="package folder or .edgepack archive")
     p.add_argument("--system", help="a system message for the conversation")
     _generation_args(p)
     p.set_defaults(handler=chat)
 
     p = sub.add_parser("inspect", help="describe a package", description="Print a package's manifest "
                        "summary; --verify also checks every file's sha256.")
-    p.add_argument("package", help="package folder")
+    p.add_argument("package", help="package folder or .edgepack archive")
     p.add_argument("--verify", action="store_true", help="check every file's size and sha256")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     p.set_defaults(handler=inspect)
+
+    p = sub.add_parser("pack", help="write a package folder as one .edgepack file",
+                       description="Verify a package folder and write it as a single uncompressed zip that "
+                       "run, chat, inspect, eval and load() accept wherever they accept a folder (unpacked "
+                       "safely into $EDGEPACK_CACHE/packages on first use).")
+    p.add_argument("package", help="package folder")
+    p.add_argument("-o", "--output", required=True, help="archive file to write, e.g. model.edgepack")
+    p.set_defaults(handler=pack)
 
     p = sub.add_parser("eval", help="perplexity of a package (runtime) or a model (PyTorch) on text",
                        description="Perplexity on the held-out evaluation split of pydoc_data.topics, or on "
                        "--text. A package is scored in the runtime (no torch), so the figure is what ships; "
                        "a model source ('default', folder, .gguf) is scored in PyTorch (toolchain extra).")
-    p.add_argument("target", help="package folder, or 'default' / model folder / .gguf")
+    p.add_argument("target", help="package folder or .edgepack archive, or 'default' / model folder / .gguf")
     p.add_argument("--text", help="a text file, or a folder of .txt/.md files (default: evaluation split)")
     p.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
@@ -136,7 +144,7 @@ def _describe_compression(report: dict | None) -> str:
 def inspect(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.package)
     if args.verify:
-        verify_files(Path(args.package), manifest)
+        open_package(args.package, verify=True)  # a folder is hashed in place, an archive as it unpacks
     if args.json:
         print(manifest.to_json(), end="")
         return 0
@@ -159,6 +167,14 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def pack(args: argparse.Namespace) -> int:
+    from edgepack.runtime.archive import pack as write_archive
+
+    out = write_archive(args.package, args.output)
+    print(f"packed {args.package} -> {out} ({out.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+    return 0
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from edgepack.runtime import text as texts
     from edgepack.runtime.manifest import MANIFEST_NAME
@@ -168,7 +184,7 @@ def evaluate(args: argparse.Namespace) -> int:
     corpus = texts.read_text(args.text) if args.text else texts.evaluation_text()
     target = Path(args.target)
     with tqdm(desc="eval", unit="window", file=sys.stderr) as bar:
-        if (target / MANIFEST_NAME).is_file():
+        if (target / MANIFEST_NAME).is_file() or target.is_file() and target.suffix == ".edgepack":
             model = load(target, settings=SessionSettings(threads=args.threads))
             ids = model.tokenizer.encode(corpus, add_special_tokens=False)
             bar.total = len(windows(ids, args.context, args.max_windows))

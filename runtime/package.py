@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgepack.runtime import archive
 from edgepack.runtime.errors import IntegrityError, PackageError
 from edgepack.runtime.files import sha256_file
 from edgepack.runtime.manifest import (
@@ -45,10 +46,12 @@ class Package:
 
 
 def read_manifest(path: Path | str) -> Manifest:
-    """Read a package's manifest without checking its files (for ``inspect``)."""
+    """Read a package's manifest without checking its files (for ``inspect``); folder or archive."""
     path = Path(path)
     if not path.exists():
         raise PackageError(f"package not found: {path}")
+    if archive.is_archive(path):
+        return archive.read_manifest(path)
     if not path.is_dir():
         raise PackageError(f"{path} is not a package folder (expected a folder with {MANIFEST_NAME})")
     mpath = path / MANIFEST_NAME
@@ -83,8 +86,12 @@ def verify_files(path: Path, manifest: Manifest) -> None:
 
 
 def open_package(path: Path | str, verify: bool = True) -> Package:
-    """Read and (by default) verify a package; raise ``PackageError`` on any problem."""
+    """Read and (by default) verify a package (a folder, or an archive, which is unpacked into the cache
+    and checked as it is); raise ``PackageError`` on any problem."""
     path = Path(path)
+    if archive.is_archive(path):
+        path = archive.unpack(path, verify=verify)
+        verify = False  # unpack hashed every file as it wrote it, or re-hashed the cached copy
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
