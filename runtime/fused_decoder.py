@@ -27,6 +27,7 @@ GRAPH_NAME = "fused"
 CONTEXT_KEY = "edgepack.context_length"
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _REQUIRED = ("input_ids", "seqlens_k", "total_sequence_length")
+LOGITS_KEEP = "logits_to_keep"  # optional input: logits of the last k positions only
 
 
 @dataclass
@@ -85,6 +86,7 @@ class FusedDecoder:
         if "logits" not in outputs:
             raise PackageError("the fused graph has no 'logits' output")
         self.vocab_size = int(outputs["logits"].shape[-1])
+        self.keeps_logits = LOGITS_KEEP in inputs  # graphs built before it compute logits everywhere
 
     def new_cache(self) -> FusedKVCache:
         cache = FusedKVCache(values=[])
@@ -119,7 +121,7 @@ class FusedDecoder:
         if n == 1:
             logits = self._step(tokens[0], cache, total)
         else:
-            logits = self._prefill(tokens, cache, total)
+            logits = self._prefill(tokens, cache, total, n if all_logits else 1)
         cache.length = total
         cache.tokens.extend(tokens)
         return logits if all_logits else logits[-1]
@@ -130,11 +132,13 @@ class FusedDecoder:
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
 
-    def _prefill(self, tokens: list[int], cache: FusedKVCache, total: int) -> np.ndarray:
+    def _prefill(self, tokens: list[int], cache: FusedKVCache, total: int, keep: int) -> np.ndarray:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
         binding.bind_cpu_input("seqlens_k", np.asarray([total - 1], dtype=np.int32))
         binding.bind_cpu_input("total_sequence_length", np.asarray(total, dtype=np.int32))
+        if self.keeps_logits:
+            binding.bind_cpu_input(LOGITS_KEEP, np.asarray([keep], dtype=np.int64))
         binding.bind_output("logits")  # first, so it is the first of get_outputs()
         self._bind_cache(binding, cache)
         self.session.run_with_iobinding(binding)
@@ -147,10 +151,13 @@ class FusedDecoder:
                 "seqlens_k": np.zeros((1,), np.int32),
                 "total_sequence_length": np.zeros((), np.int32),
                 "logits": np.zeros((1, 1, self.vocab_size), np.float32),
+                LOGITS_KEEP: np.ones((1,), np.int64),
             }
             binding = self.session.io_binding()
             for name in _REQUIRED:  # OrtValues over the numpy arrays: updating the arrays updates the inputs
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(cache.step[name]))
+            if self.keeps_logits:
+                binding.bind_ortvalue_input(LOGITS_KEEP, ort.OrtValue.ortvalue_from_numpy(cache.step[LOGITS_KEEP]))
             self._bind_cache(binding, cache)
             binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(cache.step["logits"]))
             cache.binding = binding

@@ -10,8 +10,9 @@ SwiGLU MLP with packed gate/up projections. Linear layers are float32 MatMul or 
 Graph contract (what ``runtime/fused_decoder.py`` binds):
     inputs   input_ids int64 [1, S]; seqlens_k int32 [1] (= positions after this step - 1);
              total_sequence_length int32 [] (= positions after this step);
+             logits_to_keep int64 [1] (k: logits of the last k positions only);
              past_key_values.N.key / .value float32 [1, kv_heads, capacity, head_dim]
-    outputs  logits float32 [1, S, vocab]; present.N.key / .value (the same buffers as the past)
+    outputs  logits float32 [1, min(k, S), vocab]; present.N.key / .value (the same buffers as the past)
     metadata edgepack.graph = "fused", edgepack.context_length = the positions the rotary caches cover
 The cache capacity is the runtime's choice (up to the context length): it can start small and grow.
 """
@@ -28,6 +29,7 @@ from edgepack.runtime.errors import UnsupportedArchitecture
 SUPPORTED_TYPES = ("llama", "mistral")
 GRAPH_NAME = "fused"
 CONTEXT_KEY = "edgepack.context_length"
+LOGITS_KEEP = "logits_to_keep"  # input: logits for the last k positions only
 
 
 def check_supported(config: Any) -> None:
@@ -73,14 +75,22 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
         x, residual = _norm(b, attn, residual, layer.post_attention_layernorm.weight, eps, f"layers.{i}.post_norm")
         pending = _mlp(b, lin, x, layer.mlp, f"layers.{i}.mlp")
     x, _ = _norm(b, pending, residual, model.model.norm.weight, eps, "final_norm")
+    x = _last_positions(b, x, b.add_input(LOGITS_KEEP, INT64, [1]))
     if table is not None:
         logits = head_8bit(b, x, table)
     elif tied:  # one float32 copy: the head reads the embedding transposed
         logits = b.op1("FusedMatMul", [x, "embed.weight"], "lm_head/FusedMatMul", domain=MS_DOMAIN, transB=1)
     else:
         logits = lin.module(x, model.lm_head, "lm_head")
-    b.add_output(logits, "logits", FLOAT, [1, "sequence_length", cfg.vocab_size])
+    b.add_output(logits, "logits", FLOAT, [1, "kept_positions", cfg.vocab_size])
     return b.to_model({"edgepack.graph": GRAPH_NAME, CONTEXT_KEY: str(context)})
+
+
+def _last_positions(b: GraphBuilder, x: str, keep: str) -> str:
+    """x[:, -keep:]. The LM head is about a fifth of a token's work and its logits 200 KB per position:
+    a prefill needs them for its last position only, parity and perplexity for all (keep >= S)."""
+    start = b.op1("Neg", [keep], "lm_head/keep_start")
+    return b.op1("Slice", [x, start, b.const([2**62]), b.const([1])], "lm_head/keep")
 
 
 def _norm(b: GraphBuilder, block_out: str | None, residual: str, weight: Any, eps: float,

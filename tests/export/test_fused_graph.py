@@ -70,6 +70,21 @@ def test_cached_decode_equals_full_recompute(tmp_path):
     assert np.abs(again - full[5:12]).max() < 1e-4
 
 
+def test_prefill_computes_logits_for_the_last_position_only_unless_asked(tmp_path):
+    model = tiny.make_model()
+    decoder = FusedDecoder(_graph(model, tmp_path, "f32"))
+    assert decoder.keeps_logits
+    ids = PROMPTS[1]
+    full = decoder.forward(ids, decoder.new_cache(), all_logits=True)
+    assert full.shape == (len(ids), model.config.vocab_size)
+    seen = []
+    run = decoder.session.run_with_iobinding
+    decoder.session.run_with_iobinding = lambda binding: (run(binding), seen.append(binding.get_outputs()[0]))
+    last = decoder.forward(ids, decoder.new_cache())
+    assert seen[0].shape() == [1, 1, model.config.vocab_size]  # the graph itself made one position's logits
+    assert np.abs(last - full[-1]).max() < 1e-5
+
+
 def test_cache_is_preallocated_and_reused(tmp_path):
     model = tiny.make_model()
     decoder = FusedDecoder(_graph(model, tmp_path, "f32"))
