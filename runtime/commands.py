@@ -33,9 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _generation_args(p)
     p.set_defaults(handler=chat)
 
-    p = sub.add_parser("inspect", help="describe a package", description="Print a package's manifest "
-                       "summary; --verify also checks every file's sha256.")
-    p.add_argument("package", help="package folder or .edgepack archive")
+    p = sub.add_parser("inspect", help="describe a package or a delta file", description="Print a "
+                       "package's manifest summary (--verify also checks every file's sha256), or what a "
+                       "fine-tune delta file holds.")
+    p.add_argument("package", help="package folder, .edgepack archive, or delta .safetensors file")
     p.add_argument("--verify", action="store_true", help="check every file's size and sha256")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     p.set_defaults(handler=inspect)
@@ -57,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = its default)")
+    p.add_argument("--delta", help="package only: apply this fine-tune delta file first")
     p.set_defaults(handler=evaluate)
 
     from edgepack.runtime import device_commands
@@ -74,6 +76,7 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = its default)")
     g.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the package files")
+    g.add_argument("--delta", help="apply this fine-tune delta file (made by 'edgepack delta') at load time")
 
 
 def _sampling(args: argparse.Namespace) -> SamplingConfig:
@@ -85,7 +88,8 @@ def _load(args: argparse.Namespace) -> Model:
         raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.threads < 0:
         raise UsageError(f"--threads must be >= 0, got {args.threads}")
-    return load(args.package, verify=not args.no_verify, settings=SessionSettings(threads=args.threads))
+    return load(args.package, verify=not args.no_verify, settings=SessionSettings(threads=args.threads),
+                delta=args.delta)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,6 +146,8 @@ def _describe_compression(report: dict | None) -> str:
 
 
 def inspect(args: argparse.Namespace) -> int:
+    if Path(args.package).is_file() and Path(args.package).suffix == ".safetensors":
+        return _inspect_delta(args)
     manifest = read_manifest(args.package)
     if args.verify:
         open_package(args.package, verify=True)  # a folder is hashed in place, an archive as it unpacks
@@ -167,6 +173,32 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_delta(args: argparse.Namespace) -> int:
+    import json
+
+    from edgepack.runtime import delta_file
+
+    meta = delta_file.read_metadata(args.package)
+    if args.verify:
+        delta_file.read(args.package)  # checks the tensors' sha256 and shapes
+    if args.json:
+        print(json.dumps(meta, indent=2, sort_keys=True))
+        return 0
+    info = delta_file.summary(meta)
+    size = Path(args.package).stat().st_size
+    print(f"delta        {args.package}  (format v{info['format_version']}), {size / 1e3:.1f} kB on disk")
+    print(f"method       {info['method']}, rank r={info['rank']}, relax c={info['relax']}, "
+          f"values {info['value_dtype']}")
+    print(f"importance   {info['importance']}")
+    print(f"layers       {info['layers']} linear layers, mean density {info['mean_density']:.1%} of the rank-(r+c) "
+          f"factors; {info['accounted_bits'] / 8e3:.1f} kB accounted (32-bit values + indices)")
+    print(f"dense        {', '.join(info['dense_parameters']) or 'none'}")
+    print(f"base         weights fingerprint {info['base_fingerprint']}")
+    if args.verify:
+        print("verified     tensor checksum and shapes match the metadata")
+    return 0
+
+
 def pack(args: argparse.Namespace) -> int:
     from edgepack.runtime.archive import pack as write_archive
 
@@ -185,7 +217,7 @@ def evaluate(args: argparse.Namespace) -> int:
     target = Path(args.target)
     with tqdm(desc="eval", unit="window", file=sys.stderr) as bar:
         if (target / MANIFEST_NAME).is_file() or target.is_file() and target.suffix == ".edgepack":
-            model = load(target, settings=SessionSettings(threads=args.threads))
+            model = load(target, settings=SessionSettings(threads=args.threads), delta=args.delta)
             ids = model.tokenizer.encode(corpus, add_special_tokens=False)
             bar.total = len(windows(ids, args.context, args.max_windows))
             dec = model.decoder
@@ -194,6 +226,8 @@ def evaluate(args: argparse.Namespace) -> int:
         else:
             from edgepack.toolchain.cli import require_toolchain
 
+            if args.delta:
+                raise UsageError("--delta applies to packages; for a model source, merge the fine-tune instead")
             require_toolchain()
             from edgepack.toolchain.evaluate import evaluate_model
 

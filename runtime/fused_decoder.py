@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from edgepack.runtime.decoder import KVCache, SessionSettings
+from edgepack.runtime.delta import DeltaSlots
 from edgepack.runtime.errors import PackageError, UsageError
 
 GRAPH_NAME = "fused"
@@ -41,6 +42,7 @@ class FusedKVCache(KVCache):
     arrays: list[np.ndarray] | None = None  # the memory behind ``values`` (onnxruntime writes into it)
     binding: Any = None
     step: dict[str, np.ndarray] | None = None
+    delta_version: int = -1  # the decoder's delta when ``binding`` was made (a switch rebuilds it)
 
     @property
     def capacity(self) -> int:
@@ -87,6 +89,7 @@ class FusedDecoder:
             raise PackageError("the fused graph has no 'logits' output")
         self.vocab_size = int(outputs["logits"].shape[-1])
         self.keeps_logits = LOGITS_KEEP in inputs  # graphs built before it compute logits everywhere
+        self.delta = DeltaSlots(self.session)
 
     def new_cache(self) -> FusedKVCache:
         cache = FusedKVCache(values=[])
@@ -141,11 +144,12 @@ class FusedDecoder:
             binding.bind_cpu_input(LOGITS_KEEP, np.asarray([keep], dtype=np.int64))
         binding.bind_output("logits")  # first, so it is the first of get_outputs()
         self._bind_cache(binding, cache)
+        self.delta.bind(binding)
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()[0]
 
     def _step(self, token: int, cache: FusedKVCache, total: int) -> np.ndarray:
-        if cache.binding is None:
+        if cache.binding is None or cache.delta_version != self.delta.version:
             cache.step = {
                 "input_ids": np.zeros((1, 1), np.int64),
                 "seqlens_k": np.zeros((1,), np.int32),
@@ -159,8 +163,9 @@ class FusedDecoder:
             if self.keeps_logits:
                 binding.bind_ortvalue_input(LOGITS_KEEP, ort.OrtValue.ortvalue_from_numpy(cache.step[LOGITS_KEEP]))
             self._bind_cache(binding, cache)
+            self.delta.bind(binding)
             binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(cache.step["logits"]))
-            cache.binding = binding
+            cache.binding, cache.delta_version = binding, self.delta.version
         step = cache.step
         step["input_ids"][0, 0] = token
         step["seqlens_k"][0] = total - 1

@@ -6,7 +6,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from edgepack.runtime.decoder import KVCache, SessionSettings
-from edgepack.runtime.errors import UsageError
+from edgepack.runtime.delta import load_delta
+from edgepack.runtime.delta_file import Delta
+from edgepack.runtime.errors import PackageError, UsageError
 from edgepack.runtime.fused_decoder import decoder_class
 from edgepack.runtime.generation import GenerationResult, stream_tokens
 from edgepack.runtime.package import Package, open_package
@@ -32,6 +34,28 @@ class Model:
         # A device plan budgets memory for prompts fed this many tokens at a time.
         device_memory = (package.manifest.plan.get("device") or {}).get("memory") or {}
         self.prefill_chunk = int(device_memory.get("chunk") or DEFAULT_PREFILL_CHUNK)
+
+    @property
+    def delta(self) -> Delta | None:
+        """The fine-tune delta applied now (None: the base model)."""
+        slots = getattr(self.decoder, "delta", None)
+        return slots.current if slots is not None else None
+
+    @property
+    def delta_version(self) -> int:
+        slots = getattr(self.decoder, "delta", None)
+        return slots.version if slots is not None else 0
+
+    def apply_delta(self, delta: str | Path | Delta | None) -> None:
+        """Apply a fine-tune delta file (or remove it with None) without reloading the base model.
+        KV caches made before the switch are stale: ``Session`` notices and starts a fresh one."""
+        slots = getattr(self.decoder, "delta", None)
+        if slots is None or not slots.available:
+            if delta is None:
+                return
+            raise PackageError(f"package {self.package.path} has no delta slots; rebuild it with "
+                               "`edgepack build ... --graph fused --delta-slots` to apply deltas")
+        slots.set(None if delta is None else load_delta(delta, self.package.manifest.model.get("weights_fingerprint")))
 
     def encode_prompt(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
         """Token ids for a prompt: messages always go through the chat template; a plain string
@@ -106,6 +130,7 @@ class Session:
         if system:
             self.messages.append({"role": "system", "content": system})
         self.cache = model.decoder.new_cache()
+        self.delta_version = model.delta_version
         self.last: GenerationResult | None = None
 
     def send(self, content: str, *, max_new_tokens: int = 256, **kwargs) -> Iterator[str]:
@@ -117,6 +142,8 @@ class Session:
         self.messages.append({"role": "user", "content": content})
         result = GenerationResult()
         self.last = result
+        if self.delta_version != self.model.delta_version:  # the cache holds keys of the old delta
+            self.cache, self.delta_version = self.model.decoder.new_cache(), self.model.delta_version
         try:
             ids = self._fit_history(max_new_tokens)
             yield from self.model.stream_ids(ids, max_new_tokens=max_new_tokens, cache=self.cache, result=result,
@@ -147,9 +174,12 @@ class Session:
         self.cache = self.model.decoder.new_cache()
 
 
-def load(package: Path | str, *, verify: bool = True, settings: SessionSettings | None = None) -> Model:
-    """Open, verify and load a package for generation."""
-    return Model(open_package(package, verify=verify), settings)
+def load(package: Path | str, *, verify: bool = True, settings: SessionSettings | None = None,
+         delta: str | Path | Delta | None = None) -> Model:
+    """Open, verify and load a package for generation, with a fine-tune ``delta`` file applied."""
+    model = Model(open_package(package, verify=verify), settings)
+    model.apply_delta(delta)
+    return model
 
 
 def generate(model: Model, prompt: Prompt, **kwargs) -> GenerationResult:

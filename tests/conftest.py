@@ -43,3 +43,18 @@ def package_copy(tiny_package, tmp_path) -> Path:
     dest = tmp_path / "pkg"
     shutil.copytree(tiny_package, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_finetune_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    return tiny.save_finetune(tiny_model_dir, tmp_path_factory.mktemp("tiny-finetune"))
+
+
+@pytest.fixture(scope="session")
+def tiny_slots_package(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model in the fused float32 graph with delta slots."""
+    from edgepack.toolchain.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("packages") / "tiny-slots"
+    build(BuildConfig(model=str(tiny_model_dir), graph="fused", delta_slots=True), out)
+    return out

@@ -51,3 +51,24 @@ def save_tiny(folder: Path, seed: int = 0) -> Path:
     make_model(seed).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder
+
+
+def save_finetune(base: Path, folder: Path, seed: int = 1, rank: int = 4, scale: float = 0.05) -> Path:
+    """A stand-in fine-tune of the tiny model: every decoder linear moved by a low-rank change plus
+    a little full-rank noise (a real fine-tune's delta is nearly, not exactly, low-rank)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.model.modules():
+            if isinstance(module, torch.nn.Linear):
+                n_out, n_in = module.weight.shape
+                low = torch.randn(n_out, rank, generator=gen) @ torch.randn(rank, n_in, generator=gen)
+                noise = torch.randn(n_out, n_in, generator=gen) * 0.1
+                module.weight.add_(scale * (low + noise))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder

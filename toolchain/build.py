@@ -18,6 +18,7 @@ from edgepack.runtime.errors import UsageError
 from edgepack.runtime.fused_decoder import decoder_class
 from edgepack.runtime.manifest import GenerationSettings, Manifest
 from edgepack.toolchain import sources
+from edgepack.toolchain.delta.extract import fingerprint
 from edgepack.toolchain.ressvd import ResSVDConfig
 from tqdm import tqdm
 
@@ -39,6 +40,7 @@ class BuildConfig:
     graph: str = "optimum"
     int4_all: bool = False  # with int4: embedding and LM head int4 too, weights as external data (device builds)
     ort_format: bool = False  # also write model.ort and its reduced operator config (phones)
+    delta_slots: bool = False  # fused graph: side branches that apply OSD deltas at load time (runtime/delta.py)
     device_plan: dict[str, Any] | None = None  # the planner's Plan, recorded in the manifest
     version: int = 1
 
@@ -47,6 +49,9 @@ class BuildConfig:
             raise UsageError(f"--context must be at least 16 tokens, got {self.context}")
         if self.graph not in GRAPHS:
             raise UsageError(f"--graph must be one of {', '.join(GRAPHS)}, got {self.graph!r}")
+        if self.delta_slots and self.graph != "fused":
+            raise UsageError("--delta-slots needs the fused graph (--graph fused): optimum's graph has no side "
+                             "branches")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -104,6 +109,8 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
         loaded = sources.load(config.model, check=_exportable_check(config.graph))
         steps.update()
         compression = _recorded_compression(loaded.source.path)
+        # Deltas name the weights they were made against: those of the uncompressed source.
+        weights_fingerprint = (compression or {}).get("base_fingerprint") or fingerprint(loaded.model)
         if config.compression is not None:
             from edgepack.toolchain.compression import compress_loaded
 
@@ -154,7 +161,7 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
                 staging,
                 name=output.name,
                 dtype="int4" if config.int4 else "float32",
-                model=_model_info(loaded),
+                model={**_model_info(loaded), "weights_fingerprint": weights_fingerprint},
                 plan={"config": config.to_dict(), "compression": compression, "graph": config.graph,
                       "weights": _weights_description(config), "context_length": settings.context_length,
                       **_device_entries(config)},
@@ -191,7 +198,7 @@ def _export(config: BuildConfig, model: Any, out_dir: Path, context: int, int4: 
     if config.graph == "fused":
         from edgepack.export import fused
 
-        return fused.export(model, out_dir, context, int4)
+        return fused.export(model, out_dir, context, int4, config.delta_slots)
     return onnx_export.export(model, out_dir)
 
 

@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _compression_args(p, required=False)
     p.add_argument("--device", help="plan for this device profile (name or .yaml) and build that plan; "
                    "overrides --int4/--ratio (see 'edgepack plan')")
+    p.add_argument("--delta-slots", action="store_true", help="with --graph fused: add the low-rank side "
+                   "branches through which 'run/chat/eval --delta' apply fine-tune deltas at load time")
     p.set_defaults(handler=build)
 
     p = sub.add_parser("plan", help="choose dtype and compression so a model fits a device",
@@ -46,6 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="folder to write (replaced atomically)")
     _compression_args(p, required=True)
     p.set_defaults(handler=compress)
+
+    from edgepack.toolchain import delta_cli
+
+    delta_cli.register(sub)
 
 
 def _compression_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -86,7 +92,7 @@ def build(args: argparse.Namespace) -> int:
 
     compression = _compression_config(args) if args.ratio is not None else None
     config = BuildConfig(model=args.model, int4=args.int4, context=args.context or 2048, compression=compression,
-                         calib=args.calib, graph=args.graph)
+                         calib=args.calib, graph=args.graph, delta_slots=args.delta_slots)
     manifest = run_build(config, args.output)
     parity = manifest.parity.get(manifest.dtype, {})
     print(f"built {args.output}: {manifest.dtype}, {manifest.total_size / 1e6:.1f} MB, "

@@ -22,9 +22,12 @@ def compress_loaded(loaded: sources.LoadedModel, config: ResSVDConfig, calib: st
 
 
 def compress(spec: str, config: ResSVDConfig, output: Path | str, calib: str | None = None) -> CompressionReport:
+    from edgepack.toolchain.delta.extract import fingerprint
     from edgepack.toolchain.ressvd import storage
 
     loaded = sources.load(spec)
+    base = fingerprint(loaded.model)  # before compression: deltas are made against the source weights
     report = compress_loaded(loaded, config, calib)
-    storage.save(loaded.model, loaded.tokenizer, output, {**report.to_dict(), "source": loaded.source.to_dict()})
+    storage.save(loaded.model, loaded.tokenizer, output,
+                 {**report.to_dict(), "source": loaded.source.to_dict(), "base_fingerprint": base})
     return report

@@ -12,10 +12,10 @@ from edgepack.runtime.manifest import MODEL_NAME
 __all__ = ["GRAPH_NAME", "check_supported", "export", "weights_description"]
 
 
-def export(model: Any, out_dir: Path, context: int, int4: bool = False) -> list[Path]:
+def export(model: Any, out_dir: Path, context: int, int4: bool = False, delta_slots: bool = False) -> list[Path]:
     """Write the fused ``model.onnx`` for ``context`` positions into ``out_dir``; return the files."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return save(build_llama(model, context, int4), out_dir / MODEL_NAME)
+    return save(build_llama(model, context, int4, delta_slots=delta_slots), out_dir / MODEL_NAME)
 
 
 def weights_description(int4: bool) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 from edgepack.export.fused.blocks import BLOCK, quantize_q4, quantize_q4_int, quantize_q8, remainder_digits
-from edgepack.export.fused.builder import MS_DOMAIN, GraphBuilder
+from edgepack.export.fused.builder import FLOAT, MS_DOMAIN, GraphBuilder
 from edgepack.runtime.errors import UnsupportedArchitecture
 
 ACCURACY_LEVEL = 4  # MatMulNBits computes in int8 on CPU: the fast path
@@ -27,6 +27,11 @@ class LinearEmitter:
     # exact int4: apply the remainder inside MatMulNBits (block sums appended to x) instead of through a
     # MatMul and an Add: measured 21 % faster decoding, same perplexity (14.996 against 15.009).
     fold: bool = True
+    # Delta slots: every decoder linear gets a low-rank side branch y += (x·A)·B whose factors are graph
+    # inputs (runtime/delta.py fills them from an OSD delta; rank 0 when none is loaded).
+    delta_slots: bool = False
+    module_names: dict[int, str] = field(default_factory=dict)  # id(module) → its path in the torch model
+    slots: list[dict[str, Any]] = field(default_factory=list)  # what the runtime needs to fill each slot
     _block_sums: dict[str, str] = field(default_factory=dict)  # input name → its per-block sums
 
     def module(self, x: str, module: Any, name: str) -> str:
@@ -41,6 +46,20 @@ class LinearEmitter:
             return x
         raise UnsupportedArchitecture(f"{name} is a {type(module).__name__}; the fused graph handles nn.Linear "
                                       "and nn.Sequential of nn.Linear")
+
+    def delta(self, x: str, y: str, n_in: int, modules: list[Any], name: str) -> str:
+        """``y`` plus the delta side branch of ``modules`` (linears reading ``x`` whose outputs are
+        concatenated in ``y``): one MatMul by A [n_in, Σk] (their U-side factors side by side) and one
+        by B [Σk, Σn_out] (block diagonal), so a packed projection costs two small MatMuls, not six."""
+        if not self.delta_slots:
+            return y
+        b = self.builder
+        a_in = b.add_input(f"delta.{name}.a", FLOAT, [n_in, f"delta_{name}_rank"])
+        b_in = b.add_input(f"delta.{name}.b", FLOAT, [f"delta_{name}_rank", sum(_out_features(m) for m in modules)])
+        self.slots.append({"a": a_in, "b": b_in, "n_in": n_in,
+                           "parts": [[self.module_names[id(m)], _out_features(m)] for m in modules]})
+        low = b.op1("MatMul", [x, a_in], f"{name}/delta_a")
+        return b.op1("Add", [y, b.op1("MatMul", [low, b_in], f"{name}/delta_b")], f"{name}/add_delta")
 
     def weight(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str) -> str:
         """``x @ weight.T + bias`` for a [n_out, n_in] weight."""
@@ -143,3 +162,8 @@ def _array(t: Any) -> np.ndarray:
 
 def _bias(m: Any) -> np.ndarray | None:
     return None if m.bias is None else _array(m.bias)
+
+
+def _out_features(module: Any) -> int:
+    """Output width of an ``nn.Linear`` or of the last layer of a factorized pair."""
+    return int(module[-1].out_features if hasattr(module, "__getitem__") else module.out_features)

@@ -19,6 +19,7 @@ The cache capacity is the runtime's choice (up to the context length): it can st
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ SUPPORTED_TYPES = ("llama", "mistral")
 GRAPH_NAME = "fused"
 CONTEXT_KEY = "edgepack.context_length"
 LOGITS_KEEP = "logits_to_keep"  # input: logits for the last k positions only
+DELTA_SLOTS_KEY = "edgepack.delta_slots"  # JSON: each slot's input names, input width and (module, width) parts
 
 
 def check_supported(config: Any) -> None:
@@ -48,15 +50,17 @@ def head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True, fold: bool = True) -> Any:
-    """The fused graph (an ``onnx.ModelProto``) of a LlamaForCausalLM for ``context`` positions."""
+def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True, fold: bool = True,
+                delta_slots: bool = False) -> Any:
+    """The fused graph (an ``onnx.ModelProto``) of a LlamaForCausalLM for ``context`` positions;
+    ``delta_slots`` adds the low-rank side branches fine-tune deltas are applied through."""
     cfg = model.config
     check_supported(cfg)
     b = GraphBuilder("edgepack_fused_llama")
     ids = b.add_input("input_ids", INT64, [1, "sequence_length"])
     seqlens = b.add_input("seqlens_k", INT32, [1])
     total = b.add_input("total_sequence_length", INT32, [])
-    lin = LinearEmitter(b, int4, exact, fold)
+    lin = LinearEmitter(b, int4, exact, fold, delta_slots, {id(m): n for n, m in model.named_modules()})
     cos, sin = _rotary_caches(b, model, context)
     embedding = _array(model.model.embed_tokens.weight)
     tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -83,7 +87,10 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     else:
         logits = lin.module(x, model.lm_head, "lm_head")
     b.add_output(logits, "logits", FLOAT, [1, "kept_positions", cfg.vocab_size])
-    return b.to_model({"edgepack.graph": GRAPH_NAME, CONTEXT_KEY: str(context)})
+    metadata = {"edgepack.graph": GRAPH_NAME, CONTEXT_KEY: str(context)}
+    if delta_slots:
+        metadata[DELTA_SLOTS_KEY] = json.dumps(lin.slots)
+    return b.to_model(metadata)
 
 
 def _last_positions(b: GraphBuilder, x: str, keep: str) -> str:
@@ -120,9 +127,11 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, cfg: Any,
         bias = np.concatenate([_array(t) for t in biases]) if all(t is not None for t in biases) else None
         if bias is None and any(t is not None for t in biases):
             raise UnsupportedArchitecture("q/k/v projections with bias on only some of them")
-        qkv = [lin.weight(x, weight, bias, f"{name}.qkv"), "", ""]
+        packed = lin.weight(x, weight, bias, f"{name}.qkv")
+        qkv = [lin.delta(x, packed, cfg.hidden_size, list(projections), f"{name}.qkv"), "", ""]
     else:  # factorized projections stay separate
-        qkv = [lin.module(x, p, f"{name}.{p_name}") for p, p_name in zip(projections, ("q", "k", "v"))]
+        qkv = [lin.delta(x, lin.module(x, p, f"{name}.{p_name}"), cfg.hidden_size, [p], f"{name}.{p_name}")
+               for p, p_name in zip(projections, ("q", "k", "v"))]
     seqlens, total, cos, sin = shared
     out = b.unique(f"{name}/out")
     present = [f"present.{i}.key", f"present.{i}.value"]
@@ -131,7 +140,8 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, cfg: Any,
                do_rotary=1, rotary_interleaved=0, scale=float(head_dim(cfg)) ** -0.5)
     for p in present:
         b.outputs.append(_value_info(p, kv_shape))
-    return lin.module(out, attn.o_proj, f"{name}.o")
+    o_in = cfg.num_attention_heads * head_dim(cfg)
+    return lin.delta(out, lin.module(out, attn.o_proj, f"{name}.o"), o_in, [attn.o_proj], f"{name}.o")
 
 
 def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, name: str) -> str:
@@ -142,11 +152,16 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, name: str) -> st
             mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
         both = lin.weight(x, np.concatenate([_array(mlp.gate_proj.weight), _array(mlp.up_proj.weight)]), None,
                           f"{name}.gate_up")
+        both = lin.delta(x, both, _in_features(mlp.gate_proj), [mlp.gate_proj, mlp.up_proj], f"{name}.gate_up")
         gate, up = b.op("Split", [both, b.const([mlp.gate_proj.out_features] * 2)], f"{name}/split", 2, axis=-1)
     else:
-        gate, up = lin.module(x, mlp.gate_proj, f"{name}.gate"), lin.module(x, mlp.up_proj, f"{name}.up")
+        n_in = _in_features(mlp.gate_proj)
+        gate = lin.delta(x, lin.module(x, mlp.gate_proj, f"{name}.gate"), n_in, [mlp.gate_proj], f"{name}.gate")
+        up = lin.delta(x, lin.module(x, mlp.up_proj, f"{name}.up"), n_in, [mlp.up_proj], f"{name}.up")
     silu = b.op1("Mul", [gate, b.op1("Sigmoid", [gate], f"{name}/sigmoid")], f"{name}/silu")
-    return lin.module(b.op1("Mul", [silu, up], f"{name}/gated"), mlp.down_proj, f"{name}.down")
+    gated = b.op1("Mul", [silu, up], f"{name}/gated")
+    down = lin.module(gated, mlp.down_proj, f"{name}.down")
+    return lin.delta(gated, down, _in_features(mlp.down_proj), [mlp.down_proj], f"{name}.down")
 
 
 def _rotary_caches(b: GraphBuilder, model: Any, context: int) -> tuple[str, str]:
@@ -165,6 +180,11 @@ def _value_info(name: str, shape: list[int | str]) -> Any:
     from onnx import helper
 
     return helper.make_tensor_value_info(name, FLOAT, shape)
+
+
+def _in_features(module: Any) -> int:
+    """Input width of an ``nn.Linear`` or of the first layer of a factorized pair."""
+    return int(module[0].in_features if hasattr(module, "__getitem__") else module.in_features)
 
 
 def _array(t: Any) -> np.ndarray:

@@ -1,0 +1,261 @@
+"""The delta file: a compressed fine-tune delta (OSD and its baselines) as safetensors + metadata.
+
+Written by the toolchain (``edgepack delta``), read by the runtime; numpy only, so both sides share
+it and the runtime stays torch-free. Per decoder linear layer ``name`` (its module path, e.g.
+``model.layers.3.mlp.down_proj``) the delta is ΔW ≈ U·Vᵀ with U [n_out, k] and V [n_in, k], each
+factor stored either densely (``name.u``) or sparsely as kept values and their flat indices
+(``name.u.values`` float, ``name.u.index`` int32). Other parameters the fine-tune changed (norms,
+biases) are stored densely as ``dense.<param>`` (their difference from the base).
+
+The header's ``edgepack_delta`` metadata (JSON) records the format version, method, r, c, the
+fingerprint of the base weights the delta was made against, per-layer ranks and accounted bits,
+and a sha256 of every tensor's bytes, which the reader checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgepack.runtime.errors import IntegrityError, PackageError
+
+FORMAT_VERSION = 1
+METADATA_KEY = "edgepack_delta"
+MAX_HEADER = 16 << 20  # a header larger than this is not a delta edgepack wrote
+_VALUE_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class FactorData:
+    """One factor: ``values`` dense [rows·rank] (``index`` None) or the kept entries at ``index``."""
+
+    values: np.ndarray
+    index: np.ndarray | None = None
+
+    def dense(self, rows: int, rank: int) -> np.ndarray:
+        if self.index is None:
+            return self.values.astype(np.float32).reshape(rows, rank)
+        out = np.zeros(rows * rank, np.float32)
+        out[self.index] = self.values
+        return out.reshape(rows, rank)
+
+    @property
+    def kept(self) -> int:
+        return int(self.values.size)
+
+
+@dataclass(frozen=True)
+class LayerDelta:
+    """ΔW of one linear layer, [n_out, n_in] ≈ U·Vᵀ."""
+
+    name: str
+    n_out: int
+    n_in: int
+    rank: int
+    u: FactorData
+    v: FactorData
+    bits: int  # accounted as in toolchain/delta/budget.py
+
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(U [n_out, k], V [n_in, k]) as dense float32 arrays."""
+        return self.u.dense(self.n_out, self.rank), self.v.dense(self.n_in, self.rank)
+
+    def matrix(self) -> np.ndarray:
+        u, v = self.factors()
+        return u @ v.T
+
+    def describe(self) -> dict[str, Any]:
+        entries = (self.n_out + self.n_in) * self.rank
+        return {"shape": [self.n_out, self.n_in], "rank": self.rank, "kept_u": self.u.kept,
+                "kept_v": self.v.kept, "sparse": self.u.index is not None,
+                "density": round((self.u.kept + self.v.kept) / max(entries, 1), 4), "bits": self.bits}
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A whole compressed delta. ``info`` holds method, r, c, budget and how importance was scored."""
+
+    base_fingerprint: str
+    layers: dict[str, LayerDelta]
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_rank(self) -> int:
+        return max((layer.rank for layer in self.layers.values()), default=0)
+
+    @property
+    def bits(self) -> int:
+        return sum(layer.bits for layer in self.layers.values()) + 32 * sum(a.size for a in self.dense.values())
+
+    def metadata(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "base_fingerprint": self.base_fingerprint, "info": self.info,
+                "accounted_bits": self.bits, "layers": {n: layer.describe() for n, layer in self.layers.items()},
+                "dense": {n: list(a.shape) for n, a in self.dense.items()}}
+
+
+def to_bytes(delta: Delta, value_dtype: str = "float32") -> bytes:
+    """The safetensors bytes of ``delta``; factor values stored as ``value_dtype``."""
+    from safetensors.numpy import save
+
+    if value_dtype not in _VALUE_DTYPES:
+        raise PackageError(f"delta values must be one of {_VALUE_DTYPES}, got {value_dtype!r}")
+    tensors: dict[str, np.ndarray] = {}
+    for name, layer in delta.layers.items():
+        for key, factor in (("u", layer.u), ("v", layer.v)):
+            if factor.index is None:
+                tensors[f"{name}.{key}"] = factor.values.astype(value_dtype)
+            else:
+                tensors[f"{name}.{key}.values"] = factor.values.astype(value_dtype)
+                tensors[f"{name}.{key}.index"] = factor.index.astype(np.int32)
+    for name, array in delta.dense.items():
+        tensors[f"dense.{name}"] = array.astype(np.float32)
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    meta = delta.metadata()
+    meta["value_dtype"] = value_dtype
+    meta["tensor_sha256"] = _tensor_digest(tensors)
+    return save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def write(delta: Delta, path: Path | str, value_dtype: str = "float32") -> int:
+    """Write atomically; returns the file's size in bytes."""
+    from edgepack.runtime.files import atomic_write_bytes
+
+    data = to_bytes(delta, value_dtype)
+    atomic_write_bytes(Path(path), data)
+    return len(data)
+
+
+def read_metadata(path: Path | str) -> dict[str, Any]:
+    """The header metadata alone (for ``inspect``), validated."""
+    path = Path(path)
+    raw = _read(path)
+    return _metadata(_header(raw, path), path)
+
+
+def read(path: Path | str) -> Delta:
+    """Load and verify a delta file; every failure is a PackageError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    path = Path(path)
+    raw = _read(path)
+    meta = _metadata(_header(raw, path), path)
+    try:
+        tensors = load(raw)
+    except (SafetensorError, ValueError, TypeError) as e:
+        raise PackageError(f"{path} is not a readable delta file: {e}") from None
+    if _tensor_digest(tensors) != meta.get("tensor_sha256"):
+        raise IntegrityError(f"{path}: tensor checksum mismatch (the file was altered or damaged); "
+                             "copy the delta again")
+    try:
+        return _assemble(tensors, meta)
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise PackageError(f"{path}: inconsistent delta ({type(e).__name__}: {e}); rebuild it with edgepack delta")\
+            from None
+
+
+def _read(path: Path) -> bytes:
+    if not path.is_file():
+        raise PackageError(f"delta file {path} does not exist (make one with `edgepack delta`)")
+    return path.read_bytes()
+
+
+def _header(raw: bytes, path: Path) -> dict[str, Any]:
+    if len(raw) < 8:
+        raise PackageError(f"{path} is too short to be a delta file")
+    size = int.from_bytes(raw[:8], "little")
+    if size > MAX_HEADER or 8 + size > len(raw):
+        raise PackageError(f"{path}: header length {size} is out of range; not a delta file or truncated")
+    try:
+        header = json.loads(raw[8:8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise PackageError(f"{path}: the header is not JSON; not a delta file") from None
+    if not isinstance(header, dict):
+        raise PackageError(f"{path}: the header is not a JSON object; not a delta file")
+    return header
+
+
+def _metadata(header: dict[str, Any], path: Path) -> dict[str, Any]:
+    text = (header.get("__metadata__") or {}).get(METADATA_KEY) if isinstance(header.get("__metadata__"), dict) \
+        else None
+    if not isinstance(text, str):
+        raise PackageError(f"{path} is a safetensors file without edgepack delta metadata; not a delta file")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError:
+        raise PackageError(f"{path}: the delta metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise PackageError(f"{path}: the delta metadata is not a JSON object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PackageError(f"{path}: delta format version {version!r} is not supported (this edgepack reads "
+                           f"{FORMAT_VERSION}); upgrade edgepack or rebuild the delta")
+    for key, kind in (("base_fingerprint", str), ("layers", dict), ("dense", dict), ("info", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise PackageError(f"{path}: delta metadata field {key!r} is missing or malformed")
+    return meta
+
+
+def _assemble(tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Delta:
+    layers = {}
+    for name, desc in meta["layers"].items():
+        n_out, n_in = (int(x) for x in desc["shape"])
+        rank = int(desc["rank"])
+        if min(n_out, n_in, rank) < 0 or rank > min(n_out, n_in):
+            raise ValueError(f"layer {name}: rank {rank} impossible for shape {n_out}x{n_in}")
+        u = _factor(tensors, f"{name}.u", n_out * rank)
+        v = _factor(tensors, f"{name}.v", n_in * rank)
+        layers[name] = LayerDelta(name, n_out, n_in, rank, u, v, int(desc["bits"]))
+    dense = {}
+    for name, shape in meta["dense"].items():
+        array = tensors[f"dense.{name}"]
+        if list(array.shape) != list(shape):
+            raise ValueError(f"dense {name}: shape {list(array.shape)} differs from the metadata's {shape}")
+        dense[name] = array
+    info = dict(meta["info"], value_dtype=meta.get("value_dtype"))
+    return Delta(meta["base_fingerprint"], layers, dense, info)
+
+
+def _factor(tensors: dict[str, np.ndarray], key: str, entries: int) -> FactorData:
+    if key in tensors:
+        values = tensors[key]
+        if values.ndim != 1 or values.size != entries:
+            raise ValueError(f"{key}: {values.size} values where the rank says {entries}")
+        return FactorData(values.astype(np.float32))
+    values, index = tensors[f"{key}.values"], tensors[f"{key}.index"]
+    if values.shape != index.shape or values.ndim != 1:
+        raise ValueError(f"{key}: values {values.shape} and indices {index.shape} differ")
+    if index.size and (int(index.min()) < 0 or int(index.max()) >= entries):
+        raise ValueError(f"{key}: an index lies outside the factor's {entries} entries")
+    if np.unique(index).size != index.size:
+        raise ValueError(f"{key}: repeated indices")
+    return FactorData(values.astype(np.float32), index.astype(np.int64))
+
+
+def _tensor_digest(tensors: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """What ``edgepack inspect`` prints about a delta file."""
+    layers = meta["layers"]
+    return {"format_version": meta["format_version"], "base_fingerprint": meta["base_fingerprint"],
+            **{k: meta["info"].get(k) for k in ("method", "rank", "relax", "importance")},
+            "layers": len(layers), "dense_parameters": sorted(meta["dense"]),
+            "accounted_bits": meta.get("accounted_bits"), "value_dtype": meta.get("value_dtype"),
+            "mean_density": round(sum(d.get("density", 1.0) for d in layers.values()) / max(len(layers), 1), 4)}
+
+
+def replace_info(delta: Delta, **info: Any) -> Delta:
+    return dataclasses.replace(delta, info={**delta.info, **info})

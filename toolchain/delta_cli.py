@@ -1,0 +1,50 @@
+"""``edgepack delta``: compress the difference between a fine-tune and its base into a delta file.
+Like toolchain/cli.py, importing this module must not import torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgepack.runtime.errors import UsageError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("delta", help="compress a fine-tune into a small delta file (OSD)",
+                       description="Take ΔW = FINETUNED − BASE for every linear layer, compress it to the bit "
+                       "budget of a rank-R truncated SVD (OSD: sparse factors of rank R+C chosen by Taylor "
+                       "importance on --valid text), and write a delta file that 'edgepack run/chat/eval "
+                       "PACKAGE --delta FILE' applies at load time. BASE must be the source the package was "
+                       "built from.")
+    p.add_argument("base", help="base model: 'default', a Hugging Face model folder, or a .gguf file")
+    p.add_argument("finetuned", help="the fine-tuned model (same architecture and size)")
+    p.add_argument("-o", "--output", required=True, help="delta file to write (.safetensors, atomically)")
+    p.add_argument("--method", default="osd", help="osd (default) | truncsvd | magtruncsvd")
+    p.add_argument("--rank", type=int, default=2, help="budget: a rank-R truncated SVD's bits per layer (default 2)")
+    p.add_argument("--relax", type=int, default=None, help="rank relaxation C: factors of rank R+C (default C=R)")
+    p.add_argument("--valid", help="validation text file or folder for OSD's importance (without it OSD falls "
+                   "back to the data-free magnitude criterion and says so)")
+    p.add_argument("--windows", type=int, default=8, help="validation windows of 256 tokens (default 8)")
+    p.add_argument("--values", choices=("float32", "float16"), default="float16",
+                   help="how factor values are stored on disk (default float16; the accounting counts 32 bits)")
+    p.set_defaults(handler=delta)
+
+
+def delta(args: argparse.Namespace) -> int:
+    from edgepack.toolchain.cli import require_toolchain
+
+    require_toolchain()
+    from edgepack.runtime import delta_file
+    from edgepack.toolchain.delta.make import DeltaConfig, make
+
+    if not args.output.endswith(".safetensors"):
+        raise UsageError(f"-o must name a .safetensors file, got {args.output!r}")
+    config = DeltaConfig(method=args.method, rank=args.rank, relax=args.relax, valid=args.valid,
+                         windows=args.windows)
+    result = make(args.base, args.finetuned, config)
+    size = delta_file.write(result, args.output, args.values)
+    info = result.info
+    print(f"wrote {args.output}: {args.method}, r={info['rank']}, c={info['relax']}, {len(result.layers)} layers, "
+          f"{result.bits / 8e3:.1f} kB accounted of {info['budget_bits'] / 8e3:.1f} kB budget, "
+          f"{size / 1e3:.1f} kB on disk; importance: {info['importance']}; {info['seconds']} s", file=sys.stderr)
+    return 0
