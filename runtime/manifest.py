@@ -33,6 +33,12 @@ class FileEntry:
     size: int
     sha256: str
 
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
+            raise PackageError(f"file entry: size must be a non-negative integer, got {self.size!r}")
+        if not isinstance(self.sha256, str):
+            raise PackageError("file entry: sha256 must be a string of hexadecimal digits")
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -83,6 +89,10 @@ class Manifest:
                 f"package format version {self.format_version} is not supported by this edgepack "
                 f"(it reads version {FORMAT_VERSION}); rebuild the package or upgrade edgepack"
             )
+        for key, kind in (("name", str), ("dtype", str), ("model", dict), ("plan", dict), ("parity", dict),
+                          ("build", dict)):
+            if not isinstance(getattr(self, key), kind):
+                raise PackageError(f"manifest.json: '{key}' must be a {kind.__name__}; the package is invalid")
         for name in self.files:
             if name.startswith(("/", "\\")) or ".." in Path(name).parts or name == MANIFEST_NAME:
                 raise PackageError(f"manifest lists an unsafe file name {name!r}; the package is invalid")
@@ -115,7 +125,7 @@ class Manifest:
     def from_json(cls, text: str) -> Manifest:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: absurd nesting (fuzzing found it)
             raise PackageError(f"manifest.json is not valid JSON ({e})") from None
         return cls.from_dict(data)
 
@@ -129,5 +139,5 @@ def _from_dict(cls: type, data: Any, what: str) -> Any:
         raise PackageError(f"{what}: unknown field(s) {sorted(unknown)}")
     try:
         return cls(**data)
-    except TypeError as e:
+    except (TypeError, ValueError, OverflowError) as e:  # e.g. int("a") or int(inf) in a token id list
         raise PackageError(f"{what}: {e}") from None

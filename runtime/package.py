@@ -97,6 +97,6 @@ def open_package(path: Path | str, verify: bool = True) -> Package:
         verify_files(path, manifest)
     try:
         data = json.loads((path / GENERATION_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError covers bad JSON and bad UTF-8
         raise PackageError(f"cannot read {GENERATION_NAME} of {path}: {e}") from None
     return Package(path=path, manifest=manifest, generation=GenerationSettings.from_dict(data))

@@ -64,7 +64,7 @@ class DeviceProfile:
                 raise ProfileError(f"{where}: {key} must be a non-empty string")
         for key in ("isa", "execution_providers", "sources"):
             value = getattr(self, key)
-            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
                 raise ProfileError(f"{where}: {key} must be a list of strings")
             object.__setattr__(self, key, tuple(value))
         if self.version != 1:
@@ -108,8 +108,10 @@ class DeviceProfile:
     def from_yaml(cls, text: str, where: str = "device profile") -> DeviceProfile:
         try:
             data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ProfileError(f"{where} is not valid YAML: {str(e).splitlines()[0]}") from None
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as e:
+            # PyYAML raises ValueError for impossible dates and RecursionError for deep nesting (found by fuzzing)
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ProfileError(f"{where} is not valid YAML: {first}") from None
         return cls.from_dict(data, where)
 
 
@@ -148,7 +150,11 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
             raise ProfileError(f"unknown device {text!r}; known devices: {', '.join(sorted(known))} "
                                f"(or add {user_dir() / (text + '.yaml')})")
         path = known[text]
-    profile = DeviceProfile.from_yaml(path.read_text(encoding="utf-8"), f"device profile {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProfileError(f"cannot read device profile {path}: {e}") from None
+    profile = DeviceProfile.from_yaml(text, f"device profile {path}")
     if path.suffix == ".yaml" and path.stem != profile.name and path.parent != Path("."):
         if path.parent in (builtin_dir(), user_dir()):
             raise ProfileError(f"device profile {path} declares name {profile.name!r}; it must match the file name")
