@@ -25,6 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--valid", help="validation text file or folder for OSD's importance (without it OSD falls "
                    "back to the data-free magnitude criterion and says so)")
     p.add_argument("--windows", type=int, default=8, help="validation windows of 256 tokens (default 8)")
+    p.add_argument("--importance", choices=("taylor", "output"), default="taylor",
+                   help="OSD's entry score: taylor |θ·∂L/∂θ| (the paper's, default) or output (layer-output error "
+                   "of removing the entry, from the validation inputs)")
+    p.add_argument("--allocation", choices=("layer", "global"), default="layer",
+                   help="layer: every matrix gets TruncSVD-at-R's bits (default); global: one budget for the whole "
+                   "delta, spent where the Taylor importance is highest")
+    p.add_argument("--auto", action="store_true", help="OSD: choose C and the allocation by validation loss")
     p.add_argument("--values", choices=("float32", "float16"), default="float16",
                    help="how factor values are stored on disk (default float16; the accounting counts 32 bits)")
     p.set_defaults(handler=delta)
@@ -40,7 +47,8 @@ def delta(args: argparse.Namespace) -> int:
     if not args.output.endswith(".safetensors"):
         raise UsageError(f"-o must name a .safetensors file, got {args.output!r}")
     config = DeltaConfig(method=args.method, rank=args.rank, relax=args.relax, valid=args.valid,
-                         windows=args.windows)
+                         windows=args.windows, importance=args.importance, allocation=args.allocation,
+                         auto=args.auto)
     result = make(args.base, args.finetuned, config)
     size = delta_file.write(result, args.output, args.values)
     info = result.info

@@ -148,3 +148,37 @@ def test_bad_options_are_usage_errors():
         DeltaConfig(rank=0)
     assert DeltaConfig(method="osd", rank=2).factor_rank == 4
     assert DeltaConfig(method="osd", rank=2, relax=1).factor_rank == 3
+
+
+def test_global_allocation_spends_one_budget_where_scores_are_high():
+    gen = torch.Generator().manual_seed(3)
+    layers = {}
+    for name, weight in (("loud", 100.0), ("quiet", 0.01)):
+        u, v = torch.randn(40, 4, generator=gen), torch.randn(30, 4, generator=gen)
+        layers[name] = (u, v, u.abs() * weight, v.abs() * weight)
+    per_layer = budget.dense_bits(40, 30, 2)
+    chosen = factorize.select_global(layers, 2 * per_layer)
+    assert sum(layer.bits for layer in chosen.values()) <= 2 * per_layer
+    assert chosen["loud"].bits > per_layer > chosen["quiet"].bits  # the budget moved to where it matters
+
+
+def test_output_scores_weight_entries_by_their_inputs():
+    u = torch.ones(2, 1)
+    v = torch.ones(3, 1)
+    gram = torch.diag(torch.tensor([100.0, 1.0, 0.0]))  # input feature 0 carries the energy, 2 none
+    score_u, score_v = importance.output_scores(u, v, gram)
+    assert score_v[0, 0] > score_v[1, 0] > score_v[2, 0] == 0
+    assert torch.allclose(score_u, torch.full_like(score_u, 101.0))
+
+
+def test_auto_records_its_trials_and_keeps_the_budget(tiny_model_dir, tiny_finetune_dir, tmp_path):
+    from pydoc_data.topics import topics
+
+    valid = tmp_path / "valid.txt"
+    valid.write_text(" ".join(list(topics.values())[20:30]))
+    delta = make(str(tiny_model_dir), str(tiny_finetune_dir),
+                 DeltaConfig(method="osd", rank=1, valid=str(valid), windows=2, window_tokens=32, auto=True))
+    trials = delta.info["auto"]
+    assert len(trials) == 6 and delta.bits <= delta.info["budget_bits"]
+    best = min(trials, key=lambda t: t["validation_loss"])
+    assert (delta.info["relax"], delta.info["allocation"]) == (best["relax"], best["allocation"])

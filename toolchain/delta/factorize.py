@@ -37,14 +37,51 @@ def sparse_layer(name: str, u: torch.Tensor, v: torch.Tensor, score_u: torch.Ten
                  budget_bits: int) -> LayerDelta:
     """Keep the entries of U and V with the highest score per bit within ``budget_bits``."""
     n_out, k = u.shape
-    n_in = v.shape[0]
-    cost_u, cost_v = budget.entry_bits(n_out, n_in, k)
+    cost_u, cost_v = budget.entry_bits(n_out, v.shape[0], k)
     keep_u, keep_v = select(score_u.ravel().numpy(), score_v.ravel().numpy(), cost_u, cost_v, budget_bits)
+    layer = kept_layer(name, u, v, keep_u, keep_v)
+    assert layer.bits <= budget_bits, "selection overspent its budget"
+    return layer
+
+
+def select_global(layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+                  budget_bits: int) -> dict[str, LayerDelta]:
+    """One budget for all layers: the entries of every layer's U and V compete on score per bit, so a
+    layer whose delta matters more to the loss gets more of the bytes. Needs scores on one scale
+    across layers (an estimate of the loss change, like Taylor importance), not magnitudes.
+    ``layers``: name → (U, V, score of U, score of V)."""
+    names, ratios, costs, owners = [], [], [], []
+    for i, (name, (u, v, score_u, score_v)) in enumerate(layers.items()):
+        cost_u, cost_v = budget.entry_bits(u.shape[0], v.shape[0], u.shape[1])
+        names.append(name)
+        for score, cost in ((score_u, cost_u), (score_v, cost_v)):
+            flat = score.ravel().double().numpy()
+            ratios.append(flat / cost)
+            costs.append(np.full(flat.size, cost))
+        owners.append(i)
+    ratio, cost = np.concatenate(ratios), np.concatenate(costs)
+    order = np.argsort(-ratio, kind="stable")
+    chosen = np.zeros(ratio.size, bool)
+    chosen[order[np.cumsum(cost[order]) <= budget_bits]] = True
+    out, start = {}, 0
+    for name in names:
+        u, v, _, _ = layers[name]
+        end_u = start + u.numel()
+        end_v = end_u + v.numel()
+        keep_u, keep_v = np.flatnonzero(chosen[start:end_u]), np.flatnonzero(chosen[end_u:end_v])
+        out[name] = kept_layer(name, u, v, keep_u, keep_v)
+        start = end_v
+    return out
+
+
+def kept_layer(name: str, u: torch.Tensor, v: torch.Tensor, keep_u: np.ndarray, keep_v: np.ndarray) -> LayerDelta:
+    """The sparse factor pair holding the entries at ``keep_u`` / ``keep_v`` (flat indices)."""
+    n_out, k = u.shape
+    n_in = v.shape[0]
     factor_u = FactorData(u.numpy().ravel()[keep_u], keep_u.astype(np.int64))
     factor_v = FactorData(v.numpy().ravel()[keep_v], keep_v.astype(np.int64))
-    bits = budget.sparse_bits(n_out, n_in, k, keep_u.size, keep_v.size)
-    assert bits <= budget_bits, "selection overspent its budget"
-    return LayerDelta(name, n_out, n_in, k, factor_u, factor_v, bits)
+    return LayerDelta(name, n_out, n_in, k, factor_u, factor_v,
+                      budget.sparse_bits(n_out, n_in, k, keep_u.size, keep_v.size))
 
 
 def select(score_u: np.ndarray, score_v: np.ndarray, cost_u: int, cost_v: int,

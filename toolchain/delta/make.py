@@ -13,12 +13,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from edgepack.runtime.delta_file import Delta, LayerDelta
+from edgepack.runtime.delta_file import Delta
 from edgepack.runtime.errors import UsageError
 from edgepack.toolchain.delta import budget, extract, factorize, importance
 from tqdm import tqdm
 
 METHODS = ("osd", "truncsvd", "magtruncsvd")
+IMPORTANCE = ("taylor", "output")
+ALLOCATION = ("layer", "global")
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,24 @@ class DeltaConfig:
     valid: str | None = None
     windows: int = 8
     window_tokens: int = 256
+    # OSD's entry score: "taylor" (|θ·∂L/∂θ|, the paper's) or "output" (the layer-output error of
+    # removing the entry, from the validation inputs' X·Xᵀ; importance.output_scores).
+    importance: str = "taylor"
+    # "layer": each matrix keeps TruncSVD-at-r's bits (the paper's); "global": one budget for the
+    # whole delta, entries of all layers compete on score per bit (taylor scores only: they share a scale).
+    allocation: str = "layer"
+    auto: bool = False  # choose c and the allocation by validation loss (make.auto)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.importance not in IMPORTANCE:
+            raise UsageError(f"--importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
+        if self.allocation not in ALLOCATION:
+            raise UsageError(f"--allocation must be one of {', '.join(ALLOCATION)}, got {self.allocation!r}")
+        if self.allocation == "global" and (self.method != "osd" or self.importance != "taylor"):
+            raise UsageError("--allocation global needs OSD's taylor importance: other scores are not comparable "
+                             "across layers")
         if self.rank < 1:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
         if self.relax is not None and self.relax < 0:
@@ -62,6 +78,10 @@ def make(base: str, finetuned: str, config: DeltaConfig) -> Delta:
     raw = extract.extract(base_model.model, ft_model.model)
     del ft_model
     windows = _validation_windows(base_model.tokenizer, config) if config.method == "osd" else []
+    if config.auto:
+        from edgepack.toolchain.delta.auto import auto
+
+        return auto(base_model.model, raw, config, windows)
     return compress(base_model.model, raw, config, windows)
 
 
@@ -75,19 +95,17 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
     factors = {n: factorize.svd_factors(d, config.factor_rank)
                for n, d in tqdm(changed.items(), desc="factorizing ΔW", unit="layer", file=sys.stderr)}
     scores, how = _scores(model, factors, config, windows)
-    layers: dict[str, LayerDelta] = {}
-    total_budget = 0
-    for name, delta in changed.items():
-        n_out, n_in = delta.shape
-        allowed = budget.dense_bits(n_out, n_in, min(config.rank, n_out, n_in))
-        total_budget += allowed
-        if config.method == "truncsvd":
-            layers[name] = factorize.dense_layer(name, delta, config.rank)
-        else:
-            u, v = factors[name]
-            layers[name] = factorize.sparse_layer(name, u, v, *scores[name], allowed)
+    allowed = {n: budget.dense_bits(*d.shape, min(config.rank, *d.shape)) for n, d in changed.items()}
+    total_budget = sum(allowed.values())
+    if config.method == "truncsvd":
+        layers = {n: factorize.dense_layer(n, d, config.rank) for n, d in changed.items()}
+    elif config.allocation == "global" and windows:
+        layers = factorize.select_global({n: (*factors[n], *scores[n]) for n in changed}, total_budget)
+    else:
+        layers = {n: factorize.sparse_layer(n, *factors[n], *scores[n], allowed[n]) for n in changed}
     info = {"method": config.method, "rank": config.rank, "relax": config.factor_rank - config.rank,
-            "importance": how, "budget_bits": total_budget, "validation_windows": len(windows),
+            "importance": how, "allocation": config.allocation if config.method == "osd" else "layer",
+            "budget_bits": total_budget, "validation_windows": len(windows),
             "window_tokens": config.window_tokens, "seconds": round(time.perf_counter() - start, 1)}
     dense = {n: d.numpy() for n, d in raw.dense.items()}
     return Delta(raw.base_fingerprint, layers, dense, info)
@@ -106,7 +124,11 @@ def _scores(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch
         return magnitude, "magnitude |θ| (data-free fallback: no validation text)"
     layers = {n: m for n, m in extract.linear_layers(model).items() if n in factors}
     shifts = {n: u @ v.T for n, (u, v) in factors.items()}
-    grads = importance.weight_gradients(model, layers, shifts, windows)
+    grams: dict[str, torch.Tensor] | None = {} if config.importance == "output" else None
+    grads = importance.weight_gradients(model, layers, shifts, windows, grams)
+    if config.importance == "output":
+        return ({n: importance.output_scores(u, v, grams[n]) for n, (u, v) in factors.items()},
+                "output error U²·VᵀCV / V²·|U|²·C_ll from validation inputs")
     return ({n: importance.taylor_scores(u, v, grads[n]) for n, (u, v) in factors.items()},
             "taylor |θ·∂L/∂θ| at base + rank-k delta")
 

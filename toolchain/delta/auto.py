@@ -1,0 +1,56 @@
+"""``edgepack delta --auto``: choose OSD's rank relaxation c and its budget allocation by validation loss.
+
+The paper leaves c and the sparsity hand-set (its stated future work). Here each candidate, c in
+{r, 2r, 3r} × allocation per layer / global, is built at the same budget and scored by the mean
+token loss of base + delta on the validation windows; the lowest wins, and every trial is recorded
+in the delta's metadata. Global allocation is where the per-layer sparsity gets chosen: layers whose
+delta matters more to the loss keep more entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+import torch
+from edgepack.runtime.delta_file import Delta
+from edgepack.runtime.errors import UsageError
+from edgepack.toolchain.delta import extract
+from edgepack.toolchain.delta.make import DeltaConfig, compress
+
+
+def auto(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig, windows: list[list[int]]) -> Delta:
+    if config.method != "osd":
+        raise UsageError("--auto tunes OSD; TruncSVD and MagTruncSVD have nothing to choose")
+    if not windows:
+        raise UsageError("--auto chooses by validation loss: pass --valid FILE")
+    trials, best = [], None
+    for relax in sorted({config.rank, 2 * config.rank, 3 * config.rank}):
+        for allocation in ("layer", "global"):
+            candidate = dataclasses.replace(config, relax=relax, allocation=allocation, importance="taylor",
+                                            auto=False)
+            delta = compress(model, raw, candidate, windows)
+            loss = validation_loss(model, delta, windows)
+            trials.append({"relax": relax, "allocation": allocation, "validation_loss": round(loss, 5)})
+            print(f"edgepack: --auto c={relax} allocation={allocation}: validation loss {loss:.4f}", file=sys.stderr)
+            if best is None or loss < best[0]:
+                best = (loss, delta)
+    return dataclasses.replace(best[1], info={**best[1].info, "auto": trials})
+
+
+def validation_loss(model: torch.nn.Module, delta: Delta, windows: Sequence[Sequence[int]]) -> float:
+    """Mean token loss of ``model`` with ``delta``'s reconstruction added to its linear layers."""
+    layers = extract.linear_layers(model)
+    saved = {name: layers[name].weight.detach().clone() for name in delta.layers}
+    try:
+        with torch.no_grad():
+            for name, layer in delta.layers.items():
+                layers[name].weight.add_(torch.from_numpy(layer.matrix()))
+            losses = [float(model(torch.tensor([list(w)]), labels=torch.tensor([list(w)]), use_cache=False).loss)
+                      for w in windows]
+        return sum(losses) / len(losses)
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                layers[name].weight.copy_(weight)
