@@ -38,6 +38,8 @@ def load(folder: Path | str, config: Any) -> Any:
     """Rebuild the compressed model described by ``folder`` (its ``config`` already read)."""
     import torch
     from edgepack.toolchain.ressvd.layers import empty_factorized, set_module
+    from edgepack.toolchain.safetensors_check import check_file, expected_from_state_dict
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
     from transformers import AutoModelForCausalLM
 
@@ -52,9 +54,12 @@ def load(folder: Path | str, config: Any) -> Any:
         dense = model.get_submodule(name)
         set_module(model, name, empty_factorized((dense.out_features, dense.in_features), rank,
                                                  dense.bias is not None, dense.weight.dtype))
+    # The header is checked by edgepack first: lengths, offsets, and every tensor's dtype and shape
+    # against the rebuilt model, so a hostile file fails with a named tensor, not deep in a loader.
+    check_file(folder / WEIGHTS_NAME, expected_from_state_dict(model.state_dict()))
     try:
         load_model(model, str(folder / WEIGHTS_NAME), strict=True)
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, ValueError, SafetensorError) as e:
         raise ModelSourceError(f"the weights in {folder} do not match its compression record: {e}") from None
     model.tie_weights()
     return model.eval()
