@@ -1,0 +1,269 @@
+"""Fine-tune deltas on the default model: how much of a fine-tune each compression method keeps at
+equal bytes, and what applying and switching deltas costs in the runtime.
+
+    python benchmarks/deltas/run.py [--domains docs code] [--ranks 1 2 4 8] [--max-windows 16]
+
+Two real fine-tunes (benchmarks/deltas/finetune.py, cached) of SmolLM2-135M-Instruct: Python docs
+prose and Python standard-library code. For each domain: held-out perplexity (PyTorch, 512-token
+windows of the domain's test split) of the base, the full fine-tune, and base + each compressed delta
+(TruncSVD at r; MagTruncSVD and OSD at r + c with c = r, same accounted bits), the share of the
+fine-tune's gain kept, and the paired per-window difference of OSD against the best baseline with
+its standard error (the run-to-run noise of the evaluation). Then in the runtime: delta file sizes,
+load time with and without a delta, switch time in a live model, and logit parity of the runtime
+with a delta against PyTorch with the same delta merged. Writes results/deltas.md and deltas.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import folder_size, markdown_table, results_dir  # noqa: E402
+
+VARIANTS = {
+    "TruncSVD": dict(method="truncsvd"),
+    "MagTruncSVD": dict(method="magtruncsvd"),
+    "OSD (paper: taylor, per layer)": dict(method="osd"),
+    "OSD, output-error score": dict(method="osd", importance="output"),
+    "OSD, taylor, global budget": dict(method="osd", allocation="global"),
+    "OSD --auto": dict(method="osd", auto=True),
+}
+BASELINES = ("TruncSVD", "MagTruncSVD")
+
+
+def window_nll(model, ids: list[int], context: int, max_windows: int) -> np.ndarray:
+    """Mean token NLL of each non-overlapping window (PyTorch)."""
+    import torch
+    from edgepack.runtime.perplexity import token_nll, windows
+
+    out = []
+    for w in windows(ids, context, max_windows):
+        with torch.inference_mode():
+            logits = model(torch.tensor([w]), use_cache=False).logits[0].float().numpy()
+        out.append(float(token_nll(logits[:-1], np.asarray(w[1:])).mean()))
+    return np.asarray(out)
+
+
+def merged_nll(model, delta, ids, context, max_windows) -> np.ndarray:
+    """``window_nll`` of the model with ``delta`` added to its linear weights (restored afterwards)."""
+    import torch
+    from edgepack.toolchain.delta.extract import linear_layers
+
+    layers = linear_layers(model)
+    saved = {n: layers[n].weight.detach().clone() for n in delta.layers}
+    try:
+        with torch.no_grad():
+            for name, layer in delta.layers.items():
+                layers[name].weight.add_(torch.from_numpy(layer.matrix()))
+        return window_nll(model, ids, context, max_windows)
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                layers[name].weight.copy_(weight)
+
+
+def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dict], dict]:
+    import domains
+    import finetune
+    from edgepack.runtime import delta_file
+    from edgepack.toolchain import sources
+    from edgepack.toolchain.delta.extract import extract
+    from edgepack.toolchain.delta.make import DeltaConfig, compress
+    from edgepack.toolchain.ressvd.calibration import calibration_windows
+
+    base_dir, ft_dir = finetune.base(), finetune.finetuned(domain)
+    base = sources.load(str(base_dir))
+    ft = sources.load(str(ft_dir))
+    raw = extract(base.model, ft.model)
+    tok = base.tokenizer
+    test_ids = tok(domains.text(domain, "test"), add_special_tokens=False)["input_ids"]
+    valid = calibration_windows(tok, domains.text(domain, "valid"), args.valid_windows, 256)
+    nll_base = window_nll(base.model, test_ids, args.context, args.max_windows)
+    nll_ft = window_nll(ft.model, test_ids, args.context, args.max_windows)
+    del ft
+    ppl_base, ppl_ft = math.exp(nll_base.mean()), math.exp(nll_ft.mean())
+    print(f"[{domain}] base {ppl_base:.2f}  full fine-tune {ppl_ft:.2f}", file=sys.stderr, flush=True)
+    rows, per_window = [], {}
+    for rank in args.ranks:
+        for label in args.variants:
+            if label == "OSD --auto" and rank not in args.auto_ranks:
+                continue
+            config = DeltaConfig(rank=rank, windows=args.valid_windows, **VARIANTS[label])
+            start = time.perf_counter()
+            if config.auto:
+                from edgepack.toolchain.delta.auto import auto
+
+                delta = auto(base.model, raw, config, valid)
+            else:
+                delta = compress(base.model, raw, config, valid if config.method == "osd" else [])
+            seconds = time.perf_counter() - start
+            path = work / f"{domain}-{label.split()[0].lower()}-{len(rows)}-r{rank}.safetensors"
+            size16 = delta_file.write(delta, path, "float16")
+            nll = merged_nll(base.model, delta, test_ids, args.context, args.max_windows)
+            per_window[(label, rank)] = nll
+            ppl = math.exp(nll.mean())
+            kept = (ppl_base - ppl) / (ppl_base - ppl_ft) if ppl_base != ppl_ft else float("nan")
+            rows.append({"domain": domain, "variant": label, "rank": rank, "relax": delta.info["relax"],
+                         "allocation": delta.info.get("allocation"), "perplexity": round(ppl, 3),
+                         "gain_kept": round(kept, 3), "accounted_kB": round(delta.bits / 8e3, 1),
+                         "budget_kB": round(delta.info["budget_bits"] / 8e3, 1),
+                         "file_kB_fp16": round(size16 / 1e3, 1), "seconds": round(seconds, 1), "path": str(path)})
+            print(f"[{domain}] r={rank} {label}: {ppl:.3f} (kept {kept:.1%}), {size16 / 1e3:.0f} kB, {seconds:.0f} s",
+                  file=sys.stderr, flush=True)
+    for row in rows:  # paired difference against the better baseline at the same rank
+        if row["variant"] in BASELINES:
+            continue
+        diffs = []
+        for b in BASELINES:
+            if (b, row["rank"]) in per_window:
+                d = per_window[(row["variant"], row["rank"])] - per_window[(b, row["rank"])]
+                diffs.append((d.mean(), d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan"), b))
+        if diffs:
+            mean, se, b = max(diffs)  # the least favourable comparison
+            row["vs_best_baseline"] = f"{mean:+.4f} ± {se:.4f} nats vs {b}"
+    summary = {"domain": domain, "base_perplexity": round(ppl_base, 3), "finetune_perplexity": round(ppl_ft, 3),
+               "finetune_size_MB": round(folder_size(ft_dir) / 1e6, 1), "windows": len(nll_base),
+               "context": args.context}
+    return rows, summary
+
+
+def runtime_costs(rows: list[dict], work: Path) -> dict:
+    """Load/switch times and parity in the runtime, on fused packages of the base with delta slots."""
+    import finetune
+    from edgepack.runtime import delta_file
+    from edgepack.toolchain.build import BuildConfig, build
+
+    out: dict = {}
+    deltas = [r for r in rows if r["rank"] == 2 and r["variant"].startswith("OSD")] or rows
+    first, second = deltas[0]["path"], deltas[-1]["path"]
+    for kind, int4 in (("int4", True), ("float32", False)):
+        pkg = work / f"base-{kind}"
+        build(BuildConfig(model=str(finetune.base()), graph="fused", int4=int4, delta_slots=True), pkg)
+        out[f"{kind}_package_MB"] = round(folder_size(pkg) / 1e6, 1)
+        costs, model = _package_costs(pkg, first, second)
+        out.update({f"{kind}_{k}": v for k, v in costs.items()})
+        if kind == "float32":
+            out["parity_max_abs_logit_diff"] = _parity(model, delta_file.read(first))
+    out["delta_r2_file_kB"] = round(Path(first).stat().st_size / 1e3, 1)
+    out["delta_r2_share_of_int4_package"] = round(Path(first).stat().st_size / (out["int4_package_MB"] * 1e6), 4)
+    return out
+
+
+def _package_costs(pkg: Path, first: str, second: str):
+    """Median load time without / with a delta, switch and remove times; and the loaded model."""
+    from edgepack.runtime import load
+
+    plain = statistics.median(_timed(lambda: load(pkg)) for _ in range(3))
+    with_delta = statistics.median(_timed(lambda: load(pkg, delta=first)) for _ in range(3))
+    model = load(pkg, delta=first)
+    switches = [_timed(lambda p=path: model.apply_delta(p)) for path in [second, first] * 5]
+    removed = _timed(lambda: model.apply_delta(None))
+    return {"load_s": round(plain, 3), "load_with_delta_s": round(with_delta, 3),
+            "switch_ms": round(1000 * statistics.median(switches), 1), "remove_ms": round(1000 * removed, 1)}, model
+
+
+def _parity(model, delta) -> float:
+    """Runtime (float32 base + delta) against PyTorch with the delta merged, on one real prompt."""
+    import finetune
+    import torch
+    from edgepack.toolchain import sources
+    from edgepack.toolchain.delta.extract import linear_layers
+
+    model.apply_delta(delta)
+    ids = model.encode_prompt("Explain what a Python generator is.")
+    got = model.decoder.forward(ids, model.decoder.new_cache(), all_logits=True)
+    ref = sources.load(str(finetune.base())).model
+    layers = linear_layers(ref)
+    with torch.no_grad():
+        for name, layer in delta.layers.items():
+            layers[name].weight.add_(torch.from_numpy(layer.matrix()))
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+    return float(np.abs(got - want).max())
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def write_results(rows: list[dict], summaries: list[dict], runtime: dict, args: argparse.Namespace) -> None:
+    out = results_dir(__file__)
+    headers = ["domain", "r", "variant", "c", "perplexity", "gain kept", "accounted kB", "file kB (fp16)",
+               "vs best baseline (mean Δ NLL ± s.e.)", "s"]
+    table = [[r["domain"], r["rank"], r["variant"], r["relax"], f"{r['perplexity']:.3f}", f"{r['gain_kept']:.1%}",
+              r["accounted_kB"], r["file_kB_fp16"], r.get("vs_best_baseline", ""), r["seconds"]] for r in rows]
+    lines = ["# Fine-tune deltas on SmolLM2-135M-Instruct", "",
+             f"Command: `python benchmarks/deltas/run.py {' '.join(sys.argv[1:])}`", "",
+             markdown_table(["domain", "base ppl", "full fine-tune ppl", "fine-tune size MB", "windows x context"],
+                            [[s["domain"], s["base_perplexity"], s["finetune_perplexity"], s["finetune_size_MB"],
+                              f"{s['windows']} x {s['context']}"] for s in summaries]),
+             markdown_table(headers, table)]
+    if runtime:
+        lines += ["Runtime (fused graph with delta slots, this machine):", "",
+                  markdown_table(["measure", "value"], [[k, v] for k, v in runtime.items()])]
+    (out / "deltas.md").write_text("\n".join(lines))
+    (out / "deltas.json").write_text(json.dumps({"rows": rows, "summaries": summaries, "runtime": runtime},
+                                                indent=2))
+    _plot(rows, summaries, out / "deltas.png")
+
+
+def _plot(rows: list[dict], summaries: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summaries), figsize=(6 * len(summaries), 4.5), squeeze=False)
+    for ax, s in zip(axes[0], summaries):
+        mine = [r for r in rows if r["domain"] == s["domain"]]
+        for label in dict.fromkeys(r["variant"] for r in mine):
+            pts = sorted((r["rank"], r["perplexity"]) for r in mine if r["variant"] == label)
+            ax.plot(*zip(*pts), marker="o", label=label)
+        ax.axhline(s["base_perplexity"], color="gray", ls="--", label="base")
+        ax.axhline(s["finetune_perplexity"], color="black", ls=":", label="full fine-tune")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("budget rank r (bits of TruncSVD at r)")
+        ax.set_ylabel("held-out perplexity")
+        ax.set_title(f"{s['domain']}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--domains", nargs="+", default=["docs", "code"])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--auto-ranks", type=int, nargs="+", default=[1, 2], help="ranks at which --auto runs")
+    parser.add_argument("--max-windows", type=int, default=16, help="test windows per domain")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--valid-windows", type=int, default=8, help="validation windows of 256 tokens (OSD)")
+    parser.add_argument("--skip-runtime", action="store_true")
+    args = parser.parse_args()
+    rows, summaries = [], []
+    work = Path(tempfile.mkdtemp(prefix="edgepack-deltas-"))
+    for domain in args.domains:
+        r, s = quality(domain, args, work)
+        rows += r
+        summaries.append(s)
+        write_results(rows, summaries, {}, args)  # partial results survive an interruption
+    runtime = {} if args.skip_runtime else runtime_costs(rows, work)
+    write_results(rows, summaries, runtime, args)
+    print((results_dir(__file__) / "deltas.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

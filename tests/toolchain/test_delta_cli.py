@@ -1,0 +1,56 @@
+"""``edgepack delta`` and the --delta options, end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from edgepack.runtime import cli
+
+
+def _cli(args, capsys):
+    code = cli.main(args)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def delta_cli_file(tiny_model_dir, tiny_finetune_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli-delta") / "ft.safetensors"
+    assert cli.main(["delta", str(tiny_model_dir), str(tiny_finetune_dir), "--method", "magtruncsvd", "--rank", "1",
+                     "-o", str(path)]) == 0
+    return path
+
+
+def test_delta_inspect_and_run(delta_cli_file, tiny_slots_package, capsys):
+    code, out, _ = _cli(["inspect", str(delta_cli_file), "--verify"], capsys)
+    assert code == 0 and "magtruncsvd, rank r=1, relax c=1" in out and "verified" in out
+    code, out, _ = _cli(["inspect", str(delta_cli_file), "--json"], capsys)
+    assert json.loads(out)["info"]["method"] == "magtruncsvd"
+    code, out, _ = _cli(["run", str(tiny_slots_package), "hello", "--max-tokens", "4", "--delta", str(delta_cli_file)],
+                        capsys)
+    assert code == 0 and out.strip()
+    code, out, _ = _cli(["eval", str(tiny_slots_package), "--max-windows", "1", "--context", "32", "--delta",
+                         str(delta_cli_file)], capsys)
+    assert code == 0 and out.startswith("perplexity")
+
+
+def test_delta_errors_are_one_line(delta_cli_file, tiny_package, tiny_model_dir, tmp_path, capsys):
+    code, _, err = _cli(["run", str(tiny_package), "hi", "--delta", str(delta_cli_file)], capsys)
+    assert code == 2 and "--delta-slots" in err
+    code, _, err = _cli(["delta", str(tiny_model_dir), str(tiny_model_dir), "-o", str(tmp_path / "x.safetensors"),
+                         "--method", "truncsvd"], capsys)
+    assert code == 2 and "identical" in err
+    code, _, err = _cli(["delta", str(tiny_model_dir), str(tmp_path / "nope"), "-o", str(tmp_path / "x.safetensors")],
+                        capsys)
+    assert code == 2 and "nope" in err
+    code, _, err = _cli(["delta", "a", "b", "-o", str(tmp_path / "x.bin")], capsys)
+    assert code == 2 and ".safetensors" in err
+    code, _, err = _cli(["build", str(tiny_model_dir), "-o", str(tmp_path / "p"), "--graph", "optimum",
+                         "--delta-slots"], capsys)
+    assert code == 2 and "--graph fused" in err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+    code, _, err = _cli(["inspect", str(bad)], capsys)
+    assert code == 2 and "bad.safetensors" in err
