@@ -19,13 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int4", action="store_true", help="int4 weights (onnxruntime MatMulNBits, block 32)")
     p.add_argument("--context", type=int, default=None, help="context length in tokens (default 2048; with "
                    "--device, 2048 halved until the plan fits)")
-    p.add_argument("--graph", choices=("optimum", "fused"), default="optimum",
-                   help="optimum: optimum's export (any supported architecture); fused: edgepack's own "
-                        "inference graph for the Llama family (GroupQueryAttention, fused norms, faster)")
+    p.add_argument("--graph", choices=("auto", "optimum", "fused"), default="auto",
+                   help="auto (default): fused when the architecture has it, else optimum; optimum: optimum's "
+                        "export (any supported architecture); fused: edgepack's own inference graph for the "
+                        "Llama family (GroupQueryAttention, fused norms, faster)")
     _compression_args(p, required=False)
     p.add_argument("--device", help="plan for this device profile (name or .yaml) and build that plan; "
                    "overrides --int4/--ratio (see 'edgepack plan')")
-    p.add_argument("--delta-slots", action="store_true", help="with --graph fused: add the low-rank side "
+    p.add_argument("--delta-slots", action="store_true", help="fused graph only: add the low-rank side "
                    "branches through which 'run/chat/eval --delta' apply fine-tune deltas at load time")
     p.set_defaults(handler=build)
 
