@@ -53,7 +53,7 @@ class System:
     package: Path | None = None  # an edgepack package: perplexity is measured on it
 
 
-def ensure_package(out: Path, rebuild: bool, **config: object) -> Path:
+def ensure_package(out: Path, rebuild: bool, model: str = "default", **config: object) -> Path:
     from edgepack.runtime.errors import PackageError
     from edgepack.runtime.package import open_package
     from edgepack.toolchain.build import BuildConfig, build
@@ -65,7 +65,7 @@ def ensure_package(out: Path, rebuild: bool, **config: object) -> Path:
         except PackageError:
             pass
     print(f"peers: building {out.name}", file=sys.stderr)
-    build(BuildConfig(model="default", **config), out)
+    build(BuildConfig(model=model, **config), out)
     return out
 
 
@@ -76,12 +76,14 @@ def prepare(args: argparse.Namespace) -> tuple[list[System], dict[str, list[int]
     from edgepack.toolchain.ressvd import ResSVDConfig
 
     w = args.work
-    f32 = ensure_package(w / "smollm2-float32", args.rebuild)
-    int4 = ensure_package(w / "smollm2-int4", args.rebuild, int4=True)
+    f32 = ensure_package(w / "smollm2-float32", args.rebuild, graph="optimum")  # optimum's own graph, for optimum
+    int4 = ensure_package(w / "smollm2-int4", args.rebuild, graph="optimum", int4=True)
     fused_f32 = ensure_package(w / "smollm2-fused-float32", args.rebuild, graph="fused")
     fused_int4 = ensure_package(w / "smollm2-fused-int4", args.rebuild, graph="fused", int4=True)
+    # From a folder of `edgepack compress default --ratio 0.2` when given, else compressed inline: the same.
     ressvd = ensure_package(w / "smollm2-fused-int4-ressvd20", args.rebuild, graph="fused", int4=True,
-                            compression=ResSVDConfig(ratio=0.2))
+                            **({"model": str(args.ressvd_model)} if args.ressvd_model else
+                               {"compression": ResSVDConfig(ratio=0.2)}))
     loaded = sources.load("default")
     tok = loaded.tokenizer
     short = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
@@ -192,6 +194,8 @@ def main() -> None:
     parser.add_argument("--ppl-windows", type=int, default=20, help="evaluation windows of 512 tokens (0: skip)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgepack-bench")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the edgepack packages")
+    parser.add_argument("--ressvd-model", type=Path, help="build the ResSVD package from this folder written by "
+                        "'edgepack compress default --ratio 0.2' (default: compress inline)")
     parser.add_argument("--only", nargs="*", help="benchmark only systems whose name contains one of these")
     args = parser.parse_args()
     if args.with_llama_cpp:
