@@ -5,7 +5,8 @@ y += (x·A)·B whose A and B are graph inputs (export/fused/linear.py). Loading 
 from its factors (ΔW = U·Vᵀ gives A = V, B = Uᵀ; the layers of a packed projection side by side in A,
 block-diagonal in B); no delta binds rank-0 factors, which cost nothing. This works the same for a
 float32, an int4 or a ResSVD-factorized base, whose weights cannot simply have ΔW added, and
-switching deltas only rebinds a few small arrays: the base session is never reloaded.
+switching deltas only rebinds a few small arrays: the base session is never reloaded. Norm weights
+the delta changes are graph inputs too (added to the base's; zeros without a delta).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ class DeltaSlots:
             self.slots: list[dict[str, Any]] = json.loads(text) if text else []
         except json.JSONDecodeError:
             raise PackageError(f"the graph's {DELTA_SLOTS_KEY} metadata is not JSON; rebuild the package") from None
-        self._layers = {part[0]: (i, int(part[1])) for i, slot in enumerate(self.slots) for part in slot["parts"]}
+        self._layers = {part[0]: (i, int(part[1])) for i, slot in enumerate(self.slots)
+                        for part in slot.get("parts", ())}
+        self._dense = {slot["dense"]: slot for slot in self.slots if "dense" in slot}
         self.version = 0  # bumped on every change, so decoders rebuild bindings that hold old factors
         self.current: Delta | None = None
         self.values: dict[str, ort.OrtValue] = {}
@@ -44,10 +47,13 @@ class DeltaSlots:
 
     def check(self, delta: Delta) -> None:
         """Refuse a delta these slots cannot apply, naming the first layer that does not fit."""
-        if delta.dense:
-            names = ", ".join(sorted(delta.dense)[:3])
-            raise PackageError(f"the delta changes non-linear parameters ({names}); the runtime applies deltas "
-                               "of linear layers only: fine-tune with norms, biases and embeddings frozen")
+        for name, array in delta.dense.items():
+            if name not in self._dense:
+                raise PackageError(f"the delta changes {name}, which this package cannot change at load time (it "
+                                   "applies linear layers and norm weights); fine-tune with it frozen")
+            if list(array.shape) != self._dense[name]["shape"]:
+                raise PackageError(f"delta parameter {name} is {list(array.shape)}, the package's is "
+                                   f"{self._dense[name]['shape']}")
         for name, layer in delta.layers.items():
             if name not in self._layers:
                 raise PackageError(f"the delta changes layer {name}, which this package has no delta slot for; "
@@ -63,6 +69,11 @@ class DeltaSlots:
             self.check(delta)
         values = {}
         for slot in self.slots:
+            if "dense" in slot:
+                change = delta.dense.get(slot["dense"]) if delta is not None else None
+                array = np.zeros(slot["shape"], np.float32) if change is None else change.astype(np.float32)
+                values[slot["input"]] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+                continue
             a, b = _slot_factors(slot, delta)
             values[slot["a"]] = ort.OrtValue.ortvalue_from_numpy(a)
             values[slot["b"]] = ort.OrtValue.ortvalue_from_numpy(b)

@@ -53,9 +53,11 @@ def save_tiny(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def save_finetune(base: Path, folder: Path, seed: int = 1, rank: int = 4, scale: float = 0.05) -> Path:
+def save_finetune(base: Path, folder: Path, seed: int = 1, rank: int = 4, scale: float = 0.05,
+                  norms: bool = False) -> Path:
     """A stand-in fine-tune of the tiny model: every decoder linear moved by a low-rank change plus
-    a little full-rank noise (a real fine-tune's delta is nearly, not exactly, low-rank)."""
+    a little full-rank noise (a real fine-tune's delta is nearly, not exactly, low-rank); ``norms``
+    also moves every RMSNorm weight."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -68,6 +70,10 @@ def save_finetune(base: Path, folder: Path, seed: int = 1, rank: int = 4, scale:
                 low = torch.randn(n_out, rank, generator=gen) @ torch.randn(rank, n_in, generator=gen)
                 noise = torch.randn(n_out, n_in, generator=gen) * 0.1
                 module.weight.add_(scale * (low + noise))
+        if norms:
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.add_(0.2 * torch.randn(param.shape, generator=gen))
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)

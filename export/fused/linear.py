@@ -30,7 +30,7 @@ class LinearEmitter:
     # Delta slots: every decoder linear gets a low-rank side branch y += (x·A)·B whose factors are graph
     # inputs (runtime/delta.py fills them from an OSD delta; rank 0 when none is loaded).
     delta_slots: bool = False
-    module_names: dict[int, str] = field(default_factory=dict)  # id(module) → its path in the torch model
+    module_names: dict[int, str] = field(default_factory=dict)  # id(module or parameter) → its torch path
     slots: list[dict[str, Any]] = field(default_factory=list)  # what the runtime needs to fill each slot
     _block_sums: dict[str, str] = field(default_factory=dict)  # input name → its per-block sums
 
@@ -60,6 +60,16 @@ class LinearEmitter:
                            "parts": [[self.module_names[id(m)], _out_features(m)] for m in modules]})
         low = b.op1("MatMul", [x, a_in], f"{name}/delta_a")
         return b.op1("Add", [y, b.op1("MatMul", [low, b_in], f"{name}/delta_b")], f"{name}/add_delta")
+
+    def dense_delta(self, value: str, param: Any) -> str:
+        """``value`` (the initializer of ``param``, e.g. a norm's weight) plus a delta input of the same
+        shape (zeros when no delta is loaded), so deltas that change norms apply too."""
+        if not self.delta_slots:
+            return value
+        path = self.module_names[id(param)]
+        delta = self.builder.add_input(f"delta.{path}", FLOAT, list(param.shape))
+        self.slots.append({"dense": path, "input": delta, "shape": list(param.shape)})
+        return self.builder.op1("Add", [value, delta], f"{path}/add_delta")
 
     def weight(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str) -> str:
         """``x @ weight.T + bias`` for a [n_out, n_in] weight."""

@@ -60,7 +60,8 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     ids = b.add_input("input_ids", INT64, [1, "sequence_length"])
     seqlens = b.add_input("seqlens_k", INT32, [1])
     total = b.add_input("total_sequence_length", INT32, [])
-    lin = LinearEmitter(b, int4, exact, fold, delta_slots, {id(m): n for n, m in model.named_modules()})
+    names = {id(m): n for n, m in model.named_modules()} | {id(p): n for n, p in model.named_parameters()}
+    lin = LinearEmitter(b, int4, exact, fold, delta_slots, names)
     cos, sin = _rotary_caches(b, model, context)
     embedding = _array(model.model.embed_tokens.weight)
     tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -73,12 +74,12 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     residual, pending = hidden, None  # pending: a block output not yet added to the residual
     kv_shape = [1, cfg.num_key_value_heads, "capacity", head_dim(cfg)]
     for i, layer in enumerate(model.model.layers):
-        x, residual = _norm(b, pending, residual, layer.input_layernorm.weight, eps, f"layers.{i}.input_norm")
+        x, residual = _norm(lin, pending, residual, layer.input_layernorm.weight, eps, f"layers.{i}.input_norm")
         past = [b.add_input(f"past_key_values.{i}.{kind}", FLOAT, kv_shape) for kind in ("key", "value")]
         attn = _attention(b, lin, x, layer.self_attn, cfg, past, (seqlens, total, cos, sin), i, kv_shape)
-        x, residual = _norm(b, attn, residual, layer.post_attention_layernorm.weight, eps, f"layers.{i}.post_norm")
+        x, residual = _norm(lin, attn, residual, layer.post_attention_layernorm.weight, eps, f"layers.{i}.post_norm")
         pending = _mlp(b, lin, x, layer.mlp, f"layers.{i}.mlp")
-    x, _ = _norm(b, pending, residual, model.model.norm.weight, eps, "final_norm")
+    x, _ = _norm(lin, pending, residual, model.model.norm.weight, eps, "final_norm")
     x = _last_positions(b, x, b.add_input(LOGITS_KEEP, INT64, [1]))
     if table is not None:
         logits = head_8bit(b, x, table)
@@ -100,10 +101,11 @@ def _last_positions(b: GraphBuilder, x: str, keep: str) -> str:
     return b.op1("Slice", [x, start, b.const([2**62]), b.const([1])], "lm_head/keep")
 
 
-def _norm(b: GraphBuilder, block_out: str | None, residual: str, weight: Any, eps: float,
+def _norm(lin: LinearEmitter, block_out: str | None, residual: str, weight: Any, eps: float,
           name: str) -> tuple[str, str]:
     """RMSNorm of residual + block_out; returns (normed, new residual). The first has nothing to add."""
-    gamma = b.weight(f"{name}.weight", _array(weight))
+    b = lin.builder
+    gamma = lin.dense_delta(b.weight(f"{name}.weight", _array(weight)), weight)
     out = b.unique(f"{name}/out")
     if block_out is None:
         b.op_named("SimplifiedLayerNormalization", [residual, gamma], [out], name, axis=-1, epsilon=eps,

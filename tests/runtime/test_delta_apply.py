@@ -34,7 +34,10 @@ def _torch_logits(folder, delta=None):
     for name, layer in (delta.layers.items() if delta else []):
         weight = torch.from_numpy(layer.matrix())
         modules[name].register_forward_hook(lambda m, i, out, w=weight: out + torch.nn.functional.linear(i[0], w))
+    params = dict(model.named_parameters())
     with torch.no_grad():
+        for name, change in (delta.dense.items() if delta else []):
+            params[name].add_(torch.from_numpy(change))
         return model(torch.tensor([PROMPT])).logits[0].numpy()
 
 
@@ -115,3 +118,13 @@ def test_delta_on_int4_and_factorized_bases(kind, tiny_model_dir, tiny_finetune_
     if kind == "ressvd":  # float32: the side branch is exact
         np.testing.assert_allclose(with_delta, reference, atol=1e-3)
     shutil.rmtree(pkg)
+
+
+def test_norm_changes_apply_too(tiny_slots_package, tiny_model_dir, tmp_path):
+    import tiny
+
+    finetune = tiny.save_finetune(tiny_model_dir, tmp_path / "ft-norms", norms=True)
+    delta = make(str(tiny_model_dir), str(finetune), DeltaConfig(method="truncsvd", rank=3))
+    assert len(delta.dense) == 5  # 2 layers x 2 norms + the final norm
+    model = load(tiny_slots_package, delta=delta)
+    np.testing.assert_allclose(_runtime_logits(model), _torch_logits(tiny_model_dir, delta), atol=1e-3)
