@@ -22,21 +22,22 @@ from edgepack.toolchain.ressvd import ResSVDConfig
 from tqdm import tqdm
 
 PARITY_QUESTION = "What is the capital of France?"
-GRAPHS = ("optimum", "fused")
+GRAPHS = ("auto", "optimum", "fused")
 
 
 @dataclass(frozen=True)
 class BuildConfig:
     """What to build. ``context`` caps the package's context length (the model's own max if larger
     is never exceeded); ``int4`` quantizes every linear weight with MatMulNBits. ``graph``: "optimum"
-    (optimum's export, any architecture it traces) or "fused" (edgepack's Llama-family graph)."""
+    (optimum's export, any architecture it traces), "fused" (edgepack's Llama-family graph: faster, see
+    #7) or "auto" (fused where the architecture has it, else optimum)."""
 
     model: str = sources.DEFAULT
     int4: bool = False
     context: int = 2048
     compression: ResSVDConfig | None = None
     calib: str | None = None
-    graph: str = "optimum"
+    graph: str = "auto"
     int4_all: bool = False  # with int4: embedding and LM head int4 too, weights as external data (device builds)
     ort_format: bool = False  # also write model.ort and its reduced operator config (phones)
     delta_slots: bool = False  # fused graph: side branches that apply OSD deltas at load time (runtime/delta.py)
@@ -48,7 +49,7 @@ class BuildConfig:
             raise UsageError(f"--context must be at least 16 tokens, got {self.context}")
         if self.graph not in GRAPHS:
             raise UsageError(f"--graph must be one of {', '.join(GRAPHS)}, got {self.graph!r}")
-        if self.delta_slots and self.graph != "fused":
+        if self.delta_slots and self.graph == "optimum":
             raise UsageError("--delta-slots needs the fused graph (--graph fused): optimum's graph has no side "
                              "branches")
 
@@ -106,6 +107,7 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
     with steps:
         steps.set_postfix_str("loading model")
         loaded = sources.load(config.model, check=_exportable_check(config.graph))
+        config = resolve_graph(config, loaded.model.config)
         steps.update()
         compression = _recorded_compression(loaded.source.path)
         # Deltas name the weights they were made against: those of the uncompressed source.
@@ -180,6 +182,29 @@ def _device_entries(config: BuildConfig) -> dict[str, Any]:
                           "external data"} if config.int4_all else {}
     return {**weights, "device": config.device_plan, "layout": "int4" if config.int4_all else None,
             "mobile": {"ort_model": ORT_NAME, "operator_config": ORT_CONFIG_NAME} if config.ort_format else None}
+
+
+def resolve_graph(config: BuildConfig, model_config: Any) -> BuildConfig:
+    """``graph="auto"`` made concrete: the fused graph when the architecture has one, else optimum's
+    export, saying why on stderr. Device builds stay on optimum's graph: their layouts (int4 embedding,
+    .ort) and the memory model the planner fits them with were made for it."""
+    if config.graph != "auto":
+        return config
+    from edgepack.export import fused
+    from edgepack.runtime.errors import UnsupportedArchitecture
+
+    device = config.device_plan is not None or config.int4_all or config.ort_format
+    reason = "device builds are planned for it" if device else ""
+    if not reason:
+        try:
+            fused.check_supported(model_config)
+            return dataclasses.replace(config, graph="fused")
+        except UnsupportedArchitecture as e:
+            reason = f"no fused graph: {str(e).split(';')[0]}"
+    if config.delta_slots:
+        raise UsageError(f"--delta-slots needs the fused graph, which this build cannot use ({reason})")
+    print(f"edgepack: building optimum's graph ({reason})", file=sys.stderr)
+    return dataclasses.replace(config, graph="optimum")
 
 
 def _exportable_check(graph: str) -> Any:
