@@ -27,7 +27,7 @@ from edgepack.runtime.errors import IntegrityError, PackageError
 FORMAT_VERSION = 1
 METADATA_KEY = "edgepack_delta"
 MAX_HEADER = 16 << 20  # a header larger than this is not a delta edgepack wrote
-_VALUE_DTYPES = ("float32", "float16")
+_VALUE_DTYPES = ("float32", "float16", "int8")  # int8: symmetric, one float32 scale per factor
 
 
 @dataclass(frozen=True)
@@ -108,10 +108,9 @@ def to_bytes(delta: Delta, value_dtype: str = "float32") -> bytes:
     tensors: dict[str, np.ndarray] = {}
     for name, layer in delta.layers.items():
         for key, factor in (("u", layer.u), ("v", layer.v)):
-            if factor.index is None:
-                tensors[f"{name}.{key}"] = factor.values.astype(value_dtype)
-            else:
-                tensors[f"{name}.{key}.values"] = factor.values.astype(value_dtype)
+            stem = f"{name}.{key}" if factor.index is None else f"{name}.{key}.values"
+            tensors.update(_encode(stem, factor.values, value_dtype))
+            if factor.index is not None:
                 tensors[f"{name}.{key}.index"] = factor.index.astype(np.int32)
     for name, array in delta.dense.items():
         tensors[f"dense.{name}"] = array.astype(np.float32)
@@ -129,6 +128,22 @@ def write(delta: Delta, path: Path | str, value_dtype: str = "float32") -> int:
     data = to_bytes(delta, value_dtype)
     atomic_write_bytes(Path(path), data)
     return len(data)
+
+
+def _encode(stem: str, values: np.ndarray, value_dtype: str) -> dict[str, np.ndarray]:
+    if value_dtype != "int8":
+        return {stem: values.astype(value_dtype)}
+    peak = float(np.abs(values).max()) if values.size else 0.0
+    scale = np.float32(peak / 127 if peak > 0 else 1.0)
+    return {stem: np.clip(np.rint(values / scale), -127, 127).astype(np.int8),
+            f"{stem}.scale": np.asarray([scale], np.float32)}
+
+
+def _decode(tensors: dict[str, np.ndarray], stem: str) -> np.ndarray:
+    values = tensors[stem]
+    if f"{stem}.scale" in tensors:
+        return values.astype(np.float32) * np.float32(tensors[f"{stem}.scale"][0])
+    return values.astype(np.float32)
 
 
 def read_metadata(path: Path | str) -> dict[str, Any]:
@@ -224,18 +239,18 @@ def _assemble(tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Delta:
 
 def _factor(tensors: dict[str, np.ndarray], key: str, entries: int) -> FactorData:
     if key in tensors:
-        values = tensors[key]
+        values = _decode(tensors, key)
         if values.ndim != 1 or values.size != entries:
             raise ValueError(f"{key}: {values.size} values where the rank says {entries}")
-        return FactorData(values.astype(np.float32))
-    values, index = tensors[f"{key}.values"], tensors[f"{key}.index"]
+        return FactorData(values)
+    values, index = _decode(tensors, f"{key}.values"), tensors[f"{key}.index"]
     if values.shape != index.shape or values.ndim != 1:
         raise ValueError(f"{key}: values {values.shape} and indices {index.shape} differ")
     if index.size and (int(index.min()) < 0 or int(index.max()) >= entries):
         raise ValueError(f"{key}: an index lies outside the factor's {entries} entries")
     if np.unique(index).size != index.size:
         raise ValueError(f"{key}: repeated indices")
-    return FactorData(values.astype(np.float32), index.astype(np.int64))
+    return FactorData(values, index.astype(np.int64))
 
 
 def _tensor_digest(tensors: dict[str, np.ndarray]) -> str:

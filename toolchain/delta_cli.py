@@ -32,8 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="layer: every matrix gets TruncSVD-at-R's bits (default); global: one budget for the whole "
                    "delta, spent where the Taylor importance is highest")
     p.add_argument("--auto", action="store_true", help="OSD: choose C and the allocation by validation loss")
-    p.add_argument("--values", choices=("float32", "float16"), default="float16",
-                   help="how factor values are stored on disk (default float16; the accounting counts 32 bits)")
+    p.add_argument("--values", choices=("float32", "float16", "int8"), default="float16",
+                   help="how factor values are stored on disk: float16 (default), float32, or int8 with one scale "
+                   "per factor (the accounting counts 32 bits for every method alike)")
     p.set_defaults(handler=delta)
 
 

@@ -182,3 +182,16 @@ def test_auto_records_its_trials_and_keeps_the_budget(tiny_model_dir, tiny_finet
     assert len(trials) == 6 and delta.bits <= delta.info["budget_bits"]
     best = min(trials, key=lambda t: t["validation_loss"])
     assert (delta.info["relax"], delta.info["allocation"]) == (best["relax"], best["allocation"])
+
+
+@pytest.mark.parametrize("values", ["float16", "int8"])
+def test_smaller_value_types_stay_close(tiny_model_dir, tiny_finetune_dir, tmp_path, values):
+    delta = make(str(tiny_model_dir), str(tiny_finetune_dir), DeltaConfig(method="magtruncsvd", rank=2))
+    full = delta_file.write(delta, tmp_path / "f32.safetensors", "float32")
+    small = delta_file.write(delta, tmp_path / "small.safetensors", values)
+    assert small < full
+    back = delta_file.read(tmp_path / "small.safetensors")
+    for name, layer in delta.layers.items():
+        exact = layer.matrix()
+        err = np.abs(back.layers[name].matrix() - exact).max() / np.abs(exact).max()
+        assert err < (2e-3 if values == "float16" else 3e-2)
