@@ -59,6 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = its default)")
     p.add_argument("--delta", help="package only: apply this fine-tune delta file first")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="load even when the package's predicted peak memory exceeds the available memory")
     p.set_defaults(handler=evaluate)
 
     from edgepack.runtime import device_commands
@@ -76,6 +78,8 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = its default)")
     g.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the package files")
+    g.add_argument("--no-memory-check", action="store_true",
+                   help="load even when the package's predicted peak memory exceeds the available memory")
     g.add_argument("--delta", help="apply this fine-tune delta file (made by 'edgepack delta') at load time")
 
 
@@ -89,7 +93,7 @@ def _load(args: argparse.Namespace) -> Model:
     if args.threads < 0:
         raise UsageError(f"--threads must be >= 0, got {args.threads}")
     return load(args.package, verify=not args.no_verify, settings=SessionSettings(threads=args.threads),
-                delta=args.delta)
+                delta=args.delta, check_memory=not args.no_memory_check)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -217,7 +221,8 @@ def evaluate(args: argparse.Namespace) -> int:
     target = Path(args.target)
     with tqdm(desc="eval", unit="window", file=sys.stderr) as bar:
         if (target / MANIFEST_NAME).is_file() or target.is_file() and target.suffix == ".edgepack":
-            model = load(target, settings=SessionSettings(threads=args.threads), delta=args.delta)
+            model = load(target, settings=SessionSettings(threads=args.threads), delta=args.delta,
+                         check_memory=not args.no_memory_check)
             ids = model.tokenizer.encode(corpus, add_special_tokens=False)
             bar.total = len(windows(ids, args.context, args.max_windows))
             dec = model.decoder

@@ -175,9 +175,17 @@ class Session:
 
 
 def load(package: Path | str, *, verify: bool = True, settings: SessionSettings | None = None,
-         delta: str | Path | Delta | None = None) -> Model:
-    """Open, verify and load a package for generation, with a fine-tune ``delta`` file applied."""
-    model = Model(open_package(package, verify=verify), settings)
+         delta: str | Path | Delta | None = None, check_memory: bool = True) -> Model:
+    """Open, verify and load a package for generation, with a fine-tune ``delta`` file applied.
+
+    With ``check_memory``, a package whose predicted peak memory exceeds what is available is refused
+    (``ResourceError``, with the figures) before onnxruntime allocates anything."""
+    opened = open_package(package, verify=verify)
+    if check_memory:
+        from edgepack.runtime.resources import check_memory as fits
+
+        fits(opened)
+    model = Model(opened, settings)
     model.apply_delta(delta)
     return model
 
