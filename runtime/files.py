@@ -83,12 +83,13 @@ def _swap_lock(target: Path) -> Iterator[None]:
     if fcntl is None:  # no advisory locks on this platform: renames alone stay atomic
         yield
         return
-    with open(target.parent / f".{target.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    # The lock is taken on the parent folder itself, so no lock file is left beside the target.
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def sweep_stale(target: Path) -> list[Path]:
