@@ -182,9 +182,8 @@ def _inspect_delta(args: argparse.Namespace) -> int:
 
     from edgepack.runtime import delta_file
 
+    delta_file.read(args.package)  # small: always check the tensors' sha256 and shapes against the metadata
     meta = delta_file.read_metadata(args.package)
-    if args.verify:
-        delta_file.read(args.package)  # checks the tensors' sha256 and shapes
     if args.json:
         print(json.dumps(meta, indent=2, sort_keys=True))
         return 0

@@ -170,7 +170,7 @@ def read(path: Path | str) -> Delta:
                              "copy the delta again")
     try:
         return _assemble(tensors, meta)
-    except (KeyError, ValueError, TypeError, IndexError) as e:
+    except (KeyError, ValueError, TypeError, IndexError, OverflowError) as e:
         raise PackageError(f"{path}: inconsistent delta ({type(e).__name__}: {e}); rebuild it with edgepack delta")\
             from None
 

@@ -1,0 +1,106 @@
+"""Hostile delta files: every input ends in a typed PackageError, never another exception."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from edgepack.runtime import delta_file
+from edgepack.runtime.delta_file import Delta, FactorData, LayerDelta
+from edgepack.runtime.errors import PackageError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reliability_counts import count
+
+
+def _valid_bytes() -> bytes:
+    rng = np.random.default_rng(0)
+    layer = LayerDelta("model.layers.0.mlp.up_proj", 6, 4, 2,
+                       FactorData(rng.standard_normal(5).astype(np.float32), np.array([0, 2, 3, 7, 11])),
+                       FactorData(rng.standard_normal(8).astype(np.float32)), 100)
+    delta = Delta("f" * 32, {layer.name: layer}, {"model.norm.weight": np.ones(4, np.float32)},
+                  {"method": "osd", "rank": 1, "relax": 1, "importance": "taylor"})
+    return delta_file.to_bytes(delta, "float16")
+
+
+VALID = _valid_bytes()
+HEADER_LEN = int.from_bytes(VALID[:8], "little")
+
+
+def _read(tmp_path, data: bytes) -> None:
+    path = tmp_path / "d.safetensors"
+    path.write_bytes(data)
+    try:
+        delta_file.read(path)
+    except PackageError:
+        pass
+
+
+def test_the_valid_file_reads(tmp_path):
+    path = tmp_path / "ok.safetensors"
+    path.write_bytes(VALID)
+    assert delta_file.read(path).layers["model.layers.0.mlp.up_proj"].u.kept == 5
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8))
+def test_byte_flips_never_crash(tmp_path, flips):
+    count("fuzz")
+    data = bytearray(VALID)
+    for pos, value in flips:
+        data[pos] = value
+    _read(tmp_path, bytes(data))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, len(VALID)))
+def test_truncations_never_crash(tmp_path, cut):
+    count("fuzz")
+    _read(tmp_path, VALID[:cut])
+
+
+def _with_metadata(meta: object) -> bytes:
+    """The valid tensors under a different edgepack_delta metadata value (header rewritten)."""
+    header = json.loads(VALID[8:8 + HEADER_LEN])
+    header["__metadata__"]["edgepack_delta"] = json.dumps(meta) if not isinstance(meta, str) else meta
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + VALID[8 + HEADER_LEN:]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
+    max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(json_values)
+def test_metadata_values_never_crash(tmp_path, meta):
+    count("fuzz")
+    _read(tmp_path, _with_metadata(meta))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["shape", "rank", "bits", "kept_u"]), json_values)
+def test_layer_descriptions_never_crash(tmp_path, field, value):
+    """Plausible metadata with one field of the layer description replaced (checksum still valid)."""
+    count("fuzz")
+    header = json.loads(VALID[8:8 + HEADER_LEN])
+    meta = json.loads(header["__metadata__"]["edgepack_delta"])
+    meta["layers"]["model.layers.0.mlp.up_proj"][field] = value
+    _read(tmp_path, _with_metadata(meta))
+
+
+@pytest.mark.parametrize("change", [
+    {"format_version": 2}, {"base_fingerprint": None}, {"layers": []}, {"tensor_sha256": "0" * 64},
+    {"dense": {"model.norm.weight": [5]}}, {"layers": {"x": {"shape": [6, 4], "rank": 9, "bits": 1}}},
+    {"layers": {"model.layers.0.mlp.up_proj": {"shape": [6, 4], "rank": float("inf"), "bits": 1}}},
+])
+def test_inconsistent_metadata_is_refused(tmp_path, change):
+    header = json.loads(VALID[8:8 + HEADER_LEN])
+    meta = {**json.loads(header["__metadata__"]["edgepack_delta"]), **change}
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(_with_metadata(meta))
+    with pytest.raises(PackageError):
+        delta_file.read(path)
