@@ -166,6 +166,9 @@ def inspect(args: argparse.Namespace) -> int:
     print(f"weights      {manifest.plan.get('weights', manifest.dtype)}")
     print(f"compression  {_describe_compression(manifest.plan.get('compression'))}")
     print(f"context      {manifest.plan.get('context_length')} tokens")
+    slots = (manifest.plan.get("config") or {}).get("delta_slots")
+    print(f"deltas       {'accepted (--delta FILE)' if slots else 'no delta slots'}; weights fingerprint "
+          f"{model.get('weights_fingerprint', 'not recorded')}")
     print(f"size         {manifest.total_size / 1e6:.1f} MB in {len(manifest.files)} files")
     for name, report in manifest.parity.items():
         print(f"parity       {name}: max |Δlogit| {report['max_abs_diff']:.3g} "
