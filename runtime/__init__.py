@@ -3,7 +3,7 @@
 from edgepack.runtime.decoder import SessionSettings
 from edgepack.runtime.errors import EdgepackError, IntegrityError, PackageError, UsageError
 from edgepack.runtime.generation import GenerationResult
-from edgepack.runtime.model import Model, Session, generate, load
+from edgepack.runtime.model import Model, Session, apply_delta, generate, load
 from edgepack.runtime.package import open_package
 from edgepack.runtime.sampling import SamplingConfig
 
@@ -17,6 +17,7 @@ __all__ = [
     "Session",
     "SessionSettings",
     "UsageError",
+    "apply_delta",
     "generate",
     "load",
     "open_package",

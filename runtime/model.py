@@ -193,3 +193,8 @@ def load(package: Path | str, *, verify: bool = True, settings: SessionSettings 
 def generate(model: Model, prompt: Prompt, **kwargs) -> GenerationResult:
     """Module-level verb mirroring ``Model.generate``."""
     return model.generate(prompt, **kwargs)
+
+
+def apply_delta(model: Model, delta: str | Path | Delta | None) -> None:
+    """Module-level verb mirroring ``Model.apply_delta``."""
+    model.apply_delta(delta)
