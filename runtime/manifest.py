@@ -94,7 +94,8 @@ class Manifest:
             if not isinstance(getattr(self, key), kind):
                 raise PackageError(f"manifest.json: '{key}' must be a {kind.__name__}; the package is invalid")
         for name in self.files:
-            if name.startswith(("/", "\\")) or ".." in Path(name).parts or name == MANIFEST_NAME:
+            if (not name or "\x00" in name or name.startswith(("/", "\\")) or ".." in Path(name).parts
+                    or name == MANIFEST_NAME):  # NUL: found by fuzzing (os.path raises ValueError on it)
                 raise PackageError(f"manifest lists an unsafe file name {name!r}; the package is invalid")
         for required in (MODEL_NAME, TOKENIZER_NAME, GENERATION_NAME):
             if required not in self.files:
