@@ -24,11 +24,9 @@ def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     return (u[:, :rank] * root).float(), (vh[:rank].T * root).float()
 
 
-def dense_layer(name: str, delta: torch.Tensor, rank: int) -> LayerDelta:
-    """TruncSVD: the rank-``rank`` factors, stored densely."""
-    u, v = svd_factors(delta, rank)
-    n_out, n_in = delta.shape
-    k = u.shape[1]
+def dense_layer(name: str, u: torch.Tensor, v: torch.Tensor) -> LayerDelta:
+    """TruncSVD: the factors (from ``svd_factors`` at rank r), stored densely."""
+    (n_out, k), n_in = u.shape, v.shape[0]
     return LayerDelta(name, n_out, n_in, k, FactorData(u.numpy().ravel()), FactorData(v.numpy().ravel()),
                       budget.dense_bits(n_out, n_in, k))
 

@@ -98,7 +98,7 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
     allowed = {n: budget.dense_bits(*d.shape, min(config.rank, *d.shape)) for n, d in changed.items()}
     total_budget = sum(allowed.values())
     if config.method == "truncsvd":
-        layers = {n: factorize.dense_layer(n, d, config.rank) for n, d in changed.items()}
+        layers = {n: factorize.dense_layer(n, *factors[n]) for n in changed}
     elif config.allocation == "global" and windows:
         layers = factorize.select_global({n: (*factors[n], *scores[n]) for n in changed}, total_budget)
     else:
