@@ -133,26 +133,67 @@ def test_corrected_factors_undo_upstream_error():
     distort = torch.eye(48, dtype=torch.float64) + 0.1 * torch.randn(48, 48, dtype=torch.float64, generator=g)
     x_hat = x @ distort  # what the layer sees once earlier layers are compressed
     target = x @ w.T
-    a, b = corrected_factors(w, x, x_hat, 48, 1e-4)
+    a, b = corrected_factors(w, x, x_hat, 48, 1e-4, ridge=0.0)
     naive = float(((target - x_hat @ w.T) ** 2).sum())
     assert float(((target - x_hat @ (a @ b).T) ** 2).sum()) < 1e-6 * naive
-    a, b = corrected_factors(w, x, x_hat, 12, 1e-4)
+    a, b = corrected_factors(w, x, x_hat, 12, 1e-4, ridge=0.0)
     s = factorize.whitening(x_hat.T @ x_hat, 1e-4)
     a0, b0 = factorize.whitened(w, 12, s)
     assert float(((target - x_hat @ (a @ b).T) ** 2).sum()) < float(((target - x_hat @ (a0 @ b0).T) ** 2).sum())
 
 
 def test_propagation_aware_compression_lowers_output_error():
+    """Unregularized, the correction lowers the error on its own calibration windows; on other text the
+    ridge chosen on held-out windows keeps it from doing worse than no correction at all (the tiny random
+    model's 10 calibration windows are too few for λ = 0 not to overfit)."""
     import tiny
 
     windows = [list(range(i, i + 32)) for i in range(0, 320, 32)]
+    fresh = torch.tensor([list(range(i, i + 32)) for i in range(320, 448, 32)])  # like the calibration text
     errors = {}
-    for propagate in (False, True):
+    for variant in ("none", 0.0, "auto"):
         model = tiny.make_model(seed=5, layers=4)
         with torch.inference_mode():
-            reference = model(torch.tensor(windows[:4])).logits
-        compress_(model, ResSVDConfig(ratio=0.3, layers=4, method="svd-llm", propagate=propagate), windows)
+            reference = model(torch.tensor(windows[:4])).logits, model(fresh).logits
+        ridge = 0.0 if variant == "none" else variant
+        compress_(model, ResSVDConfig(ratio=0.3, layers=4, method="svd-llm", propagate=variant != "none", ridge=ridge),
+                  windows)
         with torch.inference_mode():
-            out = model(torch.tensor(windows[:4])).logits
-        errors[propagate] = float(((out - reference) ** 2).mean() / (reference ** 2).mean())
-    assert errors[True] < 0.5 * errors[False]
+            out = model(torch.tensor(windows[:4])).logits, model(fresh).logits
+        errors[variant] = [float(((o - r) ** 2).mean() / (r ** 2).mean()) for o, r in zip(out, reference)]
+    assert errors[0.0][0] < 0.5 * errors["none"][0]  # in sample
+    assert errors["auto"][1] < errors[0.0][1] and errors["auto"][1] < 1.05 * errors["none"][1]  # out of sample
+
+
+def test_ridge_chosen_on_held_out_windows_beats_plain_least_squares():
+    """Few calibration rows for the dimension: the unregularized map fits noise; the ridge picked on
+    held-out windows generalizes better, and is the grid point with the least held-out error."""
+    from edgepack.toolchain.ressvd import correction
+    from edgepack.toolchain.ressvd.sequential import corrected_factors
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 48, dtype=torch.float64, generator=g)
+    distort = torch.eye(48, dtype=torch.float64) + 0.1 * torch.randn(48, 48, dtype=torch.float64, generator=g)
+
+    def sample(n):
+        x = correlated_inputs(n=n, seed=int(torch.randint(0, 10**6, (1,), generator=g)))
+        return x, x @ distort + 0.05 * torch.randn(n, 48, dtype=torch.float64, generator=g)
+
+    x, x_hat = sample(64)
+    x, x_hat = x.reshape(8, 8, 48), x_hat.reshape(8, 8, 48)  # 8 windows of 8 tokens: 56 fitting rows for 48 dims
+    fresh_x, fresh_hat = sample(4000)
+
+    def fresh_error(ridge):
+        a, b = corrected_factors(w, x, x_hat, 48, 1e-4, ridge=ridge)
+        return float(((fresh_x @ w.T - fresh_hat @ (a @ b).T) ** 2).sum())
+
+    lam, _, curve = correction.choose_ridge([w], x, x_hat, 1e-4)
+    assert set(curve) == set(correction.RIDGE_GRID) and curve[lam] == min(curve.values())
+    assert fresh_error("auto") < 0.5 * fresh_error(0.0)
+
+
+def test_ridge_config_is_validated():
+    assert ResSVDConfig(ridge=0.01).ridge == 0.01
+    for bad in (-1.0, "big", True):
+        with pytest.raises(UsageError, match="ridge"):
+            ResSVDConfig(ridge=bad)

@@ -26,6 +26,7 @@ class CompressionReport:
     params_before: int
     params_after: int
     search: list[dict[str, float]] = field(default_factory=list)  # k → final hidden-state error
+    corrections: list[dict] = field(default_factory=list)  # propagation: per group, the ridge and its curve
     calibration_tokens: int = 0
     seconds: float = 0.0
 
@@ -39,7 +40,8 @@ class _Whitened:
     def __init__(self, weight: torch.Tensor, gram: torch.Tensor, damping: float) -> None:
         self.weight = weight.detach().double()
         self.s = factorize.whitening(gram, damping)
-        self.u, self.sig, self.vh = torch.linalg.svd(self.weight @ self.s, full_matrices=False)
+        with factorize.one_thread():
+            self.u, self.sig, self.vh = torch.linalg.svd(self.weight @ self.s, full_matrices=False)
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         return factorize.unwhiten(self.u, self.sig, self.vh, self.s, rank)
@@ -66,6 +68,7 @@ def compress_(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
     whitened = {n: _Whitened(modules[n].weight, grams[n], config.damping)
                 for n in tqdm(candidates, desc="decomposing", unit="layer")} if grams else {}
     search: list[dict[str, float]] = []
+    corrections: list[dict] = []
     if config.rank_map:
         ranks = dict(config.rank_map)
     elif config.layers == "auto":
@@ -78,7 +81,7 @@ def compress_(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
         if config.method == "ressvd" and config.residual_share > 0:
             def truncate(w, rank, s):
                 return factorize.residual(w, rank, s, config.residual_share)
-        compress_sequential_(model, ranks, windows, config.damping, truncate)
+        corrections = compress_sequential_(model, ranks, windows, config.damping, truncate, config.ridge)
     else:
         for name, rank in tqdm(ranks.items(), desc="factorizing", unit="layer"):
             a, b = _factors(config, modules[name], rank, whitened.get(name))
@@ -87,7 +90,8 @@ def compress_(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
         config=config.to_dict(), ranks=ranks,
         layers_compressed=len({n.rsplit(".", 2)[0] for n in ranks}),
         removed_share=selection.removed_share(per_layer, ranks), params_before=before,
-        params_after=sum(p.numel() for p in model.parameters()), search=search, calibration_tokens=tokens,
+        params_after=sum(p.numel() for p in model.parameters()), search=search, corrections=corrections,
+        calibration_tokens=tokens,
         seconds=round(time.perf_counter() - start, 1),
     )
 

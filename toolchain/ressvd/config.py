@@ -38,6 +38,9 @@ class ResSVDConfig:
     # rank map (k = 12, half of each layer removed) it produced a broken model (perplexity ~2.5e5):
     # the least-squares map W·C·G⁻¹ is unregularized; until that is understood it stays off.
     propagate: bool = False
+    # Ridge of the propagation's least-squares map, relative to mean diag(X̂ᵀX̂): "auto" picks it per
+    # group of layers on held-out calibration windows (correction.py), a number fixes it.
+    ridge: float | str = "auto"
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -54,6 +57,9 @@ class ResSVDConfig:
             raise UsageError(f"--layers must be at least 1, got {self.layers}")
         if not 0.0 <= self.residual_share < 1.0:
             raise UsageError(f"residual_share must be in [0, 1), got {self.residual_share}")
+        if self.ridge != "auto" and (isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float))
+                                     or not self.ridge >= 0):
+            raise UsageError(f"ridge must be 'auto' or a number >= 0, got {self.ridge!r}")
         if self.calib_windows < 1 or self.calib_length < 2:
             raise UsageError("calibration needs at least 1 window of at least 2 tokens")
         object.__setattr__(self, "targets", tuple(self.targets))

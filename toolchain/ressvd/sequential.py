@@ -1,23 +1,23 @@
 """Propagation-aware truncation: compress layer by layer, correcting each for the errors upstream.
 
 Two streams of calibration activations run through the decoder side by side: the dense model's
-(X) and the partly compressed model's (X̂). For each chosen linear layer the best replacement W'
-given the inputs it will really see minimizes ‖X·Wᵀ − X̂·W'ᵀ‖. With G = X̂ᵀX̂ and C = XᵀX̂ this
-splits exactly into the least-squares map W* = W·C·G⁻¹ (a closed-form correction of upstream error)
-plus a rank-r truncation of W* whitened by G (S·Sᵀ = G). Layers are treated in execution order
-(q/k/v, then o, then gate/up, then down), so each sees the inputs its compressed predecessors make.
+(X) and the partly compressed model's (X̂). Each group of linear layers fed the same tensor is
+replaced by the whitened truncation of a ridge-regularized least-squares map from X̂ to the dense
+outputs (correction.py: the map, the ridge and its choice on held-out windows). Groups are treated
+in execution order (q/k/v, then o, then gate/up, then down), so each sees the inputs its compressed
+predecessors make: per layer, one dense pass records the inputs, and one compressed pass replaces
+each group from inside its first module's call.
 
 The decoder layers are run one at a time with the arguments captured at the first layer's call,
 as GPTQ-style tools do, which works for any architecture whose layers share one call signature.
 """
-
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
-from edgepack.toolchain.ressvd import factorize, selection
-from edgepack.toolchain.ressvd.calibration import cross_f64, gram_f64
+from edgepack.toolchain.ressvd import correction, factorize, selection
 from edgepack.toolchain.ressvd.layers import factorized_linear, set_module
 from torch import nn
 from tqdm import tqdm
@@ -37,7 +37,7 @@ def _capture_first_layer(model: nn.Module, layers: nn.ModuleList, windows: Seque
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             model(torch.tensor([list(w) for w in windows]), use_cache=False)
     except _Stop:
         pass
@@ -51,29 +51,25 @@ def _run(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _inputs(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, names: dict[str, nn.Module],
-            stop_at: str | None = None) -> dict[str, torch.Tensor]:
-    """Inputs reaching each named submodule; stops the layer early once ``stop_at`` has its input."""
+def _dense_pass(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
+                chosen: dict[str, nn.Module]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The layer's output and the input reaching each chosen module, in the order they ran."""
     seen: dict[str, torch.Tensor] = {}
 
     def make(name):
         def hook(module, args):
-            seen[name] = args[0]  # kept whole: identity tells which layers share an input
-            if name == stop_at:
-                raise _Stop
+            seen[name] = args[0]  # kept whole: identity tells which modules share an input
 
         return hook
 
-    handles = [m.register_forward_pre_hook(make(n)) for n, m in names.items()]
+    handles = [m.register_forward_pre_hook(make(n)) for n, m in chosen.items()]
     try:
-        with torch.inference_mode():
-            _run(layer, hidden, kwargs)
-    except _Stop:
-        pass
+        with torch.no_grad():
+            out = _run(layer, hidden, kwargs)
     finally:
         for h in handles:
             h.remove()
-    return seen
+    return out, seen
 
 
 def _groups(order: list[str], inputs: dict[str, torch.Tensor]) -> list[list[str]]:
@@ -88,47 +84,65 @@ def _groups(order: list[str], inputs: dict[str, torch.Tensor]) -> list[list[str]
 
 
 def corrected_factors(weight: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, rank: int, damping: float,
-                      truncate: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x.reshape(-1, x.shape[-1])
-    x_hat = x_hat.reshape(-1, x_hat.shape[-1])
-    gram = gram_f64(x_hat)
-    s = factorize.whitening(gram, damping)
-    cross = cross_f64(x, x_hat)
-    # W* = W·C·G⁻¹ via two triangular solves with G = S·Sᵀ (no explicit inverse).
-    y = torch.linalg.solve_triangular(s, (weight.double() @ cross).T, upper=False)
-    w_star = torch.linalg.solve_triangular(s.T, y, upper=True).T
-    if truncate is not None:
-        return truncate(w_star, rank, s)
-    return factorize.whitened(w_star, rank, s)
+                      truncate: Callable | None = None, ridge: float | str = "auto"
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of one layer; ``compress_sequential_`` fits whole groups the same way."""
+    return _fit_group([weight], x, x_hat, [rank], damping, truncate, ridge)[0][0]
+
+
+def _fit_group(weights: list[torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor, ranks: list[int], damping: float,
+               truncate: Callable | None, ridge: float | str):
+    if ridge == "auto" and x.dim() == 3 and x.shape[0] >= 2:
+        lam, moments, curve = correction.choose_ridge(weights, x, x_hat, damping)
+    else:
+        lam = correction.FALLBACK_RIDGE if ridge == "auto" else float(ridge)
+        moments, curve = correction.Moments.of(x, x_hat), {}
+    maps, s = correction.corrected_map(weights, moments, lam, damping)
+    cut = truncate or factorize.whitened
+    return [cut(w, r, s) for w, r in zip(maps, ranks)], lam, curve
 
 
 def compress_sequential_(model: nn.Module, ranks: dict[str, int], windows: Sequence[Sequence[int]],
-                         damping: float = 1e-4, truncate: Callable | None = None) -> None:
-    """Replace every module in ``ranks`` by corrected factors, layer by layer, in place."""
+                         damping: float = 1e-4, truncate: Callable | None = None,
+                         ridge: float | str = "auto") -> list[dict]:
+    """Replace every module in ``ranks`` by corrected factors, layer by layer, in place; returns, per
+    group, the ridge chosen and its held-out curve."""
     layers = selection.decoder_layers(model)
     per_layer = selection.target_linears(model, list({n.rsplit(".", 1)[-1] for n in ranks}))
     dense_h, kwargs = _capture_first_layer(model, layers, windows)
-    comp_h = dense_h
-    diverged = False
+    comp_h, log = dense_h, []
     for index, layer in enumerate(tqdm(layers, desc="compressing layers", unit="layer")):
         chosen = {n: m for n, m in per_layer[index] if n in ranks}
         if not chosen:
-            with torch.inference_mode():
-                dense_h = _run(layer, dense_h, kwargs)
-                comp_h = _run(layer, comp_h, kwargs) if diverged else dense_h
+            with torch.no_grad():
+                new_dense = _run(layer, dense_h, kwargs)
+                comp_h = _run(layer, comp_h, kwargs) if comp_h is not dense_h else new_dense
+            dense_h = new_dense
             continue
-        dense_in = _inputs(layer, dense_h, kwargs, chosen)
-        order = list(dense_in)  # dict order is the order the hooks fired in
-        with torch.inference_mode():
-            new_dense = _run(layer, dense_h, kwargs)
-        for group in _groups(order, dense_in):
-            comp_in = _inputs(layer, comp_h, kwargs, {group[0]: chosen[group[0]]}, stop_at=group[0])[group[0]]
-            for name in group:
-                module = chosen[name]
-                a, b = corrected_factors(module.weight.detach(), dense_in[name], comp_in, ranks[name], damping,
-                                         truncate)
-                set_module(model, name, factorized_linear(a, b, module.bias, module.weight.dtype))
-        dense_h = new_dense
-        with torch.inference_mode():
-            comp_h = _run(layer, comp_h, kwargs)
-        diverged = True
+        dense_h, dense_in = _dense_pass(layer, dense_h, kwargs, chosen)
+        fit = functools.partial(_fit_group, damping=damping, truncate=truncate, ridge=ridge)
+        hooks = [chosen[g[0]].register_forward_hook(_replacing_hook(model, g, chosen, dense_in[g[0]], ranks, fit, log))
+                 for g in _groups(list(dense_in), dense_in)]
+        try:
+            with torch.no_grad():
+                comp_h = _run(layer, comp_h, kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+    return log
+
+
+def _replacing_hook(model: nn.Module, group: list[str], chosen: dict[str, nn.Module], x: torch.Tensor,
+                    ranks: dict[str, int], fit: Callable, log: list[dict]) -> Callable:
+    """Runs when the group's first module is called in the compressed pass, whose input is X̂: the
+    group is replaced and the first module's output recomputed within that call, so the modules after
+    it see corrected outputs (one compressed pass per layer)."""
+
+    def hook(module, args, output):
+        factors, lam, curve = fit([chosen[n].weight.detach() for n in group], x, args[0], [ranks[n] for n in group])
+        for name, (a, b) in zip(group, factors):
+            set_module(model, name, factorized_linear(a, b, chosen[name].bias, chosen[name].weight.dtype))
+        log.append({"group": group, "ridge": lam, "holdout": {str(k): v for k, v in curve.items()}})
+        return model.get_submodule(group[0])(args[0])
+
+    return hook
