@@ -40,6 +40,7 @@ VARIANTS = {
     "OSD --auto": dict(method="osd", auto=True),
 }
 BASELINES = ("TruncSVD", "MagTruncSVD")
+PAPER = ("TruncSVD", "MagTruncSVD", "OSD (paper: taylor, per layer)")  # run at every rank; the rest at --extra-ranks
 
 
 def window_nll(model, ids: list[int], context: int, max_windows: int) -> np.ndarray:
@@ -94,19 +95,19 @@ def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dic
     del ft
     ppl_base, ppl_ft = math.exp(nll_base.mean()), math.exp(nll_ft.mean())
     print(f"[{domain}] base {ppl_base:.2f}  full fine-tune {ppl_ft:.2f}", file=sys.stderr, flush=True)
-    rows, per_window = [], {}
+    rows, per_window, cache = [], {}, {}
     for rank in args.ranks:
         for label in args.variants:
-            if label == "OSD --auto" and rank not in args.auto_ranks:
+            if label not in PAPER and rank not in args.extra_ranks:
                 continue
             config = DeltaConfig(rank=rank, windows=args.valid_windows, **VARIANTS[label])
             start = time.perf_counter()
             if config.auto:
                 from edgepack.toolchain.delta.auto import auto
 
-                delta = auto(base.model, raw, config, valid)
+                delta = auto(base.model, raw, config, valid, cache)
             else:
-                delta = compress(base.model, raw, config, valid if config.method == "osd" else [])
+                delta = compress(base.model, raw, config, valid if config.method == "osd" else [], cache)
             seconds = time.perf_counter() - start
             path = work / f"{domain}-{label.split()[0].lower()}-{len(rows)}-r{rank}.safetensors"
             size16 = delta_file.write(delta, path, "float16")
@@ -247,7 +248,8 @@ def main() -> None:
     parser.add_argument("--domains", nargs="+", default=["docs", "code"])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--auto-ranks", type=int, nargs="+", default=[1, 2], help="ranks at which --auto runs")
+    parser.add_argument("--extra-ranks", type=int, nargs="+", default=[1, 2],
+                        help="ranks at which the variants beyond the paper run")
     parser.add_argument("--max-windows", type=int, default=16, help="test windows per domain")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--valid-windows", type=int, default=8, help="validation windows of 256 tokens (OSD)")

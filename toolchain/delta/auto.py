@@ -20,17 +20,19 @@ from edgepack.toolchain.delta import extract
 from edgepack.toolchain.delta.make import DeltaConfig, compress
 
 
-def auto(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig, windows: list[list[int]]) -> Delta:
+def auto(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig, windows: list[list[int]],
+         cache: dict | None = None) -> Delta:
     if config.method != "osd":
         raise UsageError("--auto tunes OSD; TruncSVD and MagTruncSVD have nothing to choose")
     if not windows:
         raise UsageError("--auto chooses by validation loss: pass --valid FILE")
     trials, best = [], None
+    cache = {} if cache is None else cache
     for relax in sorted({config.rank, 2 * config.rank, 3 * config.rank}):
         for allocation in ("layer", "global"):
             candidate = dataclasses.replace(config, relax=relax, allocation=allocation, importance="taylor",
                                             auto=False)
-            delta = compress(model, raw, candidate, windows)
+            delta = compress(model, raw, candidate, windows, cache)
             loss = validation_loss(model, delta, windows)
             trials.append({"relax": relax, "allocation": allocation, "validation_loss": round(loss, 5)})
             print(f"edgepack: --auto c={relax} allocation={allocation}: validation loss {loss:.4f}", file=sys.stderr)

@@ -14,12 +14,24 @@ import torch
 from edgepack.runtime.delta_file import FactorData, LayerDelta
 from edgepack.toolchain.delta import budget
 
+_CACHED_RANK = 32  # singular triplets kept per matrix by a cache: enough for r + c at every budget tried
 
-def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def svd_factors(delta: torch.Tensor, rank: int, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(U [n_out, k], V [n_in, k]) with ΔW ≈ U·Vᵀ; √σ folded into each so both have the same scale
-    (magnitude selection compares entries of U with entries of V)."""
+    (magnitude selection compares entries of U with entries of V). ``cache`` keeps the leading
+    singular triplets of each delta, so trying several ranks factors each matrix once."""
     rank = min(rank, *delta.shape)
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    key = ("svd", id(delta))
+    if cache is None or key not in cache or cache[key][1].numel() < rank:
+        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        keep = max(rank, _CACHED_RANK)
+        triplet = (u[:, :keep].clone(), s[:keep].clone(), vh[:keep].clone())
+        if cache is not None:
+            cache[key] = triplet
+    else:
+        triplet = cache[key]
+    u, s, vh = triplet
     root = s[:rank].sqrt()
     return (u[:, :rank] * root).float(), (vh[:rank].T * root).float()
 

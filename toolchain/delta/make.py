@@ -86,15 +86,16 @@ def make(base: str, finetuned: str, config: DeltaConfig) -> Delta:
 
 
 def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
-             windows: list[list[int]]) -> Delta:
-    """Compress ``raw`` (the delta of ``model``'s fine-tune) as ``config`` says."""
+             windows: list[list[int]], cache: dict | None = None) -> Delta:
+    """Compress ``raw`` (the delta of ``model``'s fine-tune) as ``config`` says. Pass the same ``cache``
+    dict to several calls on one ``raw`` (other methods, ranks) to reuse SVDs and gradient passes."""
     start = time.perf_counter()
     changed = {n: d for n, d in raw.linears.items() if bool(d.abs().max() > 0)}
     if not changed and not raw.dense:
         raise UsageError("the two models have identical weights: there is no delta to compress")
-    factors = {n: factorize.svd_factors(d, config.factor_rank)
+    factors = {n: factorize.svd_factors(d, config.factor_rank, cache)
                for n, d in tqdm(changed.items(), desc="factorizing ΔW", unit="layer", file=sys.stderr)}
-    scores, how = _scores(model, factors, config, windows)
+    scores, how = _scores(model, factors, config, windows, {} if cache is None else cache)
     allowed = {n: budget.dense_bits(*d.shape, min(config.rank, *d.shape)) for n, d in changed.items()}
     total_budget = sum(allowed.values())
     if config.method == "truncsvd":
@@ -112,7 +113,7 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
 
 
 def _scores(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], config: DeltaConfig,
-            windows: list[list[int]]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], str]:
+            windows: list[list[int]], cache: dict) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], str]:
     if config.method == "truncsvd":
         return {}, "none (dense factors)"
     magnitude = {n: (u.abs(), v.abs()) for n, (u, v) in factors.items()}
@@ -122,10 +123,15 @@ def _scores(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch
         print("edgepack: no validation text given: OSD falls back to the data-free magnitude criterion "
               "(pass --valid FILE for Taylor importance)", file=sys.stderr)
         return magnitude, "magnitude |θ| (data-free fallback: no validation text)"
-    layers = {n: m for n, m in extract.linear_layers(model).items() if n in factors}
-    shifts = {n: u @ v.T for n, (u, v) in factors.items()}
-    grams: dict[str, torch.Tensor] | None = {} if config.importance == "output" else None
-    grads = importance.weight_gradients(model, layers, shifts, windows, grams)
+    # Gradients at base + the rank-(r+c) delta; the layers' input X·Xᵀ only for the output criterion.
+    output = config.importance == "output"
+    key = ("gradients", config.factor_rank, id(windows), output)
+    if key not in cache:
+        layers = {n: m for n, m in extract.linear_layers(model).items() if n in factors}
+        shifts = {n: u @ v.T for n, (u, v) in factors.items()}
+        grams: dict[str, torch.Tensor] | None = {} if output else None
+        cache[key] = (importance.weight_gradients(model, layers, shifts, windows, grams), grams)
+    grads, grams = cache[key]
     if config.importance == "output":
         return ({n: importance.output_scores(u, v, grams[n]) for n, (u, v) in factors.items()},
                 "output error U²·VᵀCV / V²·|U|²·C_ll from validation inputs")
