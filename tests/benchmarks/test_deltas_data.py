@@ -107,3 +107,8 @@ def test_bad_settings_are_refused():
         finetune.FinetuneConfig(domain="poetry")
     with pytest.raises(ValueError, match="learning rate"):
         finetune.FinetuneConfig(domain="code", lr=0.0)
+
+
+def test_every_domain_has_default_settings():
+    assert set(finetune.DEFAULTS) == set(domains.DOMAINS)
+    assert all(config.domain == domain for domain, config in finetune.DEFAULTS.items())
