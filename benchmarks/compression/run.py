@@ -4,16 +4,22 @@
 
 Variants (each from a fresh copy of the dense model): dense; plain SVD on all layers; whitened
 (SVD-LLM) on all layers; whitened on the last k layers (k searched); ResSVD as published (whitened
-+ a plain-metric residual stage, last k searched); and both with propagation-aware truncation
-(each layer corrected in closed form for the compressed layers before it). Perplexity is
-measured in PyTorch on the held-out evaluation split
-(512-token windows), with compression time and peak RSS. Writes results/compression.md and .png.
++ a plain-metric residual stage, last k searched); and propagation-aware truncation (each layer
+corrected in closed form for the compressed layers before it, with the ridge chosen on held-out
+calibration windows) on the last k = ⌈2·N·R⌉ layers (half of each removed, the planner's rule) or
+on the last k searched by the non-propagated proxy. Perplexity is measured in PyTorch on the held-out
+evaluation split (512-token windows), with compression time and peak RSS; "int4 ppl" fake-quantizes
+every decoder linear weight (block 32, asymmetric, as the int4 export) to show whether the factors
+survive int4. Rows are merged into results/compression.json by (variant, ratio), so separate runs
+add up; results/compression.md and .png are rewritten from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import math
 import resource
 import sys
 import time
@@ -28,9 +34,10 @@ VARIANTS = {
     "svd-llm, all layers": dict(method="svd-llm", layers="all", propagate=False),
     "svd-llm, last k (searched)": dict(method="svd-llm", layers="auto", propagate=False),
     "ressvd as published, last k": dict(method="ressvd", layers="auto", propagate=False),
-    "svd-llm + propagation, last k": dict(method="svd-llm", layers="auto", propagate=True),
-    "ressvd + propagation, last k": dict(method="ressvd", layers="auto", propagate=True),
+    "ressvd + propagation (ridge), last 2NR": dict(method="ressvd", layers="half", propagate=True),
+    "ressvd + propagation (ridge), last k searched": dict(method="ressvd", layers="auto", propagate=True),
 }
+HEADERS = ["variant", "removed", "perplexity", "× dense", "int4 ppl", "layers", "compress s", "peak RSS MB"]
 
 
 def main() -> None:
@@ -39,50 +46,87 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--max-windows", type=int, default=None, help="evaluation windows (default: all)")
     parser.add_argument("--model", default="default")
+    parser.add_argument("--int4", action="store_true", help="also the perplexity of fake-int4 weights")
     args = parser.parse_args()
 
     from edgepack.runtime import text
     from edgepack.runtime.perplexity import perplexity
     from edgepack.toolchain import sources
-    from edgepack.toolchain.compression import compress_loaded
     from edgepack.toolchain.evaluate import torch_forward
-    from edgepack.toolchain.ressvd import ResSVDConfig
+    from edgepack.toolchain.ressvd import ResSVDConfig, compress_
+    from edgepack.toolchain.ressvd.calibration import calibration_windows
 
     loaded = sources.load(args.model)
     ids = loaded.tokenizer(text.evaluation_text(), add_special_tokens=False)["input_ids"]
+    defaults = ResSVDConfig()
+    windows = calibration_windows(loaded.tokenizer, text.calibration_text(), defaults.calib_windows,
+                                  defaults.calib_length)
 
     def ppl(model) -> float:
         return perplexity(torch_forward(model), ids, 512, args.max_windows).perplexity
 
+    from edgepack.toolchain.ressvd import selection
+
+    per_layer = selection.target_linears(loaded.model, ResSVDConfig().targets)
+    rows = _load_rows()
     dense = ppl(loaded.model)
     print(f"dense perplexity {dense:.2f}", file=sys.stderr)
-    rows = [["dense", "0 %", dense, 1.0, "-", "-", "-"]]
+    rows[("dense", "0 %")] = ["dense", "0 %", dense, 1.0, "-", "-", "-", "-"]
     for ratio in args.ratios:
         for name in args.variants:
-            variant = copy.copy(loaded)
-            variant.model = copy.deepcopy(loaded.model)
+            options = dict(VARIANTS[name])
+            if options["layers"] == "half":  # each compressed layer loses half its parameters
+                options["layers"] = max(selection.min_layers(per_layer, ratio), math.ceil(2 * len(per_layer) * ratio))
+            model = copy.deepcopy(loaded.model)
             start = time.perf_counter()
-            report = compress_loaded(variant, ResSVDConfig(ratio=ratio, **VARIANTS[name]))
+            calib = windows if options["method"] != "svd" else []
+            report = compress_(model, ResSVDConfig(ratio=ratio, **options), calib)
             seconds = time.perf_counter() - start
-            value = ppl(variant.model)
+            value = ppl(model)
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            rows.append([name, f"{ratio:.0%}", value, value / dense, report.layers_compressed, f"{seconds:.0f}",
-                         f"{rss:.0f}"])
-            print(rows[-1], file=sys.stderr)
-            del variant
+            int4 = "-"
+            if args.int4:
+                fake_int4_(model)
+                int4 = ppl(model)
+            rows[(name, f"{ratio:.0%}")] = [name, f"{ratio:.0%}", value, value / dense, int4, report.layers_compressed,
+                                            f"{seconds:.0f}", f"{rss:.0f}"]
+            print(rows[(name, f"{ratio:.0%}")], file=sys.stderr)
+            del model
             _write(rows, args.max_windows)  # after every variant: a long run killed midway keeps its rows
     print((results_dir(__file__) / "compression.md").read_text())
 
 
-def _write(rows, max_windows) -> None:
+def fake_int4_(model) -> None:
+    """Round every decoder linear weight as the int4 export does (blocks of 32 along the input, asymmetric)."""
+    import torch
+
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and "lm_head" not in name:
+                out, inp = m.weight.shape
+                w = torch.nn.functional.pad(m.weight, (0, (-inp) % 32)).reshape(out, -1, 32)
+                low, high = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
+                scale = ((high - low) / 15).clamp_min(1e-12)
+                zero = torch.round(-low / scale)
+                q = torch.clamp(torch.round(w / scale) + zero, 0, 15)
+                m.weight.copy_(((q - zero) * scale).reshape(out, -1)[:, :inp])
+
+
+def _load_rows() -> dict:
+    path = results_dir(__file__) / "compression.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    return {(r[0], r[1]): r for r in rows}
+
+
+def _write(rows: dict, max_windows) -> None:
     out = results_dir(__file__)
+    order = sorted(rows.values(), key=lambda r: (float(r[1].rstrip(" %")), r[0] != "dense"))
+    (out / "compression.json").write_text(json.dumps(order, indent=1) + "\n")
     header = (f"Default model, evaluation split of pydoc_data.topics, 512-token windows"
               f"{'' if max_windows is None else f' (first {max_windows})'}; share of decoder linear "
               "parameters removed. Peak RSS is the process's high-water mark so far.\n\n")
-    table = markdown_table(["variant", "removed", "perplexity", "× dense", "layers", "compress s", "peak RSS MB"],
-                           rows)
-    (out / "compression.md").write_text(header + table)
-    _plot(rows, out / "compression.png")
+    (out / "compression.md").write_text(header + markdown_table(HEADERS, order))
+    _plot(order, out / "compression.png")
 
 
 def _plot(rows, path: Path) -> None:
