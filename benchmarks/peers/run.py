@@ -41,6 +41,7 @@ from common import folder_size, results_dir  # noqa: E402
 QUESTION = "Explain briefly what a Python list comprehension is."
 LONG_PROMPT_TOKENS = 256
 WORKER = Path(__file__).resolve().parent / "worker.py"
+RESSVD = "edgepack, ResSVD 20 % + int4 (fused graph)"
 SETTLE_S = 0.2  # pause between requests: idle thread pools (OpenMP, onnxruntime) stop spinning
 
 
@@ -81,9 +82,11 @@ def prepare(args: argparse.Namespace) -> tuple[list[System], dict[str, list[int]
     fused_f32 = ensure_package(w / "smollm2-fused-float32", args.rebuild, graph="fused")
     fused_int4 = ensure_package(w / "smollm2-fused-int4", args.rebuild, graph="fused", int4=True)
     # From a folder of `edgepack compress default --ratio 0.2` when given, else compressed inline: the same.
-    ressvd = ensure_package(w / "smollm2-fused-int4-ressvd20", args.rebuild, graph="fused", int4=True,
-                            **({"model": str(args.ressvd_model)} if args.ressvd_model else
-                               {"compression": ResSVDConfig(ratio=0.2)}))
+    ressvd = w / "smollm2-fused-int4-ressvd20"
+    if wanted(args, RESSVD):  # compressing takes minutes: not for a run that leaves it out
+        ensure_package(ressvd, args.rebuild, graph="fused", int4=True,
+                       **({"model": str(args.ressvd_model)} if args.ressvd_model else
+                          {"compression": ResSVDConfig(ratio=0.2)}))
     loaded = sources.load("default")
     tok = loaded.tokenizer
     short = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
@@ -110,15 +113,17 @@ def prepare(args: argparse.Namespace) -> tuple[list[System], dict[str, list[int]
         System("optimum ORTModelForCausalLM, int4", "optimum", folders[int4], folder_size(int4)),
         System("edgepack, float32 (fused graph)", "edgepack", fused_f32, folder_size(fused_f32), fused_f32),
         System("edgepack, int4 (fused graph)", "edgepack", fused_int4, folder_size(fused_int4), fused_int4),
-        System("edgepack, ResSVD 20 % + int4 (fused graph)", "edgepack", ressvd, folder_size(ressvd), ressvd),
+        System(RESSVD, "edgepack", ressvd, folder_size(ressvd), ressvd),
     ]
     if llamacpp.installed():
         systems.append(System("llama.cpp Q4_1 (llama-cpp-python)", "llama-cpp", gguf, gguf.stat().st_size))
     else:
         print("peers: llama-cpp-python is not installed; --with-llama-cpp installs it", file=sys.stderr)
-    if args.only:
-        systems = [s for s in systems if any(o.lower() in s.name.lower() for o in args.only)]
-    return systems, prompts
+    return [s for s in systems if wanted(args, s.name)], prompts
+
+
+def wanted(args: argparse.Namespace, name: str) -> bool:
+    return not args.only or any(o.lower() in name.lower() for o in args.only)
 
 
 class Worker:
