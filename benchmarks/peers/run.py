@@ -52,6 +52,7 @@ class System:
     path: Path
     size_bytes: int | None
     package: Path | None = None  # an edgepack package: perplexity is measured on it
+    env: tuple[tuple[str, str], ...] = ()  # extra environment of its worker
 
 
 def ensure_package(out: Path, rebuild: bool, model: str = "default", **config: object) -> Path:
@@ -117,6 +118,9 @@ def prepare(args: argparse.Namespace) -> tuple[list[System], dict[str, list[int]
     ]
     if llamacpp.installed():
         systems.append(System("llama.cpp Q4_1 (llama-cpp-python)", "llama-cpp", gguf, gguf.stat().st_size))
+        if args.llama_passive:  # OpenMP threads that sleep instead of spinning between barriers
+            systems.append(System("llama.cpp Q4_1, OMP_WAIT_POLICY=passive", "llama-cpp", gguf,
+                                  gguf.stat().st_size, env=(("OMP_WAIT_POLICY", "passive"),)))
     else:
         print("peers: llama-cpp-python is not installed; --with-llama-cpp installs it", file=sys.stderr)
     return [s for s in systems if wanted(args, s.name)], prompts
@@ -131,7 +135,8 @@ class Worker:
         self.system = system
         cmd = [sys.executable, str(WORKER), system.kind, str(system.path), "--threads", str(threads),
                "--context", str(context)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, **dict(system.env)})
 
     def request(self, **body: object) -> dict:
         self.proc.stdin.write(json.dumps(body) + "\n")
@@ -202,6 +207,9 @@ def main() -> None:
     parser.add_argument("--ressvd-model", type=Path, help="build the ResSVD package from this folder written by "
                         "'edgepack compress default --ratio 0.2' (default: compress inline)")
     parser.add_argument("--only", nargs="*", help="benchmark only systems whose name contains one of these")
+    parser.add_argument("--llama-passive", action="store_true",
+                        help="also llama.cpp with OMP_WAIT_POLICY=passive (how much its spinning costs under load)")
+    parser.add_argument("--results", type=Path, default=None, help="folder for the results (default: results/)")
     args = parser.parse_args()
     if args.with_llama_cpp:
         llamacpp.ensure_installed()
@@ -240,7 +248,8 @@ def write_results(rows: list[report.Row], loads: list[float], prompts: dict, arg
               f"{args.context}, {cpu}, {os.cpu_count()} cores. Medians of {args.runs} rounds, systems interleaved "
               f"round-robin, each in its own process ({elapsed:.0f} s). 1-minute load average during the run: "
               f"min {min(loads):.2f}, median {statistics.median(loads):.2f}, max {max(loads):.2f}.\n\n")
-    out = results_dir(__file__)
+    out = args.results or results_dir(__file__)
+    out.mkdir(parents=True, exist_ok=True)
     body = header + ratio_line(rows, args.new_tokens) + report.table(rows, args.new_tokens, args.ppl_windows)
     (out / "peers.md").write_text(body)
     meta = {"command": " ".join(sys.argv), "prompts": prompts, "loads": loads, "runs": args.runs,
