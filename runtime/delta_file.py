@@ -4,8 +4,9 @@ Written by the toolchain (``edgepack delta``), read by the runtime; numpy only, 
 it and the runtime stays torch-free. Per decoder linear layer ``name`` (its module path, e.g.
 ``model.layers.3.mlp.down_proj``) the delta is ΔW ≈ U·Vᵀ with U [n_out, k] and V [n_in, k], each
 factor stored either densely (``name.u``) or sparsely as kept values and their flat indices
-(``name.u.values`` float, ``name.u.index`` int32). Other parameters the fine-tune changed (norms,
-biases) are stored densely as ``dense.<param>`` (their difference from the base).
+(``name.u.values`` float; ``name.u.index`` uint16, int32 for factors over 65,536 entries). Other
+parameters the fine-tune changed (norms, biases) are stored densely as ``dense.<param>`` (their
+difference from the base).
 
 The header's ``edgepack_delta`` metadata (JSON) records the format version, method, r, c, the
 fingerprint of the base weights the delta was made against, per-layer ranks and accounted bits,
@@ -110,8 +111,9 @@ def to_bytes(delta: Delta, value_dtype: str = "float32") -> bytes:
         for key, factor in (("u", layer.u), ("v", layer.v)):
             stem = f"{name}.{key}" if factor.index is None else f"{name}.{key}.values"
             tensors.update(_encode(stem, factor.values, value_dtype))
-            if factor.index is not None:
-                tensors[f"{name}.{key}.index"] = factor.index.astype(np.int32)
+            if factor.index is not None:  # 16-bit indices whenever the factor is small enough (it nearly always is)
+                entries = (layer.n_out if key == "u" else layer.n_in) * layer.rank
+                tensors[f"{name}.{key}.index"] = factor.index.astype(np.uint16 if entries <= 1 << 16 else np.int32)
     for name, array in delta.dense.items():
         tensors[f"dense.{name}"] = array.astype(np.float32)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
