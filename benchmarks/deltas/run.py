@@ -38,6 +38,10 @@ VARIANTS = {
     "OSD, output-error score": dict(method="osd", importance="output"),
     "OSD, taylor, global budget": dict(method="osd", allocation="global"),
     "OSD --auto": dict(method="osd", auto=True),
+    "TruncSVD, whitened": dict(method="truncsvd", whiten=True),
+    "MagTruncSVD, whitened": dict(method="magtruncsvd", whiten=True),
+    "OSD, whitened": dict(method="osd", whiten=True),
+    "OSD, whitened, global budget": dict(method="osd", whiten=True, allocation="global"),
 }
 BASELINES = ("TruncSVD", "MagTruncSVD")
 PAPER = ("TruncSVD", "MagTruncSVD", "OSD (paper: taylor, per layer)")  # run at every rank; the rest at --extra-ranks
@@ -107,7 +111,8 @@ def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dic
 
                 delta = auto(base.model, raw, config, valid, cache)
             else:
-                delta = compress(base.model, raw, config, valid if config.method == "osd" else [], cache)
+                delta = compress(base.model, raw, config, valid if config.method == "osd" or config.whiten else [],
+                                 cache)
             seconds = time.perf_counter() - start
             path = work / f"{domain}-{label.split()[0].lower()}-{len(rows)}-r{rank}.safetensors"
             size16 = delta_file.write(delta, path, "float16")
@@ -206,7 +211,8 @@ def write_results(rows: list[dict], summaries: list[dict], runtime: dict, args: 
     table = [[r["domain"], r["rank"], r["variant"], r["relax"], f"{r['perplexity']:.3f}", f"{r['gain_kept']:.1%}",
               r["accounted_kB"], r["file_kB_fp16"], r.get("vs_best_baseline", ""), r["seconds"]] for r in rows]
     lines = ["# Fine-tune deltas on SmolLM2-135M-Instruct", "",
-             f"Command: `python benchmarks/deltas/run.py {' '.join(sys.argv[1:])}`", "",
+             f"Command: `python benchmarks/deltas/run.py {' '.join(sys.argv[1:])}`"
+             + (" (other domains' rows kept from an earlier run)" if args.keep else ""), "",
              markdown_table(["domain", "base ppl", "full fine-tune ppl", "fine-tune size MB", "windows x context"],
                             [[s["domain"], s["base_perplexity"], s["finetune_perplexity"], s["finetune_size_MB"],
                               f"{s['windows']} x {s['context']}"] for s in summaries]),
@@ -254,15 +260,27 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--valid-windows", type=int, default=8, help="validation windows of 256 tokens (OSD)")
     parser.add_argument("--skip-runtime", action="store_true")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the saved results of domains not run now (run domains in separate sessions)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core machine two threads wait on each other)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     rows, summaries = [], []
+    saved = results_dir(__file__) / "deltas.json"
+    if args.keep and saved.is_file():
+        old = json.loads(saved.read_text())
+        rows = [r for r in old["rows"] if r["domain"] not in args.domains]
+        summaries = [s for s in old["summaries"] if s["domain"] not in args.domains]
     work = Path(tempfile.mkdtemp(prefix="edgepack-deltas-"))
     for domain in args.domains:
         r, s = quality(domain, args, work)
         rows += r
         summaries.append(s)
         write_results(rows, summaries, {}, args)  # partial results survive an interruption
-    runtime = {} if args.skip_runtime else runtime_costs(rows, work)
+    runtime = {} if args.skip_runtime else runtime_costs([r for r in rows if Path(r["path"]).is_file()], work)
     write_results(rows, summaries, runtime, args)
     print((results_dir(__file__) / "deltas.md").read_text())
 

@@ -195,3 +195,24 @@ def test_smaller_value_types_stay_close(tiny_model_dir, tiny_finetune_dir, tmp_p
         exact = layer.matrix()
         err = np.abs(back.layers[name].matrix() - exact).max() / np.abs(exact).max()
         assert err < (2e-3 if values == "float16" else 3e-2)
+
+
+def test_whitened_factors_fit_the_layer_outputs_better():
+    """On inputs with very unequal feature scales, the whitened rank-1 factors of a delta give a
+    smaller output error ‖(ΔW − U·Vᵀ)·X‖ than the plain ones, though a larger weight error."""
+    from edgepack.toolchain.ressvd.factorize import whitening
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 12, generator=gen, dtype=torch.float64) * torch.logspace(1, -2, 12, dtype=torch.float64)
+    delta = torch.randn(10, 12, generator=gen)
+    s = whitening(x.T @ x, 1e-6)
+    plain = factorize.svd_factors(delta, 1)
+    white = factorize.svd_factors(delta, 1, whiten=s)
+
+    def out_err(f):
+        return ((delta.double() - (f[0] @ f[1].T).double()) @ x.T).norm()
+
+    def w_err(f):
+        return (delta - f[0] @ f[1].T).norm()
+
+    assert out_err(white) < out_err(plain) and w_err(white) > w_err(plain)

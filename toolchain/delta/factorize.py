@@ -13,18 +13,26 @@ import numpy as np
 import torch
 from edgepack.runtime.delta_file import FactorData, LayerDelta
 from edgepack.toolchain.delta import budget
+from edgepack.toolchain.ressvd.factorize import one_thread
 
 _CACHED_RANK = 32  # singular triplets kept per matrix by a cache: enough for r + c at every budget tried
 
 
-def svd_factors(delta: torch.Tensor, rank: int, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_factors(delta: torch.Tensor, rank: int, cache: dict | None = None,
+                whiten: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(U [n_out, k], V [n_in, k]) with ΔW ≈ U·Vᵀ; √σ folded into each so both have the same scale
     (magnitude selection compares entries of U with entries of V). ``cache`` keeps the leading
-    singular triplets of each delta, so trying several ranks factors each matrix once."""
+    singular triplets of each delta, so trying several ranks factors each matrix once.
+
+    ``whiten``: a lower-triangular S with S·Sᵀ = the layer's input X·Xᵀ. Then ΔW·S is truncated, which
+    minimizes the error of the layer's outputs on those inputs instead of the weights' (SVD-LLM's
+    idea applied to the delta), and V is mapped back through S⁻ᵀ."""
     rank = min(rank, *delta.shape)
-    key = ("svd", id(delta))
+    key = ("svd", id(delta), whiten is not None)
     if cache is None or key not in cache or cache[key][1].numel() < rank:
-        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        target = delta.double() if whiten is None else delta.double() @ whiten
+        with one_thread():
+            u, s, vh = torch.linalg.svd(target, full_matrices=False)
         keep = max(rank, _CACHED_RANK)
         triplet = (u[:, :keep].clone(), s[:keep].clone(), vh[:keep].clone())
         if cache is not None:
@@ -33,7 +41,11 @@ def svd_factors(delta: torch.Tensor, rank: int, cache: dict | None = None) -> tu
         triplet = cache[key]
     u, s, vh = triplet
     root = s[:rank].sqrt()
-    return (u[:, :rank] * root).float(), (vh[:rank].T * root).float()
+    v = vh[:rank].T * root
+    if whiten is not None:
+        with one_thread():
+            v = torch.linalg.solve_triangular(whiten.T, v, upper=True)
+    return (u[:, :rank] * root).float(), v.float()
 
 
 def dense_layer(name: str, u: torch.Tensor, v: torch.Tensor) -> LayerDelta:

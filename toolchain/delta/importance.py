@@ -74,3 +74,18 @@ def output_scores(u: torch.Tensor, v: torch.Tensor, gram: torch.Tensor) -> tuple
     c = gram.float()
     col_energy = torch.einsum("ij,ik,kj->j", v, c, v)  # V_jᵀ C V_j for every column j
     return u.square() * col_energy, v.square() * (u.square().sum(0) * torch.diagonal(c)[:, None])
+
+
+def input_grams(model: nn.Module, layers: dict[str, nn.Linear], windows: Sequence[Sequence[int]]
+                ) -> dict[str, torch.Tensor]:
+    """Each layer's mean input X·Xᵀ over ``windows`` (float64), from forward passes alone."""
+    grams: dict[str, torch.Tensor] = {}
+    hooks = [layer.register_forward_hook(_gram_hook(grams, name, len(windows))) for name, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            for window in tqdm(windows, desc="input statistics", unit="window", file=sys.stderr):
+                model(torch.tensor([list(window)]), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return grams

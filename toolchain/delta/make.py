@@ -41,6 +41,9 @@ class DeltaConfig:
     # whole delta, entries of all layers compete on score per bit (taylor scores only: they share a scale).
     allocation: str = "layer"
     auto: bool = False  # choose c and the allocation by validation loss (make.auto)
+    # Factor ΔW in the metric of the layer's validation inputs (ΔW·S, S·Sᵀ = X·Xᵀ + ridge): the
+    # factors then minimize the layer-output error of the delta, not its weight error.
+    whiten: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -77,7 +80,7 @@ def make(base: str, finetuned: str, config: DeltaConfig) -> Delta:
     ft_model = sources.load(finetuned)
     raw = extract.extract(base_model.model, ft_model.model)
     del ft_model
-    windows = _validation_windows(base_model.tokenizer, config) if config.method == "osd" else []
+    windows = _validation_windows(base_model.tokenizer, config) if config.method == "osd" or config.whiten else []
     if config.auto:
         from edgepack.toolchain.delta.auto import auto
 
@@ -93,7 +96,8 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
     changed = {n: d for n, d in raw.linears.items() if bool(d.abs().max() > 0)}
     if not changed and not raw.dense:
         raise UsageError("the two models have identical weights: there is no delta to compress")
-    factors = {n: factorize.svd_factors(d, config.factor_rank, cache)
+    whitening = _whitening(model, changed, windows, cache) if config.whiten else {}
+    factors = {n: factorize.svd_factors(d, config.factor_rank, cache, whitening.get(n))
                for n, d in tqdm(changed.items(), desc="factorizing ΔW", unit="layer", file=sys.stderr)}
     scores, how = _scores(model, factors, config, windows, {} if cache is None else cache)
     allowed = {n: budget.dense_bits(*d.shape, min(config.rank, *d.shape)) for n, d in changed.items()}
@@ -106,10 +110,33 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
         layers = {n: factorize.sparse_layer(n, *factors[n], *scores[n], allowed[n]) for n in changed}
     info = {"method": config.method, "rank": config.rank, "relax": config.factor_rank - config.rank,
             "importance": how, "allocation": config.allocation if config.method == "osd" else "layer",
+            "whitened": config.whiten,
             "budget_bits": total_budget, "validation_windows": len(windows),
             "window_tokens": config.window_tokens, "seconds": round(time.perf_counter() - start, 1)}
     dense = {n: d.numpy() for n, d in raw.dense.items()}
     return Delta(raw.base_fingerprint, layers, dense, info)
+
+
+def _whitening(model: torch.nn.Module, changed: dict[str, torch.Tensor], windows: list[list[int]],
+               cache: dict | None) -> dict[str, torch.Tensor]:
+    """S per layer with S·Sᵀ = its validation inputs' X·Xᵀ plus a ridge of 1 % of the mean diagonal:
+    a few thousand validation tokens leave X·Xᵀ ill-conditioned, and S⁻ᵀ would amplify its noise."""
+    from edgepack.toolchain.ressvd.factorize import whitening
+
+    if not windows:
+        raise UsageError("--whiten factors the delta in the metric of the validation inputs: pass --valid FILE")
+    key = ("whitening", id(windows))
+    if cache is None or key not in cache:
+        layers = {n: m for n, m in extract.linear_layers(model).items() if n in changed}
+        grams = importance.input_grams(model, layers, windows)
+        out = {}
+        for name, gram in grams.items():
+            ridge = 1e-2 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+            out[name] = whitening(gram + ridge, 1e-4)
+        if cache is None:
+            return out
+        cache[key] = out
+    return cache[key]
 
 
 def _scores(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], config: DeltaConfig,
