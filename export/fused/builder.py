@@ -15,7 +15,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
-_PROTO_LIMIT = (1 << 31) - (1 << 26)  # protobuf's 2 GB limit, with headroom
 
 
 class GraphBuilder:
@@ -90,10 +89,17 @@ class GraphBuilder:
 
 
 def save(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Write ``path`` (and ``path.data`` when the weights pass protobuf's limit); return the files."""
-    large = model.ByteSize() > _PROTO_LIMIT
-    onnx.save_model(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
-    return [path, path.with_name(path.name + ".data")] if large else [path]
+    """Write the graph to ``path`` and every weight over 1 KB to ``path.data``; return both files.
+
+    External data is what onnxruntime memory-maps instead of parsing into its heap, so the weights it
+    keeps as they are (the embedding table) stay file pages the runtime can give back after loading
+    (runtime/pages.py); it also lifts protobuf's 2 GB limit. Packages with one model.onnx still load.
+    """
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return [path, data]
 
 
 FLOAT = TensorProto.FLOAT
