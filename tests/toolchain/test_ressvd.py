@@ -83,12 +83,27 @@ def test_impossible_ratio_is_refused(model):
 def test_compress_auto_reports_search_and_shrinks(model):
     windows = [list(range(i, i + 32)) for i in range(0, 256, 32)]
     before = sum(p.numel() for p in model.parameters())
-    report = compress_(model, ResSVDConfig(ratio=0.25, calib_windows=8, calib_length=32), windows)
+    report = compress_(model, ResSVDConfig(ratio=0.25, propagate=False, calib_windows=8, calib_length=32), windows)
     assert report.search and {p["k"] for p in report.search} >= {4}
     best = min(report.search, key=lambda p: p["hidden_error"])
     assert report.layers_compressed == best["k"]
     assert report.params_after < before
     assert isinstance(model.model.layers[-1].mlp.down_proj, torch.nn.Sequential)
+
+
+def test_auto_layers_with_propagation_take_half_of_each_layer(model):
+    windows = [list(range(i, i + 32)) for i in range(0, 256, 32)]
+    per_layer = selection.target_linears(model, ResSVDConfig().targets)
+    report = compress_(model, ResSVDConfig(ratio=0.2), windows)  # the default: propagation, layers "auto"
+    assert not report.search and report.layers_compressed == 2 == selection.half_k(per_layer, 0.2)
+    assert report.ranks == selection.last_k_ranks(per_layer, 0.2, 2)
+    assert report.corrections and all(c["ridge"] in correction_grid() for c in report.corrections)
+
+
+def correction_grid():
+    from edgepack.toolchain.ressvd import correction
+
+    return correction.RIDGE_GRID
 
 
 def test_save_reload_export_parity(tiny_model_dir, tmp_path):

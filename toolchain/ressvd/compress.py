@@ -59,10 +59,12 @@ def compress_(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
     tokens = sum(len(w) for w in windows) if config.method != "svd" else 0
     if config.method != "svd" and not windows:
         raise ValueError(f"method {config.method!r} needs calibration windows")
-    searching = config.layers == "auto" and not config.rank_map
-    # Propagation-aware truncation gathers its own statistics layer by layer; the dense model's
-    # X·Xᵀ is then needed only as the k search's (cheaper, non-propagated) proxy.
-    if config.method != "svd" and (searching or not config.propagate):
+    # The k search scores candidates without propagation (a proxy); with propagation, whose own
+    # statistics are gathered layer by layer, "auto" is the half rule instead: no dense X·Xᵀ of all
+    # layers, no SVD of every module (the search's 4-7 GB and most of its time).
+    propagating = config.propagate and config.method != "svd"
+    searching = config.layers == "auto" and not config.rank_map and not propagating
+    if config.method != "svd" and (searching or not propagating):
         collector = GramCollector(model, candidates)
         grams = collector.run(model, windows)
     whitened = {n: _Whitened(modules[n].weight, grams[n], config.damping)
@@ -71,12 +73,14 @@ def compress_(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
     corrections: list[dict] = []
     if config.rank_map:
         ranks = dict(config.rank_map)
-    elif config.layers == "auto":
+    elif searching:
         ranks, search = _search_k(model, per_layer, config, whitened, windows)
+    elif config.layers == "auto":
+        ranks = selection.last_k_ranks(per_layer, config.ratio, selection.half_k(per_layer, config.ratio))
     else:
         k = len(per_layer) if config.layers == "all" else int(config.layers)
         ranks = selection.last_k_ranks(per_layer, config.ratio, k)
-    if config.propagate and config.method != "svd":
+    if propagating:
         truncate = None
         if config.method == "ressvd" and config.residual_share > 0:
             def truncate(w, rank, s):

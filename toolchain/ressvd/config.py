@@ -19,8 +19,9 @@ class ResSVDConfig:
     ratio: share of the decoder's target linear parameters to remove, over the whole model.
     method: ``svd`` (plain, data-free), ``svd-llm`` (whitened by calibration activations), or
         ``ressvd`` (whitened, plus a residual stage of ``residual_share`` of the rank).
-    layers: ``"auto"`` searches how many of the last layers to compress; an int compresses that
-        many last layers; ``"all"`` compresses every layer at the overall ratio.
+    layers: ``"auto"`` compresses the last k = ⌈2·N·ratio⌉ layers with propagation (each loses about
+        half), and searches k by the final hidden-state error without it; an int compresses that many
+        last layers; ``"all"`` compresses every layer at the overall ratio.
     rank_map: explicit ``{module name: rank}``; overrides ``ratio`` and ``layers`` (the planner's way).
     """
 
@@ -33,11 +34,10 @@ class ResSVDConfig:
     calib_length: int = 256
     targets: tuple[str, ...] = DEFAULT_TARGETS
     rank_map: dict[str, int] = field(default_factory=dict)
-    # Correct each layer for the compression error upstream (sequential.py). Opt-in: the best measured
-    # variant at k = 26-27 (20 %: perplexity 1.86× dense against 1.97× without), but with the planner's
-    # rank map (k = 12, half of each layer removed) it produced a broken model (perplexity ~2.5e5):
-    # the least-squares map W·C·G⁻¹ is unregularized; until that is understood it stays off.
-    propagate: bool = False
+    # Correct each layer for the compression error upstream (sequential.py, correction.py), with a ridge
+    # chosen on held-out windows. Unregularized it broke the planner's Pi Zero plan under int4
+    # (perplexity 1.9e5 with int4-rounded weights, 27.8 in float32); with the ridge: 36.4 / 28.5.
+    propagate: bool = True
     # Ridge of the propagation's least-squares map, relative to mean diag(X̂ᵀX̂): "auto" picks it per
     # group of layers on held-out calibration windows (correction.py), a number fixes it.
     ridge: float | str = "auto"

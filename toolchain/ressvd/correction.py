@@ -27,7 +27,8 @@ from edgepack.toolchain.ressvd.calibration import cross_f64, gram_f64
 
 Tensor = torch.Tensor
 NO_CORRECTION = math.inf
-RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, NO_CORRECTION)
+# 1e-3 was never chosen for the Pi Zero plan (groups chose 1e-2: 7, 1e-1: 29, 1: 11, none: 1 of 48).
+RIDGE_GRID = (1e-2, 1e-1, 1.0, NO_CORRECTION)
 FALLBACK_RIDGE = 1e-2  # with a single calibration window nothing is held out
 
 

@@ -68,6 +68,12 @@ def last_k_ranks(per_layer: Sequence[Sequence[tuple[str, nn.Linear]]], ratio: fl
     return ranks
 
 
+def half_k(per_layer: Sequence[Sequence[tuple[str, nn.Linear]]], ratio: float) -> int:
+    """k = ⌈2·N·R⌉: each of the last k layers loses about half its parameters (the planner's rule, and
+    ``layers="auto"`` with propagation, which replaces the non-propagated k search)."""
+    return min(len(per_layer), max(min_layers(per_layer, ratio), math.ceil(2 * len(per_layer) * ratio)))
+
+
 def removed_share(per_layer: Sequence[Sequence[tuple[str, nn.Linear]]], ranks: dict[str, int]) -> float:
     modules = {n: m for layer in per_layer for n, m in layer}
     total = sum(m.weight.numel() for m in modules.values())
