@@ -60,10 +60,12 @@ def _compression_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--ratio", type=float, required=required, default=None,
                    help="share of decoder linear parameters to remove, e.g. 0.2")
     g.add_argument("--method", default="ressvd", help="ressvd (default) | svd-llm | svd")
-    g.add_argument("--layers", default="auto", help="auto (search k) | all | K (compress the last K layers)")
+    g.add_argument("--layers", default="auto",
+                   help="auto (2·N·ratio layers; searched with --no-propagate) | all | K (the last K layers)")
     g.add_argument("--calib", help="calibration text file or folder (default: pydoc_data.topics split)")
-    g.add_argument("--propagate", action="store_true",
-                   help="correct each layer for the error of the layers before it (experimental, slower)")
+    g.add_argument("--propagate", action=argparse.BooleanOptionalAction, default=True,
+                   help="correct each layer for the error of the layers before it (default; --no-propagate: "
+                        "the published recipe, k searched)")
 
 
 def _compression_config(args: argparse.Namespace):
