@@ -5,10 +5,10 @@
 Every configuration runs in a fresh child process (so its peak is its own) that records, from
 /proc/self/status, RSS / VmHWM / RssAnon / RssFile after the imports, after loading the model, after a
 64-token generation from a 39-token prompt, and after a 256-token prompt plus 64 tokens; the KV cache
-starts at 256 positions, or at the full context with ``kv2048``. Configurations are interleaved
-round-robin (A, B, A, B, ...), and decode speed is reported as the median per-round ratio to the first
-configuration, because the machine is shared. Model variants (external data, ORT format, pre-packed
-weights) are written once under ``--work``.
+spans the full context (pages backed as written), or starts at 256 positions and doubles with ``kv256``.
+Configurations are interleaved round-robin (A, B, A, B, ...), and decode speed is reported as the
+median per-round ratio to the first configuration, because the machine is shared. Model variants
+(one inline model.onnx, external data, ORT format, pre-packed weights) are written once under ``--work``.
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ SHORT, LONG = 39, 256
 STAGES = ("imports", "load", "short", "long")
 
 # name -> (model variant, SessionSettings fields, extra session config entries, initial KV capacity)
-CONFIGS: dict[str, tuple[str, dict, dict, int]] = {
-    "default": ("onnx", {}, {}, 256),
-    "kv2048": ("onnx", {}, {}, 2048),
+CONFIGS: dict[str, tuple[str, dict, dict, int | None]] = {
+    "default": ("onnx", {}, {}, None),
+    "kv256": ("onnx", {}, {}, 256),
+    "no-release": ("onnx", {}, {}, None),  # mapped weight pages kept resident after load
+    "before": ("inline", {}, {}, 256),  # the layout and cache before #7's memory work: one model.onnx
     "no-arena": ("onnx", {"cpu_arena": False}, {}, 256),
     "no-mempattern": ("onnx", {"memory_pattern": False}, {}, 256),
     "no-arena-no-pattern": ("onnx", {"cpu_arena": False, "memory_pattern": False}, {}, 256),
@@ -64,7 +66,7 @@ def child(model: Path, tokenizer: Path, name: str) -> None:
     """Load ``model`` with configuration ``name``, generate, print one JSON line of measurements."""
     import numpy as np
     import onnxruntime as ort
-    from edgepack.runtime import text
+    from edgepack.runtime import fused_decoder, text
     from edgepack.runtime.decoder import SessionSettings
     from edgepack.runtime.fused_decoder import FusedDecoder
     from edgepack.runtime.tokenizer import Tokenizer  # noqa: F401  (the runtime's imports, as a real load has)
@@ -93,6 +95,8 @@ def child(model: Path, tokenizer: Path, name: str) -> None:
 
     SessionSettings.to_ort = to_ort  # probe only: extra config entries without touching the runtime
     FusedDecoder.initial_capacity = capacity
+    if name == "no-release":
+        fused_decoder.release_file_pages = lambda path: 0
     t0 = time.perf_counter()
     dec = FusedDecoder(model, settings)
     if trim:
@@ -122,6 +126,11 @@ def make_variant(kind: str, package: Path, work: Path) -> Path:
         return src
     out = work / kind
     out.mkdir(parents=True, exist_ok=True)
+    if kind == "inline":
+        path = out / "model.onnx"
+        if not path.exists():
+            onnx.save_model(onnx.load(str(src)), str(path))
+        return path
     if kind == "external":
         path = out / "model.onnx"
         if not path.exists():
@@ -151,7 +160,7 @@ def make_variant(kind: str, package: Path, work: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("package", type=Path)
-    parser.add_argument("--configs", nargs="*", default=["default", "kv2048"])
+    parser.add_argument("--configs", nargs="*", default=["before", "default"])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgepack-memory")
     parser.add_argument("--out", type=Path)
