@@ -118,6 +118,29 @@ def test_cache_grows_by_doubling_and_keeps_its_prefix(tmp_path):
     assert np.abs(np.stack(got) - full[5:]).max() < 1e-4
 
 
+def test_weights_are_external_data_and_old_single_file_graphs_still_load(tmp_path):
+    model = tiny.make_model()
+    path = tmp_path / "model.onnx"
+    files = save(build_llama(model, CONTEXT, True), path)
+    assert files == [path, tmp_path / "model.onnx.data"] and files[1].stat().st_size > path.stat().st_size
+    inline = tmp_path / "inline.onnx"
+    onnx.save_model(onnx.load(str(path)), str(inline))  # the layout of packages built before #7's memory work
+    ids = PROMPTS[0]
+    a = FusedDecoder(path).forward(ids, FusedDecoder(path).new_cache(), all_logits=True)
+    old = FusedDecoder(inline)
+    assert np.array_equal(a, old.forward(ids, old.new_cache(), all_logits=True))
+
+
+def test_cache_spans_the_context_without_regrowing(tmp_path):
+    decoder = FusedDecoder(_graph(tiny.make_model(), tmp_path, "f32"))
+    cache = decoder.new_cache()
+    assert cache.capacity == CONTEXT
+    arrays = cache.arrays
+    for t in PROMPTS[1]:
+        decoder.forward([t], cache)
+    assert cache.arrays is arrays and not arrays[0][:, :, len(PROMPTS[1]):].any()
+
+
 def test_int4_graph_matches_pytorch_on_its_own_weights(tmp_path):
     """int4 computes Q4_1-form blocks exactly: against PyTorch running the dequantized weights, only
     the int8 activations of MatMulNBits' fast kernel differ."""
