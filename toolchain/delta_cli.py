@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--auto", action="store_true", help="OSD: choose C and the allocation by validation loss")
     p.add_argument("--whiten", action="store_true", help="factor ΔW in the metric of the --valid text's layer "
                    "inputs (minimizes the delta's output error rather than its weight error)")
+    p.add_argument("--refit", action="store_true", help="sparse methods: re-solve the kept entries by least squares "
+                   "on ΔW once the pattern is chosen (same bits)")
     p.add_argument("--values", choices=("float32", "float16", "int8"), default="float16",
                    help="how factor values are stored on disk: float16 (default), float32, or int8 with one scale "
                    "per factor (the accounting counts 32 bits for every method alike)")
@@ -51,7 +53,7 @@ def delta(args: argparse.Namespace) -> int:
         raise UsageError(f"-o must name a .safetensors file, got {args.output!r}")
     config = DeltaConfig(method=args.method, rank=args.rank, relax=args.relax, valid=args.valid,
                          windows=args.windows, importance=args.importance, allocation=args.allocation,
-                         auto=args.auto, whiten=args.whiten)
+                         auto=args.auto, whiten=args.whiten, refit=args.refit)
     result = make(args.base, args.finetuned, config)
     size = delta_file.write(result, args.output, args.values)
     info = result.info

@@ -216,3 +216,16 @@ def test_whitened_factors_fit_the_layer_outputs_better():
         return (delta - f[0] @ f[1].T).norm()
 
     assert out_err(white) < out_err(plain) and w_err(white) > w_err(plain)
+
+
+def test_refit_lowers_the_weight_error_with_the_same_entries():
+    gen = torch.Generator().manual_seed(1)
+    delta = torch.randn(40, 6, generator=gen) @ torch.randn(6, 30, generator=gen)
+    u, v = factorize.svd_factors(delta, 4)
+    layer = factorize.sparse_layer("x", u, v, u.abs(), v.abs(), budget.dense_bits(40, 30, 2))
+    fitted = factorize.refit(delta, layer)
+    assert fitted.bits == layer.bits
+    np.testing.assert_array_equal(fitted.u.index, layer.u.index)
+    before = np.linalg.norm(delta.numpy() - layer.matrix())
+    after = np.linalg.norm(delta.numpy() - fitted.matrix())
+    assert after < before

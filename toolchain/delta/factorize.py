@@ -115,3 +115,32 @@ def select(score_u: np.ndarray, score_v: np.ndarray, cost_u: int, cost_v: int,
     spent = np.cumsum(costs[order])
     chosen = order[spent <= budget_bits]
     return np.sort(chosen[chosen < score_u.size]), np.sort(chosen[chosen >= score_u.size] - score_u.size)
+
+
+def refit(delta: torch.Tensor, layer: LayerDelta, sweeps: int = 2) -> LayerDelta:
+    """Re-solve the kept entries' values for the least ‖ΔW − U·Vᵀ‖ with the sparsity pattern fixed
+    (alternating least squares: U with V fixed, then V with U fixed). Zeroing entries leaves the
+    survivors fitted to the factors they lived in; re-solving spends the same bits better."""
+    if layer.u.index is None:
+        return layer
+    u_np, v_np = layer.factors()
+    u, v = torch.from_numpy(u_np).double(), torch.from_numpy(v_np).double()
+    mask_u, mask_v = (u != 0).double(), (v != 0).double()
+    target = delta.double()
+    for _ in range(sweeps):
+        u = _masked_lstsq(target, v, mask_u)
+        v = _masked_lstsq(target.T, u, mask_v)
+    keep_u, keep_v = layer.u.index, layer.v.index
+    return LayerDelta(layer.name, layer.n_out, layer.n_in, layer.rank,
+                      FactorData(u.float().numpy().ravel()[keep_u], keep_u),
+                      FactorData(v.float().numpy().ravel()[keep_v], keep_v), layer.bits)
+
+
+def _masked_lstsq(target: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rows x_i minimizing ‖target[i] − x_i·otherᵀ‖ with x_i zero where mask[i] is: one batched solve
+    of each row's normal equations restricted to its kept entries (identity rows elsewhere)."""
+    gram = other.T @ other  # [k, k]
+    rhs = (target @ other) * mask  # [rows, k]
+    systems = mask[:, :, None] * gram[None] * mask[:, None, :] + torch.diag_embed(1 - mask)
+    systems = systems + 1e-10 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(systems, rhs[:, :, None])[:, :, 0] * mask

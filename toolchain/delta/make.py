@@ -44,6 +44,8 @@ class DeltaConfig:
     # Factor ΔW in the metric of the layer's validation inputs (ΔW·S, S·Sᵀ = X·Xᵀ + ridge): the
     # factors then minimize the layer-output error of the delta, not its weight error.
     whiten: bool = False
+    # Re-solve the kept entries' values by least squares on ΔW once the pattern is chosen (factorize.refit).
+    refit: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -108,9 +110,11 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
         layers = factorize.select_global({n: (*factors[n], *scores[n]) for n in changed}, total_budget)
     else:
         layers = {n: factorize.sparse_layer(n, *factors[n], *scores[n], allowed[n]) for n in changed}
+    if config.refit:
+        layers = {n: factorize.refit(changed[n], layer) for n, layer in layers.items()}
     info = {"method": config.method, "rank": config.rank, "relax": config.factor_rank - config.rank,
             "importance": how, "allocation": config.allocation if config.method == "osd" else "layer",
-            "whitened": config.whiten,
+            "whitened": config.whiten, "refit": config.refit,
             "budget_bits": total_budget, "validation_windows": len(windows),
             "window_tokens": config.window_tokens, "seconds": round(time.perf_counter() - start, 1)}
     dense = {n: d.numpy() for n, d in raw.dense.items()}
