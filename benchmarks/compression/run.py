@@ -36,6 +36,7 @@ VARIANTS = {
     "ressvd as published, last k": dict(method="ressvd", layers="auto", propagate=False),
     "ressvd + propagation (ridge), last 2NR": dict(method="ressvd", layers="half", propagate=True),
     "ressvd + propagation (ridge), last k searched": dict(method="ressvd", layers="auto", propagate=True),
+    "ressvd + propagation (ridge), all layers": dict(method="ressvd", layers="all", propagate=True),
 }
 HEADERS = ["variant", "removed", "perplexity", "× dense", "int4 ppl", "layers", "compress s", "peak RSS MB"]
 
@@ -68,7 +69,7 @@ def main() -> None:
     from edgepack.toolchain.ressvd import selection
 
     per_layer = selection.target_linears(loaded.model, ResSVDConfig().targets)
-    rows = _load_rows()
+    rows = {}  # this run's rows; _write merges them into what other runs wrote
     dense = ppl(loaded.model)
     print(f"dense perplexity {dense:.2f}", file=sys.stderr)
     rows[("dense", "0 %")] = ["dense", "0 %", dense, 1.0, "-", "-", "-", "-"]
@@ -120,6 +121,7 @@ def _load_rows() -> dict:
 
 def _write(rows: dict, max_windows) -> None:
     out = results_dir(__file__)
+    rows = {**_load_rows(), **rows}
     order = sorted(rows.values(), key=lambda r: (float(r[1].rstrip(" %")), r[0] != "dense"))
     (out / "compression.json").write_text(json.dumps(order, indent=1) + "\n")
     header = (f"Default model, evaluation split of pydoc_data.topics, 512-token windows"
