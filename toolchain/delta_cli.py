@@ -10,16 +10,17 @@ from edgepack.runtime.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("delta", help="compress a fine-tune into a small delta file (OSD)",
+    p = sub.add_parser("delta", help="compress a fine-tune into a small delta file (OSD and baselines)",
                        description="Take ΔW = FINETUNED − BASE for every linear layer, compress it to the bit "
-                       "budget of a rank-R truncated SVD (OSD: sparse factors of rank R+C chosen by Taylor "
-                       "importance on --valid text), and write a delta file that 'edgepack run/chat/eval "
+                       "budget of a rank-R truncated SVD (sparse factors of rank R+C chosen by magnitude, or by "
+                       "OSD's Taylor importance on --valid text), and write a delta file that 'edgepack run/chat/eval "
                        "PACKAGE --delta FILE' applies at load time. BASE must be the source the package was "
                        "built from.")
     p.add_argument("base", help="base model: 'default', a Hugging Face model folder, or a .gguf file")
     p.add_argument("finetuned", help="the fine-tuned model (same architecture and size)")
     p.add_argument("-o", "--output", required=True, help="delta file to write (.safetensors, atomically)")
-    p.add_argument("--method", default="osd", help="osd (default) | truncsvd | magtruncsvd")
+    p.add_argument("--method", default="magtruncsvd", help="magtruncsvd (default: the best measured, see "
+                   "benchmarks/deltas) | osd (the paper's Taylor importance, needs --valid) | truncsvd")
     p.add_argument("--rank", type=int, default=2, help="budget: a rank-R truncated SVD's bits per layer (default 2)")
     p.add_argument("--relax", type=int, default=None, help="rank relaxation C: factors of rank R+C (default C=R)")
     p.add_argument("--valid", help="validation text file or folder for OSD's importance (without it OSD falls "
