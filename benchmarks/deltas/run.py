@@ -211,7 +211,7 @@ def write_results(rows: list[dict], summaries: list[dict], runtime: dict, args: 
     table = [[r["domain"], r["rank"], r["variant"], r["relax"], f"{r['perplexity']:.3f}", f"{r['gain_kept']:.1%}",
               r["accounted_kB"], r["file_kB_fp16"], r.get("vs_best_baseline", ""), r["seconds"]] for r in rows]
     lines = ["# Fine-tune deltas on SmolLM2-135M-Instruct", "",
-             f"Command: `python benchmarks/deltas/run.py {' '.join(sys.argv[1:])}`"
+             f"Command: `python benchmarks/deltas/run.py {args.command}`"
              + (" (other domains' rows kept from an earlier run)" if args.keep else ""), "",
              markdown_table(["domain", "base ppl", "full fine-tune ppl", "fine-tune size MB", "windows x context"],
                             [[s["domain"], s["base_perplexity"], s["finetune_perplexity"], s["finetune_size_MB"],
@@ -219,7 +219,7 @@ def write_results(rows: list[dict], summaries: list[dict], runtime: dict, args: 
              markdown_table(headers, table)]
     if runtime:
         lines += ["Runtime (fused graph with delta slots, this machine):", "",
-                  markdown_table(["measure", "value"], [[k, v] for k, v in runtime.items()])]
+                  markdown_table(["measure", "value"], [[k, f"{v:.4g}"] for k, v in runtime.items()])]
     (out / "deltas.md").write_text("\n".join(lines))
     (out / "deltas.json").write_text(json.dumps({"rows": rows, "summaries": summaries, "runtime": runtime},
                                                 indent=2))
@@ -264,7 +264,14 @@ def main() -> None:
                         help="keep the saved results of domains not run now (run domains in separate sessions)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine two threads wait on each other)")
+    parser.add_argument("--command", default=" ".join(f'"{a}"' if " " in a else a for a in sys.argv[1:]),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--report", action="store_true", help="only rewrite deltas.md / .png from deltas.json")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads((results_dir(__file__) / "deltas.json").read_text())
+        write_results(saved["rows"], saved["summaries"], saved["runtime"], args)
+        return
     import torch
 
     torch.set_num_threads(args.threads)
