@@ -37,7 +37,8 @@ from reliability_counts import ENV, totals  # noqa: E402
 
 MB = 1 << 20
 TEST_FILES = ["tests/runtime/test_fuzz_loaders.py", "tests/runtime/test_fuzz_archive.py",
-              "tests/runtime/test_fuzz_profiles.py", "tests/toolchain/test_fuzz_safetensors.py",
+              "tests/runtime/test_fuzz_delta.py", "tests/runtime/test_fuzz_profiles.py",
+              "tests/toolchain/test_fuzz_safetensors.py",
               "tests/runtime/test_archive.py", "tests/test_interrupts.py", "tests/toolchain/test_disk_full.py",
               "tests/runtime/test_long_sessions.py", "tests/runtime/test_resources.py"]
 PROMPTS = ["tell me about the for statement", "what does a while loop do", "explain iterators",
