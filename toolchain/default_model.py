@@ -46,8 +46,9 @@ def default_gguf_path() -> Path:
 
 
 @contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    # Two processes filling the cache at once would both download; the lock makes the second wait.
+def locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (created if needed) for the body: two processes filling a
+    cache at once would both do the work; the lock makes the second wait and reuse the result."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -60,7 +61,7 @@ def _locked(folder: Path) -> Iterator[None]:
 def ensure_default_model() -> Path:
     """Return the cached default GGUF, fetching it first if it is absent or corrupt."""
     target = default_gguf_path()
-    with _locked(target.parent):
+    with locked(target.parent):
         if target.is_file() and sha256_file(target) == GGUF_SHA256:
             return target
         print(

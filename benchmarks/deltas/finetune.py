@@ -20,9 +20,7 @@ folders. The command measures held-out perplexity of base and fine-tunes on both
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import statistics
@@ -37,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from domains import DOMAINS, fingerprint, text  # noqa: E402
+from edgepack.toolchain.default_model import locked  # noqa: E402
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RECORD = "finetune.json"  # written last into each folder: its presence marks a complete cache entry
@@ -84,18 +83,6 @@ def cache_root() -> Path:
     return cache_dir() / "finetunes"
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    # A benchmark and this script may both ask for a missing fine-tune; the second waits and reuses it.
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _base_sha256() -> str:
     from edgepack.toolchain import sources
 
@@ -111,7 +98,7 @@ def base() -> Path:
     if source.kind == "hf-folder":
         return Path(source.path)
     target = cache_root() / f"base-{_base_sha256()[:12]}"
-    with _locked(cache_root()):
+    with locked(cache_root()):
         if not (target / RECORD).is_file():
             loaded = sources.load(sources.DEFAULT)
             _save(loaded.model, loaded.tokenizer, target, {"base": source.to_dict()})
@@ -128,7 +115,7 @@ def finetuned(domain: str, config: FinetuneConfig | None = None) -> Path:
            "train_text": fingerprint(domain, "train")}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     target = cache_root() / f"{domain}-{digest}"
-    with _locked(cache_root()):
+    with locked(cache_root()):
         if not (target / RECORD).is_file():
             from edgepack.toolchain import sources
 
