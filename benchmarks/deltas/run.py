@@ -61,21 +61,11 @@ def window_nll(model, ids: list[int], context: int, max_windows: int) -> np.ndar
 
 
 def merged_nll(model, delta, ids, context, max_windows) -> np.ndarray:
-    """``window_nll`` of the model with ``delta`` added to its linear weights (restored afterwards)."""
-    import torch
-    from edgepack.toolchain.delta.extract import linear_layers
+    """``window_nll`` of the model with ``delta`` merged into its weights."""
+    from edgepack.toolchain.delta.merge import merged
 
-    layers = linear_layers(model)
-    saved = {n: layers[n].weight.detach().clone() for n in delta.layers}
-    try:
-        with torch.no_grad():
-            for name, layer in delta.layers.items():
-                layers[name].weight.add_(torch.from_numpy(layer.matrix()))
+    with merged(model, delta):
         return window_nll(model, ids, context, max_windows)
-    finally:
-        with torch.no_grad():
-            for name, weight in saved.items():
-                layers[name].weight.copy_(weight)
 
 
 def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dict], dict]:
@@ -184,16 +174,13 @@ def _parity(model, delta) -> float:
     import finetune
     import torch
     from edgepack.toolchain import sources
-    from edgepack.toolchain.delta.extract import linear_layers
+    from edgepack.toolchain.delta.merge import merged
 
     model.apply_delta(delta)
     ids = model.encode_prompt("Explain what a Python generator is.")
     got = model.decoder.forward(ids, model.decoder.new_cache(), all_logits=True)
     ref = sources.load(str(finetune.base())).model
-    layers = linear_layers(ref)
-    with torch.no_grad():
-        for name, layer in delta.layers.items():
-            layers[name].weight.add_(torch.from_numpy(layer.matrix()))
+    with merged(ref, delta), torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0].numpy()
     return float(np.abs(got - want).max())
 

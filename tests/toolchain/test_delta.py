@@ -229,3 +229,17 @@ def test_refit_lowers_the_weight_error_with_the_same_entries():
     before = np.linalg.norm(delta.numpy() - layer.matrix())
     after = np.linalg.norm(delta.numpy() - fitted.matrix())
     assert after < before
+
+
+def test_merged_adds_the_delta_and_restores_the_weights(tiny_model_dir, tiny_finetune_dir):
+    from edgepack.toolchain import sources
+    from edgepack.toolchain.delta.merge import merged
+
+    delta = make(str(tiny_model_dir), str(tiny_finetune_dir), DeltaConfig(method="truncsvd", rank=2))
+    model = sources.load(str(tiny_model_dir)).model
+    name = next(iter(delta.layers))
+    weight = dict(model.named_modules())[name].weight
+    before = weight.detach().clone()
+    with merged(model, delta):
+        np.testing.assert_allclose((weight - before).detach().numpy(), delta.layers[name].matrix(), atol=1e-6)
+    torch.testing.assert_close(weight.detach(), before, rtol=0, atol=0)

@@ -18,6 +18,7 @@ from edgepack.runtime.delta_file import Delta
 from edgepack.runtime.errors import UsageError
 from edgepack.toolchain.delta import extract
 from edgepack.toolchain.delta.make import DeltaConfig, compress
+from edgepack.toolchain.delta.merge import merged
 
 
 def auto(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig, windows: list[list[int]],
@@ -42,17 +43,8 @@ def auto(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig, win
 
 
 def validation_loss(model: torch.nn.Module, delta: Delta, windows: Sequence[Sequence[int]]) -> float:
-    """Mean token loss of ``model`` with ``delta``'s reconstruction added to its linear layers."""
-    layers = extract.linear_layers(model)
-    saved = {name: layers[name].weight.detach().clone() for name in delta.layers}
-    try:
-        with torch.no_grad():
-            for name, layer in delta.layers.items():
-                layers[name].weight.add_(torch.from_numpy(layer.matrix()))
-            losses = [float(model(torch.tensor([list(w)]), labels=torch.tensor([list(w)]), use_cache=False).loss)
-                      for w in windows]
-        return sum(losses) / len(losses)
-    finally:
-        with torch.no_grad():
-            for name, weight in saved.items():
-                layers[name].weight.copy_(weight)
+    """Mean token loss of ``model`` with ``delta`` merged, over ``windows``."""
+    with merged(model, delta), torch.no_grad():
+        losses = [float(model(torch.tensor([list(w)]), labels=torch.tensor([list(w)]), use_cache=False).loss)
+                  for w in windows]
+    return sum(losses) / len(losses)
