@@ -185,8 +185,7 @@ def _inspect_delta(args: argparse.Namespace) -> int:
 
     from edgepack.runtime import delta_file
 
-    delta_file.read(args.package)  # small: always check the tensors' sha256 and shapes against the metadata
-    meta = delta_file.read_metadata(args.package)
+    _, meta = delta_file.read_with_metadata(args.package)  # small: always verify the tensors against the metadata
     if args.json:
         print(json.dumps(meta, indent=2, sort_keys=True))
         return 0

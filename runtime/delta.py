@@ -85,10 +85,6 @@ class DeltaSlots:
         for name, value in self.values.items():
             binding.bind_ortvalue_input(name, value)
 
-    def feeds(self) -> dict[str, np.ndarray]:
-        """The current factors as plain arrays (for ``session.run`` without IO binding)."""
-        return {name: value.numpy() for name, value in self.values.items()}
-
 
 def _slot_factors(slot: dict[str, Any], delta: Delta | None) -> tuple[np.ndarray, np.ndarray]:
     """A [n_in, Σk] and block-diagonal B [Σk, Σn_out] of one slot's parts."""

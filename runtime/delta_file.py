@@ -15,7 +15,6 @@ and a sha256 of every tensor's bytes, which the reader checks.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -87,10 +86,6 @@ class Delta:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def max_rank(self) -> int:
-        return max((layer.rank for layer in self.layers.values()), default=0)
-
-    @property
     def bits(self) -> int:
         return sum(layer.bits for layer in self.layers.values()) + 32 * sum(a.size for a in self.dense.values())
 
@@ -148,15 +143,13 @@ def _decode(tensors: dict[str, np.ndarray], stem: str) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def read_metadata(path: Path | str) -> dict[str, Any]:
-    """The header metadata alone (for ``inspect``), validated."""
-    path = Path(path)
-    raw = _read(path)
-    return _metadata(_header(raw, path), path)
-
-
 def read(path: Path | str) -> Delta:
     """Load and verify a delta file; every failure is a PackageError naming the file."""
+    return read_with_metadata(path)[0]
+
+
+def read_with_metadata(path: Path | str) -> tuple[Delta, dict[str, Any]]:
+    """``read``, and the header metadata it was checked against (what ``inspect`` prints)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
@@ -171,7 +164,7 @@ def read(path: Path | str) -> Delta:
         raise IntegrityError(f"{path}: tensor checksum mismatch (the file was altered or damaged); "
                              "copy the delta again")
     try:
-        return _assemble(tensors, meta)
+        return _assemble(tensors, meta), meta
     except (KeyError, ValueError, TypeError, IndexError, OverflowError) as e:
         raise PackageError(f"{path}: inconsistent delta ({type(e).__name__}: {e}); rebuild it with edgepack delta")\
             from None
@@ -273,6 +266,3 @@ def summary(meta: dict[str, Any]) -> dict[str, Any]:
             "accounted_bits": meta.get("accounted_bits"), "value_dtype": meta.get("value_dtype"),
             "mean_density": round(sum(d.get("density", 1.0) for d in layers.values()) / max(len(layers), 1), 4)}
 
-
-def replace_info(delta: Delta, **info: Any) -> Delta:
-    return dataclasses.replace(delta, info={**delta.info, **info})

@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 from edgepack.export.fused.builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
 from edgepack.export.fused.linear import LinearEmitter, embed_8bit, head_8bit, table_8bit
+from edgepack.runtime.delta import DELTA_SLOTS_KEY  # JSON: each slot's inputs, input width, (module, width) parts
 from edgepack.runtime.errors import UnsupportedArchitecture
 
 SUPPORTED_TYPES = ("llama", "mistral")
 GRAPH_NAME = "fused"
 CONTEXT_KEY = "edgepack.context_length"
 LOGITS_KEEP = "logits_to_keep"  # input: logits for the last k positions only
-DELTA_SLOTS_KEY = "edgepack.delta_slots"  # JSON: each slot's input names, input width and (module, width) parts
 
 
 def check_supported(config: Any) -> None:

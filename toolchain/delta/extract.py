@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -77,8 +76,3 @@ def _check_same_architecture(base: nn.Module, finetuned: nn.Module) -> None:
             raise UsageError(f"parameter {name} is {list(shape)} in the base and {list(shapes[1][name])} in the "
                              "fine-tune; a delta needs models of the same size")
 
-
-def describe(raw: RawDelta) -> dict[str, Any]:
-    changed = sum(1 for d in raw.linears.values() if bool(d.abs().max() > 0))
-    return {"linear_layers": len(raw.linears), "changed_linear_layers": changed,
-            "dense_parameters": sorted(raw.dense), "base_fingerprint": raw.base_fingerprint}
