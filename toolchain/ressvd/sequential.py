@@ -63,13 +63,17 @@ def _dense_pass(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
         return hook
 
     handles = [m.register_forward_pre_hook(make(n)) for n, m in chosen.items()]
+    return _run_hooked(layer, hidden, kwargs, handles), seen
+
+
+def _run_hooked(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, handles: list) -> torch.Tensor:
+    """The layer's output with ``handles``' hooks active; they are removed afterwards, whatever happens."""
     try:
         with torch.no_grad():
-            out = _run(layer, hidden, kwargs)
+            return _run(layer, hidden, kwargs)
     finally:
         for h in handles:
             h.remove()
-    return out, seen
 
 
 def _groups(order: list[str], inputs: dict[str, torch.Tensor]) -> list[list[str]]:
@@ -123,12 +127,7 @@ def compress_sequential_(model: nn.Module, ranks: dict[str, int], windows: Seque
         fit = functools.partial(_fit_group, damping=damping, truncate=truncate, ridge=ridge)
         hooks = [chosen[g[0]].register_forward_hook(_replacing_hook(model, g, chosen, dense_in[g[0]], ranks, fit, log))
                  for g in _groups(list(dense_in), dense_in)]
-        try:
-            with torch.no_grad():
-                comp_h = _run(layer, comp_h, kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
+        comp_h = _run_hooked(layer, comp_h, kwargs, hooks)
     return log
 
 
