@@ -3,8 +3,11 @@
 Written by the toolchain (``edgepack delta``), read by the runtime; numpy only, so both sides share
 it and the runtime stays torch-free. Per decoder linear layer ``name`` (its module path, e.g.
 ``model.layers.3.mlp.down_proj``) the delta is ΔW ≈ U·Vᵀ with U [n_out, k] and V [n_in, k], each
-factor stored either densely (``name.u``) or sparsely as kept values and their flat indices
-(``name.u.values`` float; ``name.u.index`` uint16, int32 for factors over 65,536 entries). Other
+factor stored either densely (``name.u``) or sparsely as kept values and where they sit: since format
+2 either a bitmask over the factor's entries (``name.u.mask``, np.packbits order, one bit per entry)
+or their flat indices (``name.u.index`` uint16, int32 for factors over 65,536 entries), whichever
+takes fewer bytes (the mask, unless a factor keeps under 1/16 of its entries). Format 1 files (indices
+only) still read. Other
 parameters the fine-tune changed (norms, biases) are stored densely as ``dense.<param>`` (their
 difference from the base).
 
@@ -24,10 +27,12 @@ from typing import Any
 import numpy as np
 from edgepack.runtime.errors import IntegrityError, PackageError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sparse positions as a bitmask (``.mask``) or indices; 1: indices only
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "edgepack_delta"
 MAX_HEADER = 16 << 20  # a header larger than this is not a delta edgepack wrote
 _VALUE_DTYPES = ("float32", "float16", "int8")  # int8: symmetric, one float32 scale per factor
+INDEX_ENCODINGS = ("auto", "mask", "index")  # auto: per factor, whichever is smaller on disk
 
 
 @dataclass(frozen=True)
@@ -95,20 +100,23 @@ class Delta:
                 "dense": {n: list(a.shape) for n, a in self.dense.items()}}
 
 
-def to_bytes(delta: Delta, value_dtype: str = "float32") -> bytes:
-    """The safetensors bytes of ``delta``; factor values stored as ``value_dtype``."""
+def to_bytes(delta: Delta, value_dtype: str = "float32", index: str = "auto") -> bytes:
+    """The safetensors bytes of ``delta``; factor values stored as ``value_dtype``, sparse positions
+    as ``index`` says (``INDEX_ENCODINGS``)."""
     from safetensors.numpy import save
 
     if value_dtype not in _VALUE_DTYPES:
         raise PackageError(f"delta values must be one of {_VALUE_DTYPES}, got {value_dtype!r}")
+    if index not in INDEX_ENCODINGS:
+        raise PackageError(f"delta index encoding must be one of {INDEX_ENCODINGS}, got {index!r}")
     tensors: dict[str, np.ndarray] = {}
     for name, layer in delta.layers.items():
         for key, factor in (("u", layer.u), ("v", layer.v)):
             stem = f"{name}.{key}" if factor.index is None else f"{name}.{key}.values"
             tensors.update(_encode(stem, factor.values, value_dtype))
-            if factor.index is not None:  # 16-bit indices whenever the factor is small enough (it nearly always is)
+            if factor.index is not None:
                 entries = (layer.n_out if key == "u" else layer.n_in) * layer.rank
-                tensors[f"{name}.{key}.index"] = factor.index.astype(np.uint16 if entries <= 1 << 16 else np.int32)
+                tensors.update(_positions(f"{name}.{key}", factor.index, entries, index))
     for name, array in delta.dense.items():
         tensors[f"dense.{name}"] = array.astype(np.float32)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
@@ -118,13 +126,24 @@ def to_bytes(delta: Delta, value_dtype: str = "float32") -> bytes:
     return save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
 
-def write(delta: Delta, path: Path | str, value_dtype: str = "float32") -> int:
+def write(delta: Delta, path: Path | str, value_dtype: str = "float32", index: str = "auto") -> int:
     """Write atomically; returns the file's size in bytes."""
     from edgepack.runtime.files import atomic_write_bytes
 
-    data = to_bytes(delta, value_dtype)
+    data = to_bytes(delta, value_dtype, index)
     atomic_write_bytes(Path(path), data)
     return len(data)
+
+
+def _positions(stem: str, index: np.ndarray, entries: int, encoding: str) -> dict[str, np.ndarray]:
+    """Where a sparse factor's kept values sit: a packed bitmask (⌈entries/8⌉ bytes) or flat indices
+    (16-bit whenever the factor is small enough, as it nearly always is)."""
+    width = 2 if entries <= 1 << 16 else 4
+    if encoding == "mask" or (encoding == "auto" and (entries + 7) // 8 <= width * index.size):
+        mask = np.zeros(entries, bool)
+        mask[index] = True
+        return {f"{stem}.mask": np.packbits(mask)}
+    return {f"{stem}.index": index.astype(np.uint16 if width == 2 else np.int32)}
 
 
 def _encode(stem: str, values: np.ndarray, value_dtype: str) -> dict[str, np.ndarray]:
@@ -203,9 +222,9 @@ def _metadata(header: dict[str, Any], path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise PackageError(f"{path}: the delta metadata is not a JSON object")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise PackageError(f"{path}: delta format version {version!r} is not supported (this edgepack reads "
-                           f"{FORMAT_VERSION}); upgrade edgepack or rebuild the delta")
+                           f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade edgepack or rebuild the delta")
     for key, kind in (("base_fingerprint", str), ("layers", dict), ("dense", dict), ("info", dict)):
         if not isinstance(meta.get(key), kind):
             raise PackageError(f"{path}: delta metadata field {key!r} is missing or malformed")
@@ -219,8 +238,9 @@ def _assemble(tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Delta:
         rank = int(desc["rank"])
         if min(n_out, n_in, rank) < 0 or rank > min(n_out, n_in):
             raise ValueError(f"layer {name}: rank {rank} impossible for shape {n_out}x{n_in}")
-        u = _factor(tensors, f"{name}.u", n_out * rank)
-        v = _factor(tensors, f"{name}.v", n_in * rank)
+        masks = meta["format_version"] >= 2
+        u = _factor(tensors, f"{name}.u", n_out * rank, masks)
+        v = _factor(tensors, f"{name}.v", n_in * rank, masks)
         layers[name] = LayerDelta(name, n_out, n_in, rank, u, v, int(desc["bits"]))
     dense = {}
     for name, shape in meta["dense"].items():
@@ -232,13 +252,19 @@ def _assemble(tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Delta:
     return Delta(meta["base_fingerprint"], layers, dense, info)
 
 
-def _factor(tensors: dict[str, np.ndarray], key: str, entries: int) -> FactorData:
+def _factor(tensors: dict[str, np.ndarray], key: str, entries: int, masks: bool) -> FactorData:
     if key in tensors:
         values = _decode(tensors, key)
         if values.ndim != 1 or values.size != entries:
             raise ValueError(f"{key}: {values.size} values where the rank says {entries}")
         return FactorData(values)
-    values, index = _decode(tensors, f"{key}.values"), tensors[f"{key}.index"]
+    values = _decode(tensors, f"{key}.values")
+    if f"{key}.mask" in tensors:
+        if not masks or f"{key}.index" in tensors:
+            raise ValueError(f"{key}: a bitmask in a format 1 file, or both a bitmask and indices")
+        index = _unmask(tensors[f"{key}.mask"], key, entries)
+    else:
+        index = tensors[f"{key}.index"]
     if values.shape != index.shape or values.ndim != 1:
         raise ValueError(f"{key}: values {values.shape} and indices {index.shape} differ")
     if index.size and (int(index.min()) < 0 or int(index.max()) >= entries):
@@ -246,6 +272,17 @@ def _factor(tensors: dict[str, np.ndarray], key: str, entries: int) -> FactorDat
     if index.size > 1 and not bool((np.diff(index.astype(np.int64)) > 0).all()):  # O(n), unlike np.unique
         raise ValueError(f"{key}: indices must be strictly increasing (repeated or unsorted)")
     return FactorData(values, index.astype(np.int64))
+
+
+def _unmask(mask: np.ndarray, key: str, entries: int) -> np.ndarray:
+    """The kept flat indices of a packed bitmask, refusing a wrong length or bits past the end."""
+    if mask.dtype != np.uint8 or mask.ndim != 1 or mask.size != (entries + 7) // 8:
+        raise ValueError(f"{key}: bitmask of {mask.dtype} {mask.shape} where {entries} entries need "
+                         f"{(entries + 7) // 8} bytes of uint8")
+    bits = np.unpackbits(mask)
+    if bits[entries:].any():
+        raise ValueError(f"{key}: bitmask has bits set past the factor's {entries} entries")
+    return np.flatnonzero(bits[:entries])
 
 
 def _tensor_digest(tensors: dict[str, np.ndarray]) -> str:

@@ -38,6 +38,16 @@ VARIANTS = {
     "OSD, output-error score": dict(method="osd", importance="output"),
     "OSD, taylor, global budget": dict(method="osd", allocation="global"),
     "OSD --auto": dict(method="osd", auto=True),
+    "OSD, fisher": dict(method="osd", importance="fisher"),
+    "OSD, fisher, global budget": dict(method="osd", importance="fisher", allocation="global"),
+    "OSD, rms, global budget": dict(method="osd", importance="rms", allocation="global"),
+    "OSD, fisher, global, normalized": dict(method="osd", importance="fisher", allocation="global", normalize=True),
+    "OSD, taylor, global, normalized": dict(method="osd", allocation="global", normalize=True),
+    "OSD, rms, global, normalized": dict(method="osd", importance="rms", allocation="global", normalize=True),
+    "OSD, fisher, grad at fine-tune": dict(method="osd", importance="fisher", gradient_at="finetune"),
+    "OSD, fisher, grad at base": dict(method="osd", importance="fisher", gradient_at="base"),
+    "OSD, taylor, grad at fine-tune": dict(method="osd", gradient_at="finetune"),
+    "OSD, taylor, grad at base": dict(method="osd", gradient_at="base"),
     "TruncSVD, whitened": dict(method="truncsvd", whiten=True),
     "MagTruncSVD, whitened": dict(method="magtruncsvd", whiten=True),
     "OSD, whitened": dict(method="osd", whiten=True),
@@ -83,7 +93,7 @@ def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dic
     raw = extract(base.model, ft.model)
     tok = base.tokenizer
     test_ids = tok(domains.text(domain, "test"), add_special_tokens=False)["input_ids"]
-    valid = calibration_windows(tok, domains.text(domain, "valid"), args.valid_windows, 256)
+    valid = calibration_windows(tok, domains.text(domain, args.valid_source), args.valid_windows, 256)
     nll_base = window_nll(base.model, test_ids, args.context, args.max_windows)
     nll_ft = window_nll(ft.model, test_ids, args.context, args.max_windows)
     del ft
@@ -207,10 +217,10 @@ def write_results(rows: list[dict], summaries: list[dict], runtime: dict, args: 
     if runtime:
         lines += ["Runtime (fused graph with delta slots, this machine):", "",
                   markdown_table(["measure", "value"], [[k, f"{v:.4g}"] for k, v in runtime.items()])]
-    (out / "deltas.md").write_text("\n".join(lines))
-    (out / "deltas.json").write_text(json.dumps({"rows": rows, "summaries": summaries, "runtime": runtime},
-                                                indent=2))
-    _plot(rows, summaries, out / "deltas.png")
+    (out / f"deltas{args.suffix}.md").write_text("\n".join(lines))
+    saved = {"rows": rows, "summaries": summaries, "runtime": runtime}
+    (out / f"deltas{args.suffix}.json").write_text(json.dumps(saved, indent=2))
+    _plot(rows, summaries, out / f"deltas{args.suffix}.png")
 
 
 def _plot(rows: list[dict], summaries: list[dict], path: Path) -> None:
@@ -246,6 +256,11 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=16, help="test windows per domain")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--valid-windows", type=int, default=8, help="validation windows of 256 tokens (OSD)")
+    parser.add_argument("--valid-source", choices=("valid", "train"), default="valid",
+                        help="split OSD's validation windows come from: the small valid split (default) or the "
+                        "fine-tune's own training text (room for many more windows; a second, independent subset)")
+    parser.add_argument("--tag", default="", help="write results/deltas-TAG.md/.json/.png (experiments) instead of "
+                        "the main results")
     parser.add_argument("--skip-runtime", action="store_true")
     parser.add_argument("--keep", action="store_true",
                         help="keep the saved results of domains not run now (run domains in separate sessions)")
@@ -255,15 +270,16 @@ def main() -> None:
                         help=argparse.SUPPRESS)
     parser.add_argument("--report", action="store_true", help="only rewrite deltas.md / .png from deltas.json")
     args = parser.parse_args()
+    args.suffix = f"-{args.tag}" if args.tag else ""
     if args.report:
-        saved = json.loads((results_dir(__file__) / "deltas.json").read_text())
+        saved = json.loads((results_dir(__file__) / f"deltas{args.suffix}.json").read_text())
         write_results(saved["rows"], saved["summaries"], saved["runtime"], args)
         return
     import torch
 
     torch.set_num_threads(args.threads)
     rows, summaries = [], []
-    saved = results_dir(__file__) / "deltas.json"
+    saved = results_dir(__file__) / f"deltas{args.suffix}.json"
     if args.keep and saved.is_file():
         old = json.loads(saved.read_text())
         rows = [r for r in old["rows"] if r["domain"] not in args.domains]
@@ -276,7 +292,7 @@ def main() -> None:
         write_results(rows, summaries, {}, args)  # partial results survive an interruption
     runtime = {} if args.skip_runtime else runtime_costs([r for r in rows if Path(r["path"]).is_file()], work)
     write_results(rows, summaries, runtime, args)
-    print((results_dir(__file__) / "deltas.md").read_text())
+    print((results_dir(__file__) / f"deltas{args.suffix}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -14,17 +14,18 @@ from hypothesis import strategies as st
 from reliability_counts import count
 
 
-def _valid_bytes() -> bytes:
+def _valid_delta() -> Delta:
     rng = np.random.default_rng(0)
     layer = LayerDelta("model.layers.0.mlp.up_proj", 6, 4, 2,
                        FactorData(rng.standard_normal(5).astype(np.float32), np.array([0, 2, 3, 7, 11])),
                        FactorData(rng.standard_normal(8).astype(np.float32)), 100)
     delta = Delta("f" * 32, {layer.name: layer}, {"model.norm.weight": np.ones(4, np.float32)},
                   {"method": "osd", "rank": 1, "relax": 1, "importance": "taylor"})
-    return delta_file.to_bytes(delta, "float16")
+    return delta
 
 
-VALID = _valid_bytes()
+VALID = delta_file.to_bytes(_valid_delta(), "float16")  # U's positions as a bitmask (format 2)
+VALID_INDEX = delta_file.to_bytes(_valid_delta(), "int8", "index")  # as 16-bit indices
 HEADER_LEN = int.from_bytes(VALID[:8], "little")
 
 
@@ -39,8 +40,19 @@ def _read(tmp_path, data: bytes) -> None:
 
 def test_the_valid_file_reads(tmp_path):
     path = tmp_path / "ok.safetensors"
-    path.write_bytes(VALID)
-    assert delta_file.read(path).layers["model.layers.0.mlp.up_proj"].u.kept == 5
+    for data in (VALID, VALID_INDEX):
+        path.write_bytes(data)
+        assert delta_file.read(path).layers["model.layers.0.mlp.up_proj"].u.index.tolist() == [0, 2, 3, 7, 11]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, len(VALID_INDEX) - 1), st.integers(0, 255)), min_size=1, max_size=8))
+def test_byte_flips_of_an_index_file_never_crash(tmp_path, flips):
+    count("fuzz")
+    data = bytearray(VALID_INDEX)
+    for pos, value in flips:
+        data[pos] = value
+    _read(tmp_path, bytes(data))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -93,7 +105,8 @@ def test_layer_descriptions_never_crash(tmp_path, field, value):
 
 
 @pytest.mark.parametrize("change", [
-    {"format_version": 2}, {"base_fingerprint": None}, {"layers": []}, {"tensor_sha256": "0" * 64},
+    {"format_version": 3}, {"format_version": "2"}, {"format_version": 2.0}, {"base_fingerprint": None},
+    {"layers": []}, {"tensor_sha256": "0" * 64},
     {"dense": {"model.norm.weight": [5]}}, {"layers": {"x": {"shape": [6, 4], "rank": 9, "bits": 1}}},
     {"layers": {"model.layers.0.mlp.up_proj": {"shape": [6, 4], "rank": float("inf"), "bits": 1}}},
 ])
@@ -104,3 +117,50 @@ def test_inconsistent_metadata_is_refused(tmp_path, change):
     path.write_bytes(_with_metadata(meta))
     with pytest.raises(PackageError):
         delta_file.read(path)
+
+
+def _rewritten(data: bytes, edit, version: int | None = None) -> bytes:
+    """``data`` with its tensors changed by ``edit(tensors)`` and the checksum recomputed, so only the
+    reader's structural checks stand between the change and the runtime."""
+    from safetensors.numpy import load, save
+
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    meta = json.loads(header["__metadata__"]["edgepack_delta"])
+    tensors = load(data)
+    edit(tensors)
+    meta["tensor_sha256"] = delta_file._tensor_digest(tensors)
+    if version is not None:
+        meta["format_version"] = version
+    return save(tensors, metadata={"edgepack_delta": json.dumps(meta)})
+
+
+KEY = "model.layers.0.mlp.up_proj.u"
+
+
+def _set(key, value):
+    return lambda t: t.__setitem__(key, value)
+
+
+@pytest.mark.parametrize("edit", [
+    _set(f"{KEY}.mask", np.array([0b10110001, 0b00011000], np.uint8)),  # a bit past the 12 entries
+    _set(f"{KEY}.mask", np.array([0b10110001], np.uint8)),  # too short
+    _set(f"{KEY}.mask", np.array([0b10110001, 0, 0], np.uint8)),  # too long
+    _set(f"{KEY}.mask", np.array([0b10110001, 0b00110000], np.uint8)),  # 6 bits for 5 values
+    _set(f"{KEY}.mask", np.array([0b10110001, 0b00010000], np.uint16)),  # not bytes
+    _set(f"{KEY}.index", np.array([0, 2, 3, 7, 11], np.uint16)),  # a mask and indices both
+    lambda t: t.pop(f"{KEY}.mask"),  # neither
+], ids=["past-end", "short", "long", "count", "dtype", "both", "neither"])
+def test_corrupt_bitmasks_are_refused(tmp_path, edit):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(_rewritten(VALID, edit))
+    with pytest.raises(PackageError, match="inconsistent delta"):
+        delta_file.read(path)
+
+
+def test_a_bitmask_in_a_format_1_file_is_refused_and_format_1_indices_still_read(tmp_path):
+    path = tmp_path / "v1.safetensors"
+    path.write_bytes(_rewritten(VALID, lambda t: None, version=1))
+    with pytest.raises(PackageError, match="format 1"):
+        delta_file.read(path)
+    path.write_bytes(_rewritten(VALID_INDEX, lambda t: None, version=1))  # what edgepack wrote before masks
+    assert delta_file.read(path).layers["model.layers.0.mlp.up_proj"].u.index.tolist() == [0, 2, 3, 7, 11]

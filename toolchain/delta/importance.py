@@ -8,7 +8,7 @@ G = ∂L/∂ΔW, the chain rule through ΔW = U·Vᵀ gives ∂L/∂U = G·V and
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,11 +16,13 @@ from tqdm import tqdm
 
 
 def weight_gradients(model: nn.Module, layers: dict[str, nn.Linear], shifts: dict[str, torch.Tensor],
-                     windows: Sequence[Sequence[int]], grams: dict[str, torch.Tensor] | None = None
-                     ) -> dict[str, torch.Tensor]:
+                     windows: Sequence[Sequence[int]], grams: dict[str, torch.Tensor] | None = None,
+                     per_window: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
     """∂L/∂W of each layer in ``layers`` with its weight moved by ``shifts[name]``; mean token loss
     over ``windows``. The model's weights are restored afterwards. A ``grams`` dict is filled with
-    each layer's input X·Xᵀ / tokens (for the output-error criterion) from the same forward passes."""
+    each layer's input X·Xᵀ / tokens (for the output-error criterion) from the same forward passes.
+    ``per_window(name, grad)``: called with each window's own gradient (of its mean token loss), which
+    is then cleared, so nothing is accumulated and an empty dict is returned."""
     saved = {}
     hooks = [] if grams is None else [layer.register_forward_hook(_gram_hook(grams, name, len(windows)))
                                       for name, layer in layers.items()]
@@ -37,8 +39,14 @@ def weight_gradients(model: nn.Module, layers: dict[str, nn.Linear], shifts: dic
             layer.weight.grad = None
         for window in tqdm(windows, desc="importance (backward)", unit="window", file=sys.stderr):
             ids = torch.tensor([list(window)])
-            loss = model(ids, labels=ids, use_cache=False).loss / len(windows)
-            loss.backward()
+            loss = model(ids, labels=ids, use_cache=False).loss
+            (loss if per_window else loss / len(windows)).backward()
+            if per_window:
+                for name, layer in layers.items():
+                    per_window(name, layer.weight.grad)
+                    layer.weight.grad = None
+        if per_window:
+            return {}
         return {name: layer.weight.grad.detach().clone() for name, layer in layers.items()}
     finally:
         with torch.no_grad():
@@ -89,3 +97,53 @@ def input_grams(model: nn.Module, layers: dict[str, nn.Linear], windows: Sequenc
         for hook in hooks:
             hook.remove()
     return grams
+
+
+def factor_gradient_stats(model: nn.Module, layers: dict[str, nn.Linear], shifts: dict[str, torch.Tensor],
+                          factors: dict[str, tuple[torch.Tensor, torch.Tensor]], windows: Sequence[Sequence[int]]
+                          ) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Per layer (mean ∂L/∂U, mean ∂L/∂V, Σ_w (∂L_w/∂U)², Σ_w (∂L_w/∂V)²) over the windows, with the
+    weights moved by ``shifts``: one backward per window, each window's ΔW-gradient G_w projected onto
+    the factors (G_w·V, G_wᵀ·U) before the next. The squared sums are the empirical Fisher diagonal of
+    the factor entries, which a batch-mean gradient cannot give: entries whose per-window gradients
+    cancel look unimportant to |θ·ḡ| but not to θ²·Σg²."""
+    stats: dict[str, list[torch.Tensor]] = {}
+
+    def accumulate(name: str, grad: torch.Tensor) -> None:
+        u, v = factors[name]
+        g = grad.float()
+        gu, gv = g @ v, g.T @ u
+        parts = (gu / len(windows), gv / len(windows), gu.square(), gv.square())
+        if name in stats:
+            for total, part in zip(stats[name], parts):
+                total.add_(part)
+        else:
+            stats[name] = [p.clone() for p in parts]
+
+    weight_gradients(model, layers, shifts, windows, per_window=accumulate)
+    return {name: tuple(parts) for name, parts in stats.items()}
+
+
+def fisher_scores(u: torch.Tensor, v: torch.Tensor, sq_u: torch.Tensor, sq_v: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """θ²·Σ_w g_w²: the second-order (Optimal Brain Damage) loss change of zeroing an entry, with the
+    empirical Fisher diagonal standing in for the Hessian's."""
+    return u.square() * sq_u, v.square() * sq_v
+
+
+def rms_scores(u: torch.Tensor, v: torch.Tensor, sq_u: torch.Tensor, sq_v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """|θ|·sqrt(Σ_w g_w²): the Fisher score's square root, on the scale of |θ·g| (it ranks a layer's
+    entries as ``fisher_scores`` does; it differs only when layers compete in one global budget)."""
+    return u.abs() * sq_u.sqrt(), v.abs() * sq_v.sqrt()
+
+
+def normalized(scores: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's scores divided by their mean: the per-layer scale of gradient scores spans orders of
+    magnitude, so a global budget otherwise goes almost wholly to a few layers."""
+    out = {}
+    for name, (su, sv) in scores.items():
+        mean = (su.sum() + sv.sum()) / (su.numel() + sv.numel())
+        scale = mean if mean > 0 else torch.ones(())
+        out[name] = (su / scale, sv / scale)
+    return out

@@ -19,7 +19,9 @@ from edgepack.toolchain.delta import budget, extract, factorize, importance
 from tqdm import tqdm
 
 METHODS = ("osd", "truncsvd", "magtruncsvd")
-IMPORTANCE = ("taylor", "output")
+IMPORTANCE = ("taylor", "fisher", "rms", "output")
+GRADIENT_AT = ("delta", "finetune", "base")
+_LOSS_SCALED = ("taylor", "fisher", "rms")  # scores that estimate a loss change, comparable across layers
 ALLOCATION = ("layer", "global")
 
 
@@ -36,9 +38,15 @@ class DeltaConfig:
     valid: str | None = None
     windows: int = 8
     window_tokens: int = 256
-    # OSD's entry score: "taylor" (|θ·∂L/∂θ|, the paper's) or "output" (the layer-output error of
-    # removing the entry, from the validation inputs' X·Xᵀ; importance.output_scores).
+    # OSD's entry score: "taylor" (|θ·∂L/∂θ|, the paper's), "fisher" (θ²·Σ_w g_w², one backward per
+    # validation window), "rms" (|θ|·sqrt(Σ_w g_w²)) or "output" (the layer-output error of removing
+    # the entry, from the validation inputs' X·Xᵀ; importance.output_scores).
     importance: str = "taylor"
+    # Where the gradient is taken: base + the rank-(r+c) delta (the paper's), base + the full
+    # fine-tune's ΔW, or the base alone.
+    gradient_at: str = "delta"
+    # Divide each layer's scores by their mean before selection (matters for the global allocation only).
+    normalize: bool = False
     # "layer": each matrix keeps TruncSVD-at-r's bits (the paper's); "global": one budget for the
     # whole delta, entries of all layers compete on score per bit (taylor scores only: they share a scale).
     allocation: str = "layer"
@@ -56,9 +64,11 @@ class DeltaConfig:
             raise UsageError(f"--importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
         if self.allocation not in ALLOCATION:
             raise UsageError(f"--allocation must be one of {', '.join(ALLOCATION)}, got {self.allocation!r}")
-        if self.allocation == "global" and (self.method != "osd" or self.importance != "taylor"):
-            raise UsageError("--allocation global needs OSD's taylor importance: other scores are not comparable "
-                             "across layers")
+        if self.gradient_at not in GRADIENT_AT:
+            raise UsageError(f"--gradient-at must be one of {', '.join(GRADIENT_AT)}, got {self.gradient_at!r}")
+        if self.allocation == "global" and (self.method != "osd" or self.importance not in _LOSS_SCALED):
+            raise UsageError("--allocation global needs OSD's taylor, fisher or rms importance: other scores are "
+                             "not comparable across layers")
         if self.rank < 1:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
         if self.relax is not None and self.relax < 0:
@@ -103,7 +113,9 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
     whitening = _whitening(model, changed, windows, cache) if config.whiten else {}
     factors = {n: factorize.svd_factors(d, config.factor_rank, cache, whitening.get(n))
                for n, d in tqdm(changed.items(), desc="factorizing ΔW", unit="layer", file=sys.stderr)}
-    scores, how = _scores(model, factors, config, windows, {} if cache is None else cache)
+    scores, how = _scores(model, factors, config, windows, {} if cache is None else cache, changed)
+    if config.normalize and config.method == "osd" and windows:
+        scores, how = importance.normalized(scores), how + ", normalized per layer"
     allowed = {n: budget.dense_bits(*d.shape, min(config.rank, *d.shape)) for n, d in changed.items()}
     total_budget = sum(allowed.values())
     if config.method == "truncsvd":
@@ -115,7 +127,8 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
     if config.refit:
         layers = {n: factorize.refit(changed[n], layer) for n, layer in layers.items()}
     info = {"method": config.method, "rank": config.rank, "relax": config.factor_rank - config.rank,
-            "importance": how, "allocation": config.allocation if config.method == "osd" else "layer",
+            "importance": how, "gradient_at": config.gradient_at if config.method == "osd" else None,
+            "allocation": config.allocation if config.method == "osd" else "layer",
             "whitened": config.whiten, "refit": config.refit,
             "budget_bits": total_budget, "validation_windows": len(windows),
             "window_tokens": config.window_tokens, "seconds": round(time.perf_counter() - start, 1)}
@@ -146,7 +159,8 @@ def _whitening(model: torch.nn.Module, changed: dict[str, torch.Tensor], windows
 
 
 def _scores(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], config: DeltaConfig,
-            windows: list[list[int]], cache: dict) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], str]:
+            windows: list[list[int]], cache: dict, changed: dict[str, torch.Tensor]
+            ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], str]:
     if config.method == "truncsvd":
         return {}, "none (dense factors)"
     magnitude = {n: (u.abs(), v.abs()) for n, (u, v) in factors.items()}
@@ -156,20 +170,41 @@ def _scores(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch
         print("edgepack: no validation text given: OSD falls back to the data-free magnitude criterion "
               "(pass --valid FILE for Taylor importance)", file=sys.stderr)
         return magnitude, "magnitude |θ| (data-free fallback: no validation text)"
-    # Gradients at base + the rank-(r+c) delta; the layers' input X·Xᵀ only for the output criterion.
-    output = config.importance == "output"
-    key = ("gradients", config.factor_rank, id(windows), output)
+    if config.importance != "output":
+        return _gradient_scores(model, factors, config, windows, cache, changed)
+    key = ("grams", id(windows))  # the output criterion needs only the layers' inputs: forward passes
+    if key not in cache:
+        cache[key] = importance.input_grams(model, {n: m for n, m in extract.linear_layers(model).items()
+                                                    if n in factors}, windows)
+    grams = cache[key]
+    return ({n: importance.output_scores(u, v, grams[n]) for n, (u, v) in factors.items()},
+            "output error U²·VᵀCV / V²·|U|²·C_ll from validation inputs")
+
+
+def _gradient_scores(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     config: DeltaConfig, windows: list[list[int]], cache: dict, changed: dict[str, torch.Tensor]
+                     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], str]:
+    """Taylor / Fisher / rms scores from per-window gradients at ``config.gradient_at``."""
+    key = ("factor-gradients", config.factor_rank, id(windows), config.gradient_at, config.whiten)
     if key not in cache:
         layers = {n: m for n, m in extract.linear_layers(model).items() if n in factors}
-        shifts = {n: u @ v.T for n, (u, v) in factors.items()}
-        grams: dict[str, torch.Tensor] | None = {} if output else None
-        cache[key] = (importance.weight_gradients(model, layers, shifts, windows, grams), grams)
-    grads, grams = cache[key]
-    if config.importance == "output":
-        return ({n: importance.output_scores(u, v, grams[n]) for n, (u, v) in factors.items()},
-                "output error U²·VᵀCV / V²·|U|²·C_ll from validation inputs")
-    return ({n: importance.taylor_scores(u, v, grads[n]) for n, (u, v) in factors.items()},
-            "taylor |θ·∂L/∂θ| at base + rank-k delta")
+        if config.gradient_at == "delta":
+            shifts = {n: u @ v.T for n, (u, v) in factors.items()}
+        elif config.gradient_at == "finetune":
+            shifts = {n: changed[n] for n in factors}
+        else:
+            shifts = {n: torch.zeros(()) for n in factors}
+        cache[key] = importance.factor_gradient_stats(model, layers, shifts, factors, windows)
+    stats = cache[key]
+    where = {"delta": "base + rank-k delta", "finetune": "the full fine-tune", "base": "the base"}[config.gradient_at]
+    if config.importance == "taylor":
+        return ({n: ((u * stats[n][0]).abs(), (v * stats[n][1]).abs()) for n, (u, v) in factors.items()},
+                f"taylor |θ·∂L/∂θ| at {where}")
+    if config.importance == "fisher":
+        return ({n: importance.fisher_scores(u, v, *stats[n][2:]) for n, (u, v) in factors.items()},
+                f"fisher θ²·Σ_w g_w² over {len(windows)} windows at {where}")
+    return ({n: importance.rms_scores(u, v, *stats[n][2:]) for n, (u, v) in factors.items()},
+            f"rms |θ|·sqrt(Σ_w g_w²) over {len(windows)} windows at {where}")
 
 
 def _validation_windows(tokenizer: Any, config: DeltaConfig) -> list[list[int]]:

@@ -1,0 +1,78 @@
+"""OSD's gradient scores beyond the paper's one batch-mean gradient: the per-window (empirical Fisher)
+statistics, where the gradient is taken, and per-layer normalization."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from edgepack.toolchain.delta import budget, extract, factorize, importance
+from edgepack.toolchain.delta.make import DeltaConfig, compress
+
+
+def test_fisher_keeps_entries_whose_window_gradients_cancel():
+    # Entry 1 of U matters to each window's loss, in opposite directions: the batch-mean gradient is
+    # zero there, so |θ·ḡ| calls it unimportant; θ²·Σ_w g_w² does not. Entry 0 is larger but flat.
+    u = torch.tensor([[1.0], [0.5]])
+    v = torch.tensor([[1.0], [1.0]])
+    windows = [torch.tensor([[0.1, 0.0], [4.0, 4.0]]), torch.tensor([[0.1, 0.0], [-4.0, -4.0]])]
+    mean = sum(windows) / 2
+    sq_u = sum((g @ v).square() for g in windows)
+    sq_v = sum((g.T @ u).square() for g in windows)
+    taylor_u, _ = importance.taylor_scores(u, v, mean)
+    fisher_u, fisher_v = importance.fisher_scores(u, v, sq_u, sq_v)
+    assert taylor_u[1, 0] == 0 < taylor_u[0, 0]
+    assert fisher_u[1, 0] > fisher_u[0, 0]
+    room = 32 + budget.index_bits(2)  # one entry of U fits
+    zero_v = torch.zeros_like(fisher_v)
+    assert factorize.sparse_layer("x", u, v, fisher_u, zero_v, room).u.index.tolist() == [1]
+    assert factorize.sparse_layer("x", u, v, taylor_u, zero_v, room).u.index.tolist() == [0]
+    rms_u, _ = importance.rms_scores(u, v, sq_u, sq_v)
+    torch.testing.assert_close(rms_u.square(), fisher_u)  # same ranking, |θ·g| scale
+
+
+def _tiny_pair():
+    import tiny
+
+    base, ft = tiny.make_model(0), tiny.make_model(0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ft.parameters():
+            if p.ndim == 2 and p.shape[0] != ft.config.vocab_size:
+                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    return base, extract.extract(base, ft)
+
+
+def test_per_window_statistics_match_the_batch_gradient():
+    base, raw = _tiny_pair()
+    layers = {n: m for n, m in extract.linear_layers(base).items() if n in raw.linears}
+    factors = {n: factorize.svd_factors(d, 2) for n, d in raw.linears.items()}
+    shifts = {n: u @ v.T for n, (u, v) in factors.items()}
+    windows = [list(range(3, 19)), list(range(40, 56)), list(range(7, 23))]
+    before = {n: m.weight.detach().clone() for n, m in layers.items()}
+    stats = importance.factor_gradient_stats(base, layers, shifts, factors, windows)
+    grads = importance.weight_gradients(base, layers, shifts, windows)
+    for name, (u, v) in factors.items():
+        mean_u, mean_v, sq_u, sq_v = stats[name]
+        torch.testing.assert_close(mean_u, grads[name] @ v, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(mean_v, grads[name].T @ u, atol=1e-6, rtol=1e-4)
+        assert bool((sq_u >= len(windows) * mean_u.square() * (1 - 1e-4) - 1e-12).all())  # Σg² ≥ n·ḡ²
+        assert torch.equal(layers[name].weight, before[name])  # the shift is undone
+
+
+@pytest.mark.parametrize("importance_kind,gradient_at,normalize", [
+    ("fisher", "delta", False), ("rms", "finetune", True), ("taylor", "base", True), ("fisher", "finetune", False)])
+def test_gradient_variants_stay_in_budget(importance_kind, gradient_at, normalize):
+    base, raw = _tiny_pair()
+    windows = [list(range(3, 35)), list(range(50, 82))]
+    for allocation in ("layer", "global"):
+        config = DeltaConfig(method="osd", rank=1, importance=importance_kind, gradient_at=gradient_at,
+                             normalize=normalize, allocation=allocation)
+        delta = compress(base, raw, config, windows)
+        assert delta.bits <= delta.info["budget_bits"] + 32 * sum(a.size for a in raw.dense.values())
+        assert importance_kind in delta.info["importance"] and delta.info["gradient_at"] == gradient_at
+
+
+def test_normalized_scores_have_mean_one_per_layer():
+    scores = {"a": (torch.tensor([1e-6, 3e-6]), torch.tensor([2e-6])), "b": (torch.tensor([5.0]), torch.tensor([1.0]))}
+    for su, sv in importance.normalized(scores).values():
+        assert abs(float((su.sum() + sv.sum()) / (su.numel() + sv.numel())) - 1) < 1e-6
