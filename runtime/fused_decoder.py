@@ -9,8 +9,8 @@ and a long one never reallocates or copies its cache. (Measured, #7: growing num
 peaked 13 MB higher on a 256-token prompt, the old and new buffers living side by side during the
 copy.) ``initial_capacity`` set lower makes the buffers start smaller and double on demand.
 
-After loading, the resident pages of the weights file are given back (runtime/pages.py): prepacking
-read all of it, but only the embedding table is read again, a few rows per token.
+While and after loading, the resident pages of the weights file are given back (runtime/pages.py):
+prepacking reads all of it, but only the embedding table is read again, a few rows per token.
 
 Same interface as ``decoder.Decoder``: ``new_cache()``, ``forward(tokens, cache, all_logits)``,
 ``kv_heads``, ``head_dim``, ``num_layers``.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import mmap
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import onnxruntime as ort
 from edgepack.runtime.decoder import KVCache, SessionSettings
 from edgepack.runtime.delta import DeltaSlots
 from edgepack.runtime.errors import PackageError, UsageError
-from edgepack.runtime.pages import release_file_pages
+from edgepack.runtime.pages import released_while
 
 GRAPH_NAME = "fused"
 CONTEXT_KEY = "edgepack.context_length"
@@ -68,9 +69,11 @@ class FusedDecoder:
 
     def __init__(self, model_path: Path, settings: SessionSettings | None = None) -> None:
         self.settings = settings or SessionSettings()
+        data = Path(str(model_path) + ".data")
         try:
-            self.session = ort.InferenceSession(
-                str(model_path), self.settings.to_ort(), providers=list(self.settings.providers))
+            with released_while(data) if data.is_file() else nullcontext():
+                self.session = ort.InferenceSession(
+                    str(model_path), self.settings.to_ort(), providers=list(self.settings.providers))
         except Exception as e:  # onnxruntime raises its own untyped errors for bad graphs
             raise PackageError(f"onnxruntime cannot load {model_path}: {e}") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -97,9 +100,6 @@ class FusedDecoder:
         self.vocab_size = int(outputs["logits"].shape[-1])
         self.keeps_logits = LOGITS_KEEP in inputs  # graphs built before it compute logits everywhere
         self.delta = DeltaSlots(self.session)
-        data = Path(str(model_path) + ".data")
-        if data.is_file():
-            release_file_pages(data)
 
     def new_cache(self) -> FusedKVCache:
         cache = FusedKVCache(values=[])

@@ -26,11 +26,13 @@ class Model:
         self.package = package
         gen = package.generation
         self.generation = gen
+        # plan.graph: absent for optimum's export, "fused" for edgepack's own graph (export/fused).
+        self.decoder = decoder_class(package.manifest.plan.get("graph"))(package.model_path, settings)
+        # After the decoder: the load's peak (weights prepacked while their file pages are resident) is
+        # over by now, so the tokenizer's ~29 MB and its libraries' imports do not stack on it (#7).
         self.tokenizer = Tokenizer(
             package.tokenizer_path, package.chat_template, gen.bos_token, gen.eos_token
         )
-        # plan.graph: absent for optimum's export, "fused" for edgepack's own graph (export/fused).
-        self.decoder = decoder_class(package.manifest.plan.get("graph"))(package.model_path, settings)
         # A device plan budgets memory for prompts fed this many tokens at a time.
         device_memory = (package.manifest.plan.get("device") or {}).get("memory") or {}
         self.prefill_chunk = int(device_memory.get("chunk") or DEFAULT_PREFILL_CHUNK)

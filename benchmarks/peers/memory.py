@@ -14,6 +14,7 @@ median per-round ratio to the first configuration, because the machine is shared
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -96,7 +97,7 @@ def child(model: Path, tokenizer: Path, name: str) -> None:
     SessionSettings.to_ort = to_ort  # probe only: extra config entries without touching the runtime
     FusedDecoder.initial_capacity = capacity
     if name == "no-release":
-        fused_decoder.release_file_pages = lambda path: 0
+        fused_decoder.released_while = lambda path: contextlib.nullcontext()
     t0 = time.perf_counter()
     dec = FusedDecoder(model, settings)
     if trim:
