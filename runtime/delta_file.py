@@ -3,11 +3,11 @@
 Written by the toolchain (``edgepack delta``), read by the runtime; numpy only, so both sides share
 it and the runtime stays torch-free. Per decoder linear layer ``name`` (its module path, e.g.
 ``model.layers.3.mlp.down_proj``) the delta is ΔW ≈ U·Vᵀ with U [n_out, k] and V [n_in, k], each
-factor stored either densely (``name.u``) or sparsely as kept values and where they sit: since format
-2 either a bitmask over the factor's entries (``name.u.mask``, np.packbits order, one bit per entry)
-or their flat indices (``name.u.index`` uint16, int32 for factors over 65,536 entries), whichever
-takes fewer bytes (the mask, unless a factor keeps under 1/16 of its entries). Format 1 files (indices
-only) still read. Other
+factor stored either densely (``name.u``) or sparsely as kept values and where they sit. Format 2
+writes all sparse factors packed into three tensors (runtime/delta_packed.py: one bitmask bit per
+factor entry, the values, int8 scales) by default; per factor, a bitmask (``name.u.mask``) or flat
+indices (``name.u.index`` uint16, int32 for factors over 65,536 entries) with ``name.u.values`` can
+be asked for. Format 1 files (per-factor indices only) still read. Other
 parameters the fine-tune changed (norms, biases) are stored densely as ``dense.<param>`` (their
 difference from the base).
 
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgepack.runtime import delta_packed
 from edgepack.runtime.errors import IntegrityError, PackageError
 
 FORMAT_VERSION = 2  # 2: sparse positions as a bitmask (``.mask``) or indices; 1: indices only
@@ -32,7 +33,9 @@ READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "edgepack_delta"
 MAX_HEADER = 16 << 20  # a header larger than this is not a delta edgepack wrote
 _VALUE_DTYPES = ("float32", "float16", "int8")  # int8: symmetric, one float32 scale per factor
-INDEX_ENCODINGS = ("auto", "mask", "index")  # auto: per factor, whichever is smaller on disk
+# packed: all sparse factors' bitmasks and values in three tensors (the smallest; the default);
+# auto: per factor, a bitmask or indices, whichever is smaller; mask / index: per factor, that one.
+INDEX_ENCODINGS = ("packed", "auto", "mask", "index")
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ class Delta:
                 "dense": {n: list(a.shape) for n, a in self.dense.items()}}
 
 
-def to_bytes(delta: Delta, value_dtype: str = "float32", index: str = "auto") -> bytes:
+def to_bytes(delta: Delta, value_dtype: str = "float32", index: str = "packed") -> bytes:
     """The safetensors bytes of ``delta``; factor values stored as ``value_dtype``, sparse positions
     as ``index`` says (``INDEX_ENCODINGS``)."""
     from safetensors.numpy import save
@@ -110,13 +113,19 @@ def to_bytes(delta: Delta, value_dtype: str = "float32", index: str = "auto") ->
     if index not in INDEX_ENCODINGS:
         raise PackageError(f"delta index encoding must be one of {INDEX_ENCODINGS}, got {index!r}")
     tensors: dict[str, np.ndarray] = {}
-    for name, layer in delta.layers.items():
+    packed = []
+    for name, layer in sorted(delta.layers.items()):
         for key, factor in (("u", layer.u), ("v", layer.v)):
+            if index == "packed" and factor.index is not None:
+                packed.append((factor.index, factor.values, (layer.n_out if key == "u" else layer.n_in) * layer.rank))
+                continue
             stem = f"{name}.{key}" if factor.index is None else f"{name}.{key}.values"
             tensors.update(_encode(stem, factor.values, value_dtype))
             if factor.index is not None:
                 entries = (layer.n_out if key == "u" else layer.n_in) * layer.rank
                 tensors.update(_positions(f"{name}.{key}", factor.index, entries, index))
+    if packed:
+        tensors.update(delta_packed.pack(packed, value_dtype))
     for name, array in delta.dense.items():
         tensors[f"dense.{name}"] = array.astype(np.float32)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
@@ -126,7 +135,7 @@ def to_bytes(delta: Delta, value_dtype: str = "float32", index: str = "auto") ->
     return save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
 
-def write(delta: Delta, path: Path | str, value_dtype: str = "float32", index: str = "auto") -> int:
+def write(delta: Delta, path: Path | str, value_dtype: str = "float32", index: str = "packed") -> int:
     """Write atomically; returns the file's size in bytes."""
     from edgepack.runtime.files import atomic_write_bytes
 
@@ -232,16 +241,22 @@ def _metadata(header: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def _assemble(tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Delta:
-    layers = {}
-    for name, desc in meta["layers"].items():
+    shapes = {}
+    for name, desc in sorted(meta["layers"].items()):
         n_out, n_in = (int(x) for x in desc["shape"])
         rank = int(desc["rank"])
         if min(n_out, n_in, rank) < 0 or rank > min(n_out, n_in):
             raise ValueError(f"layer {name}: rank {rank} impossible for shape {n_out}x{n_in}")
-        masks = meta["format_version"] >= 2
-        u = _factor(tensors, f"{name}.u", n_out * rank, masks)
-        v = _factor(tensors, f"{name}.v", n_in * rank, masks)
-        layers[name] = LayerDelta(name, n_out, n_in, rank, u, v, int(desc["bits"]))
+        shapes[name] = (n_out, n_in, rank)
+    masks = meta["format_version"] >= 2
+    if any(k in tensors for k in delta_packed.KEYS) and not (masks and delta_packed.MASK in tensors):
+        raise ValueError("packed factor tensors without a packed bitmask, or in a format 1 file")
+    packed = _packed(tensors, shapes) if delta_packed.MASK in tensors else {}
+    layers = {}
+    for name, (n_out, n_in, rank) in shapes.items():
+        u, v = (FactorData(*packed[key]) if key in packed else _factor(tensors, key, rows * rank, masks)
+                for key, rows in ((f"{name}.u", n_out), (f"{name}.v", n_in)))
+        layers[name] = LayerDelta(name, n_out, n_in, rank, u, v, int(meta["layers"][name]["bits"]))
     dense = {}
     for name, shape in meta["dense"].items():
         array = tensors[f"dense.{name}"]
@@ -250,6 +265,19 @@ def _assemble(tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Delta:
         dense[name] = array
     info = dict(meta["info"], value_dtype=meta.get("value_dtype"))
     return Delta(meta["base_fingerprint"], layers, dense, info)
+
+
+def _packed(tensors: dict[str, np.ndarray], shapes: dict[str, tuple[int, int, int]]
+            ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The packed sparse factors: every factor without a dense tensor of its own, in sorted layer order."""
+    keys = []
+    for name, (n_out, n_in, rank) in shapes.items():
+        for key, rows in ((f"{name}.u", n_out), (f"{name}.v", n_in)):
+            if any(f"{key}.{part}" in tensors for part in ("values", "index", "mask")):
+                raise ValueError(f"{key}: stored both packed and on its own")
+            if key not in tensors:
+                keys.append((key, rows * rank))
+    return delta_packed.unpack(tensors, keys)
 
 
 def _factor(tensors: dict[str, np.ndarray], key: str, entries: int, masks: bool) -> FactorData:

@@ -116,6 +116,8 @@ def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dic
             seconds = time.perf_counter() - start
             path = work / f"{domain}-{label.split()[0].lower()}-{len(rows)}-r{rank}.safetensors"
             size16 = delta_file.write(delta, path, "float16")
+            int8_path = path.with_name(path.stem + "-int8.safetensors")
+            size8 = delta_file.write(delta, int8_path, "int8")
             nll = merged_nll(base.model, delta, test_ids, args.context, args.max_windows)
             per_window[(label, rank)] = nll
             ppl = math.exp(nll.mean())
@@ -124,7 +126,13 @@ def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dic
                          "allocation": delta.info.get("allocation"), "perplexity": round(ppl, 3),
                          "gain_kept": round(kept, 3), "accounted_kB": round(delta.bits / 8e3, 1),
                          "budget_kB": round(delta.info["budget_bits"] / 8e3, 1),
-                         "file_kB_fp16": round(size16 / 1e3, 1), "seconds": round(seconds, 1), "path": str(path)})
+                         "file_kB_fp16": round(size16 / 1e3, 1), "file_kB_int8": round(size8 / 1e3, 1),
+                         "seconds": round(seconds, 1), "path": str(path), "int8_path": str(int8_path)})
+            if args.int8_eval:  # what int8 values cost: the file read back, paired against float32 values
+                nll8 = merged_nll(base.model, delta_file.read(int8_path), test_ids, args.context, args.max_windows)
+                d = nll8 - nll
+                rows[-1]["perplexity_int8"] = round(math.exp(nll8.mean()), 3)
+                rows[-1]["int8_vs_float"] = f"{d.mean():+.4f} ± {d.std(ddof=1) / math.sqrt(len(d)):.4f}"
             print(f"[{domain}] r={rank} {label}: {ppl:.3f} (kept {kept:.1%}), {size16 / 1e3:.0f} kB, {seconds:.0f} s",
                   file=sys.stderr, flush=True)
     for row in rows:  # paired difference against the better baseline at the same rank
@@ -204,9 +212,11 @@ def _timed(fn) -> float:
 def write_results(rows: list[dict], summaries: list[dict], runtime: dict, args: argparse.Namespace) -> None:
     out = results_dir(__file__)
     headers = ["domain", "r", "variant", "c", "perplexity", "gain kept", "accounted kB", "file kB (fp16)",
-               "vs best baseline (mean Δ NLL ± s.e.)", "s"]
+               "file kB (int8)", "ppl, int8 file (Δ NLL vs float ± s.e.)", "vs best baseline (mean Δ NLL ± s.e.)", "s"]
     table = [[r["domain"], r["rank"], r["variant"], r["relax"], f"{r['perplexity']:.3f}", f"{r['gain_kept']:.1%}",
-              r["accounted_kB"], r["file_kB_fp16"], r.get("vs_best_baseline", ""), r["seconds"]] for r in rows]
+              r["accounted_kB"], r["file_kB_fp16"], r.get("file_kB_int8", ""),
+              f"{r['perplexity_int8']:.3f} ({r['int8_vs_float']})" if "perplexity_int8" in r else "",
+              r.get("vs_best_baseline", ""), r["seconds"]] for r in rows]
     lines = ["# Fine-tune deltas on SmolLM2-135M-Instruct", "",
              f"Command: `python benchmarks/deltas/run.py {args.command}`"
              + (" (other domains' rows kept from an earlier run)" if args.keep else ""), "",
@@ -261,6 +271,8 @@ def main() -> None:
                         "fine-tune's own training text (room for many more windows; a second, independent subset)")
     parser.add_argument("--tag", default="", help="write results/deltas-TAG.md/.json/.png (experiments) instead of "
                         "the main results")
+    parser.add_argument("--int8-eval", action="store_true",
+                        help="also measure perplexity with each delta's int8 file read back")
     parser.add_argument("--skip-runtime", action="store_true")
     parser.add_argument("--keep", action="store_true",
                         help="keep the saved results of domains not run now (run domains in separate sessions)")

@@ -23,7 +23,7 @@ def _delta(density: float, seed: int = 0) -> Delta:
 
 
 @pytest.mark.parametrize("density", [0.0, 0.01, 0.36, 1.0])
-@pytest.mark.parametrize("encoding", ["auto", "mask", "index"])
+@pytest.mark.parametrize("encoding", ["packed", "auto", "mask", "index"])
 def test_positions_round_trip_exactly(tmp_path, density, encoding):
     delta = _delta(density)
     path = tmp_path / "d.safetensors"
@@ -38,19 +38,21 @@ def test_positions_round_trip_exactly(tmp_path, density, encoding):
 def test_auto_takes_the_smaller_encoding(tmp_path):
     dense_ish, sparse = _delta(0.36), _delta(0.01)
     sizes = {(d, e): len(delta_file.to_bytes(delta, "float16", e))
-             for d, delta in (("dense", dense_ish), ("sparse", sparse)) for e in ("auto", "mask", "index")}
+             for d, delta in (("dense", dense_ish), ("sparse", sparse)) for e in ("packed", "auto", "mask", "index")}
     assert sizes["dense", "auto"] == sizes["dense", "mask"] < sizes["dense", "index"]
     assert sizes["sparse", "auto"] == sizes["sparse", "index"] < sizes["sparse", "mask"]
+    assert sizes["dense", "packed"] < sizes["dense", "mask"]  # one header entry for all masks, not one each
     # at OSD's density the bitmask costs ~1 bit per factor entry instead of 16 per kept one
     entries = sum((layer.n_out + layer.n_in) * layer.rank for layer in dense_ish.layers.values())
     kept = sum(layer.u.kept + layer.v.kept for layer in dense_ish.layers.values())
     assert sizes["dense", "index"] - sizes["dense", "mask"] > 2 * kept - entries / 8 - 1000
 
 
-def test_int8_values_are_within_half_a_step_of_their_scale(tmp_path):
-    delta = _delta(0.36, seed=3)
+@pytest.mark.parametrize("encoding", ["packed", "mask"])
+def test_int8_values_are_within_half_a_step_of_their_scale(tmp_path, encoding):
+    delta = _delta(0.36, seed=3)  # one scale per factor, packed or not
     path = tmp_path / "d.safetensors"
-    delta_file.write(delta, path, "int8")
+    delta_file.write(delta, path, "int8", encoding)
     back = delta_file.read(path)
     for name, layer in delta.layers.items():
         for mine, theirs in ((layer.u, back.layers[name].u), (layer.v, back.layers[name].v)):

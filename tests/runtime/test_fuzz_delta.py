@@ -24,8 +24,9 @@ def _valid_delta() -> Delta:
     return delta
 
 
-VALID = delta_file.to_bytes(_valid_delta(), "float16")  # U's positions as a bitmask (format 2)
-VALID_INDEX = delta_file.to_bytes(_valid_delta(), "int8", "index")  # as 16-bit indices
+VALID = delta_file.to_bytes(_valid_delta(), "float16")  # U packed: bitmask + values (format 2's default)
+VALID_INDEX = delta_file.to_bytes(_valid_delta(), "int8", "index")  # U's positions as 16-bit indices
+VALID_MASK = delta_file.to_bytes(_valid_delta(), "int8", "mask")  # U's own bitmask
 HEADER_LEN = int.from_bytes(VALID[:8], "little")
 
 
@@ -40,7 +41,7 @@ def _read(tmp_path, data: bytes) -> None:
 
 def test_the_valid_file_reads(tmp_path):
     path = tmp_path / "ok.safetensors"
-    for data in (VALID, VALID_INDEX):
+    for data in (VALID, VALID_INDEX, VALID_MASK):
         path.write_bytes(data)
         assert delta_file.read(path).layers["model.layers.0.mlp.up_proj"].u.index.tolist() == [0, 2, 3, 7, 11]
 
@@ -152,6 +153,32 @@ def _set(key, value):
 ], ids=["past-end", "short", "long", "count", "dtype", "both", "neither"])
 def test_corrupt_bitmasks_are_refused(tmp_path, edit):
     path = tmp_path / "bad.safetensors"
+    path.write_bytes(_rewritten(VALID_MASK, edit))
+    with pytest.raises(PackageError, match="inconsistent delta"):
+        delta_file.read(path)
+
+
+P = "packed"
+
+
+@pytest.mark.parametrize("edit", [
+    _set(f"{P}.mask", np.array([0b10110001, 0b00011000], np.uint8)),  # a bit past U's 12 entries
+    _set(f"{P}.mask", np.array([0b10110001], np.uint8)),  # too short
+    _set(f"{P}.mask", np.array([0b10110001, 0b00010000, 0], np.uint8)),  # a byte left over
+    _set(f"{P}.mask", np.array([0b10110001, 0b00110000], np.uint8)),  # 6 bits for 5 values
+    _set(f"{P}.mask", np.array([0b10110001, 0b00000000], np.uint8)),  # 4 bits: a value left over
+    _set(f"{P}.mask", np.array([0b10110001, 0b00010000], np.uint16)),  # not uint8
+    _set(f"{P}.values", np.zeros((5, 1), np.float16)),  # not 1-D
+    _set(f"{P}.values", np.zeros(5, np.int32)),  # not a value type
+    _set(f"{P}.values", np.zeros(5, np.int8)),  # int8 without scales
+    _set(f"{P}.values.scale", np.ones(1, np.float32)),  # scales for float16 values
+    lambda t: t.pop(f"{P}.mask"),  # values without a mask
+    lambda t: t.pop(f"{P}.values"),  # a mask without values
+    _set(f"{KEY}.index", np.array([0, 2, 3, 7, 11], np.uint16)),  # packed and on its own both
+], ids=["past-end", "short", "long", "count", "leftover", "dtype", "2d", "int32", "int8-no-scale", "stray-scale",
+        "no-mask", "no-values", "both"])
+def test_corrupt_packed_factors_are_refused(tmp_path, edit):
+    path = tmp_path / "bad.safetensors"
     path.write_bytes(_rewritten(VALID, edit))
     with pytest.raises(PackageError, match="inconsistent delta"):
         delta_file.read(path)
@@ -159,6 +186,9 @@ def test_corrupt_bitmasks_are_refused(tmp_path, edit):
 
 def test_a_bitmask_in_a_format_1_file_is_refused_and_format_1_indices_still_read(tmp_path):
     path = tmp_path / "v1.safetensors"
+    path.write_bytes(_rewritten(VALID_MASK, lambda t: None, version=1))
+    with pytest.raises(PackageError, match="format 1"):
+        delta_file.read(path)
     path.write_bytes(_rewritten(VALID, lambda t: None, version=1))
     with pytest.raises(PackageError, match="format 1"):
         delta_file.read(path)
