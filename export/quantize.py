@@ -1,4 +1,4 @@
-"""Weight-only int4 quantization with onnxruntime's MatMulNBits quantizer."""
+"""Weight-only int4 (or int8) quantization with onnxruntime's MatMulNBits quantizer."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ class Int4Config:
     block_size: int = 32
     symmetric: bool = False
     accuracy_level: int = 4
+    bits: int = 4  # 8: int8 MatMulNBits (``edgepack build --int8`` on optimum's graph)
 
 
 def quantize_int4(src: Path, dst: Path, config: Int4Config | None = None) -> None:
@@ -26,7 +27,7 @@ def quantize_int4(src: Path, dst: Path, config: Int4Config | None = None) -> Non
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     model = onnx.load(str(src))
     quantizer = MatMulNBitsQuantizer(
-        model, bits=4, block_size=cfg.block_size, is_symmetric=cfg.symmetric,
+        model, bits=cfg.bits, block_size=cfg.block_size, is_symmetric=cfg.symmetric,
         accuracy_level=cfg.accuracy_level,
     )
     quantizer.process()

@@ -24,13 +24,16 @@ from typing import Any
 
 F32 = 4
 INT4_BLOCK = 32
+INT8_LOAD_FACTOR = 1.65
 
 # Calibrated on this runtime (onnxruntime 1.32, CPU, graph optimization "all"); see README, memory model.
 RUNTIME_BYTES = 75e6
 # layout → resident bytes per stored byte. "int4": the device layout (all weights int4, external data);
 # "int4-matmul": the plain ``--int4`` build (float32 embedding in the protobuf, decoder MatMuls int4).
-LOAD_FACTOR = {"float32": 1.32, "int4": 1.65, "int4-matmul": 2.2}
-FOLDED_LAYOUTS = ("float32", "int4-matmul")
+# "int8": the fused ``--int8`` build (external data); "int8-matmul": ``--int8`` on optimum's graph, not
+# measured: int4-matmul's factor is assumed for it.
+LOAD_FACTOR = {"float32": 1.32, "int4": 1.65, "int4-matmul": 2.2, "int8": INT8_LOAD_FACTOR, "int8-matmul": 2.2}
+FOLDED_LAYOUTS = ("float32", "int4-matmul", "int8-matmul")
 ARENA_FACTOR = 2.0
 ATTENTION_BUFFERS = 4  # scores, mask add, softmax, and the where/cast the export keeps, per head
 
@@ -84,14 +87,21 @@ def int4_bytes(out: int, inner: int, block: int = INT4_BLOCK) -> int:
     return out * blocks * (block // 2 + F32) + out * (-(-blocks // 2))
 
 
+def int8_bytes(out: int, inner: int, block: int = INT4_BLOCK) -> int:
+    """8-bit MatMulNBits storage (symmetric: bytes and float32 scales, no zero points)."""
+    return out * -(-inner // block) * (block + F32)
+
+
 def matrix_bytes(out: int, inner: int, dtype: str) -> int:
-    return out * inner * F32 if dtype == "float32" else int4_bytes(out, inner)
+    if dtype == "float32":
+        return out * inner * F32
+    return int8_bytes(out, inner) if dtype == "int8" else int4_bytes(out, inner)
 
 
 def weight_bytes(shape: ModelShape, dtype: str, ranks: dict[str, int] | None = None) -> dict[str, int]:
     """Bytes of each kind of weight a package of ``dtype`` holds (float32: the plain export; int4:
-    the device layout, where embedding and LM head are int4 too). Factorized layers count as their
-    two factors (in→r, r→out)."""
+    the device layout, where embedding and LM head are int4 too; int8: the fused graph, one 8-bit table
+    for a tied embedding and LM head). Factorized layers count as their two factors (in→r, r→out)."""
     ranks = ranks or {}
     linear = 0
     for layer in shape.linears():
@@ -100,8 +110,9 @@ def weight_bytes(shape: ModelShape, dtype: str, ranks: dict[str, int] | None = N
             linear += matrix_bytes(out, inner, dtype) if r is None else (
                 matrix_bytes(r, inner, dtype) + matrix_bytes(out, r, dtype))
     vocab = shape.vocab * shape.hidden
-    embedding = vocab * F32 if dtype == "float32" else int4_bytes(shape.vocab, shape.hidden)
-    lm_head = 0 if dtype == "float32" and shape.tied else matrix_bytes(shape.vocab, shape.hidden, dtype)
+    embedding = vocab * F32 if dtype == "float32" else matrix_bytes(shape.vocab, shape.hidden, dtype)
+    shared = dtype in ("float32", "int8") and shape.tied  # the head reads the embedding's table
+    lm_head = 0 if shared else matrix_bytes(shape.vocab, shape.hidden, dtype)
     norms = shape.hidden * (2 * shape.layers + 1) * F32
     return {"linear": linear, "embedding": embedding, "lm_head": lm_head, "norms": norms}
 
@@ -167,8 +178,8 @@ def package_layout(manifest: Any, files: dict[str, int]) -> str:
     layout = manifest.plan.get("layout")
     if layout in LOAD_FACTOR:
         return layout
-    if manifest.dtype == "int4":
-        return "int4" if "model.onnx.data" in files else "int4-matmul"
+    if manifest.dtype in ("int4", "int8"):
+        return manifest.dtype if "model.onnx.data" in files else f"{manifest.dtype}-matmul"
     return "float32"
 
 

@@ -1,4 +1,4 @@
-"""``build``: model source → ONNX export → parity check → optional int4 → verified package."""
+"""``build``: model source → ONNX export → parity check → optional int4 / int8 → verified package."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ GRAPHS = ("auto", "optimum", "fused")
 @dataclass(frozen=True)
 class BuildConfig:
     """What to build. ``context`` caps the package's context length (the model's own max if larger
-    is never exceeded); ``int4`` quantizes every linear weight with MatMulNBits. ``graph``: "optimum"
+    is never exceeded); ``int4`` (or ``int8``) quantizes every linear weight with MatMulNBits. ``graph``: "optimum"
     (optimum's export, any architecture it traces), "fused" (edgepack's Llama-family graph: faster, see
     #7) or "auto" (fused where the architecture has it, else optimum)."""
 
@@ -42,6 +42,7 @@ class BuildConfig:
     ort_format: bool = False  # also write model.ort and its reduced operator config (phones)
     delta_slots: bool = False  # fused graph: side branches that apply OSD deltas at load time (runtime/delta.py)
     device_plan: dict[str, Any] | None = None  # the planner's Plan, recorded in the manifest
+    int8: bool = False  # 8-bit MatMulNBits weights (block 32, symmetric): twice int4's size, closer to float32
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -49,6 +50,8 @@ class BuildConfig:
             raise UsageError(f"--context must be at least 16 tokens, got {self.context}")
         if self.graph not in GRAPHS:
             raise UsageError(f"--graph must be one of {', '.join(GRAPHS)}, got {self.graph!r}")
+        if self.int8 and (self.int4 or self.int4_all):
+            raise UsageError("choose one of --int4 and --int8")
         if self.delta_slots and self.graph == "optimum":
             raise UsageError("--delta-slots needs the fused graph (--graph fused): optimum's graph has no side "
                              "branches")
@@ -102,7 +105,7 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
 
     output = Path(output)
     start = time.perf_counter()
-    steps = tqdm(total=4 + config.int4 + (config.compression is not None), desc="build", unit="step",
+    steps = tqdm(total=4 + (config.int4 or config.int8) + (config.compression is not None), desc="build", unit="step",
                  file=sys.stderr)
     with steps:
         steps.set_postfix_str("loading model")
@@ -131,8 +134,8 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
             float_report = parity.check(loaded.model, float_files[0], prompts, decoder_class=runtime_decoder)
             reports = {"float32": float_report.to_dict()}
             steps.update()
-            if config.int4:
-                steps.set_postfix_str("quantizing to int4")
+            if config.int4 or config.int8:
+                steps.set_postfix_str(f"quantizing to {_dtype(config)}")
                 if config.graph == "fused":
                     _export(config, loaded.model, staging, settings.context_length, True)
                 elif config.int4_all:
@@ -140,8 +143,9 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
 
                     quantize_all_int4(float_files[0], staging / float_files[0].name)
                 else:
-                    quantize.quantize_int4(float_files[0], staging / float_files[0].name)
-                reports["int4"] = parity.compare(loaded.model, staging / float_files[0].name, prompts,
+                    quantize.quantize_int4(float_files[0], staging / float_files[0].name,
+                                           quantize.Int4Config(bits=8 if config.int8 else 4))
+                reports[_dtype(config)] = parity.compare(loaded.model, staging / float_files[0].name, prompts,
                                                  decoder_class=runtime_decoder).to_dict()
                 steps.update()
             else:
@@ -159,7 +163,7 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
             manifest = package_writer.write_manifest(
                 staging,
                 name=output.name,
-                dtype="int4" if config.int4 else "float32",
+                dtype=_dtype(config),
                 model={**_model_info(loaded), "weights_fingerprint": weights_fingerprint},
                 plan={"config": config.to_dict(), "compression": compression, "graph": config.graph,
                       "weights": _weights_description(config), "context_length": settings.context_length,
@@ -215,12 +219,17 @@ def _exportable_check(graph: str) -> Any:
     return onnx_export.check_exportable
 
 
-def _export(config: BuildConfig, model: Any, out_dir: Path, context: int, int4: bool) -> list[Path]:
-    """The float32 (or, for the fused graph, directly int4) ONNX files of ``model`` in ``out_dir``."""
+def _dtype(config: BuildConfig) -> str:
+    return "int4" if config.int4 else "int8" if config.int8 else "float32"
+
+
+def _export(config: BuildConfig, model: Any, out_dir: Path, context: int, quantized: bool) -> list[Path]:
+    """The float32 (or, for the fused graph, directly int4 / int8) ONNX files of ``model`` in ``out_dir``."""
     if config.graph == "fused":
         from edgepack.export import fused
 
-        return fused.export(model, out_dir, context, int4, config.delta_slots)
+        return fused.export(model, out_dir, context, quantized and config.int4, config.delta_slots,
+                            int8=quantized and config.int8)
     return onnx_export.export(model, out_dir)
 
 
@@ -228,7 +237,9 @@ def _weights_description(config: BuildConfig) -> str:
     if config.graph == "fused":
         from edgepack.export import fused
 
-        return fused.weights_description(config.int4)
+        return fused.weights_description(config.int4, config.int8)
+    if config.int8:
+        return "int8 (MatMulNBits, block 32, symmetric)"
     return "int4 (MatMulNBits, block 32, asymmetric)" if config.int4 else "float32"
 
 

@@ -16,7 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "its logits against PyTorch, optionally quantize to int4, and write a verified package.")
     p.add_argument("model", help="'default', a Hugging Face model folder, or a .gguf file")
     p.add_argument("-o", "--output", required=True, help="package folder to write (replaced atomically)")
-    p.add_argument("--int4", action="store_true", help="int4 weights (onnxruntime MatMulNBits, block 32)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--int4", action="store_true", help="int4 weights (onnxruntime MatMulNBits, block 32)")
+    weights.add_argument("--int8", action="store_true", help="int8 weights (onnxruntime MatMulNBits, block 32, "
+                         "symmetric): twice int4's size, closer to float32")
     p.add_argument("--context", type=int, default=None, help="context length in tokens (default 2048; with "
                    "--device, 2048 halved until the plan fits)")
     p.add_argument("--graph", choices=("auto", "optimum", "fused"), default="auto",
@@ -25,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "Llama family (GroupQueryAttention, fused norms, faster)")
     _compression_args(p, required=False)
     p.add_argument("--device", help="plan for this device profile (name or .yaml) and build that plan; "
-                   "overrides --int4/--ratio (see 'edgepack plan')")
+                   "overrides --int4/--int8/--ratio (see 'edgepack plan')")
     p.add_argument("--delta-slots", action="store_true", help="fused graph only: add the low-rank side "
                    "branches through which 'run/chat/eval --delta' apply fine-tune deltas at load time")
     p.set_defaults(handler=build)
@@ -94,7 +97,8 @@ def build(args: argparse.Namespace) -> int:
     from edgepack.toolchain.build import build as run_build
 
     compression = _compression_config(args) if args.ratio is not None else None
-    config = BuildConfig(model=args.model, int4=args.int4, context=args.context or 2048, compression=compression,
+    config = BuildConfig(model=args.model, int4=args.int4, int8=args.int8, context=args.context or 2048,
+                         compression=compression,
                          calib=args.calib, graph=args.graph, delta_slots=args.delta_slots)
     manifest = run_build(config, args.output)
     parity = manifest.parity.get(manifest.dtype, {})

@@ -12,13 +12,17 @@ from edgepack.runtime.manifest import MODEL_NAME
 __all__ = ["GRAPH_NAME", "check_supported", "export", "weights_description"]
 
 
-def export(model: Any, out_dir: Path, context: int, int4: bool = False, delta_slots: bool = False) -> list[Path]:
+def export(model: Any, out_dir: Path, context: int, int4: bool = False, delta_slots: bool = False,
+           int8: bool = False) -> list[Path]:
     """Write the fused ``model.onnx`` for ``context`` positions into ``out_dir``; return the files."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return save(build_llama(model, context, int4, delta_slots=delta_slots), out_dir / MODEL_NAME)
+    return save(build_llama(model, context, int4, delta_slots=delta_slots, int8=int8), out_dir / MODEL_NAME)
 
 
-def weights_description(int4: bool) -> str:
+def weights_description(int4: bool, int8: bool = False) -> str:
+    if int8 and not int4:
+        return ("int8 (MatMulNBits, block 32, symmetric: Q8_0 form); tied embedding and LM head one 8-bit "
+                "block-32 copy")
     if not int4:
         return "float32 (tied embedding stored once)"
     return ("int4 (MatMulNBits, block 32, Q4_1 form: integer codes and scales, float block minimum added "

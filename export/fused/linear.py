@@ -1,4 +1,5 @@
-"""Linear layers as graph nodes: float32 MatMul, or int4 MatMulNBits with the exact Q4_1 remainder.
+"""Linear layers as graph nodes: float32 MatMul, int4 MatMulNBits with the exact Q4_1 remainder, or
+int8 MatMulNBits (symmetric, block 32: llama.cpp's Q8_0 form).
 
 A layer is an ``nn.Linear`` or a factorized ``nn.Sequential(Linear(in, r), Linear(r, out))`` (what
 ResSVD compression leaves); the latter becomes two MatMuls (or two MatMulNBits), never re-multiplied.
@@ -19,7 +20,7 @@ ACCURACY_LEVEL = 4  # MatMulNBits computes in int8 on CPU: the fast path
 
 @dataclass
 class LinearEmitter:
-    """Emits linear layers into ``builder``; ``int4`` picks MatMulNBits."""
+    """Emits linear layers into ``builder``; ``int4`` or ``int8`` picks MatMulNBits of that width."""
 
     builder: GraphBuilder
     int4: bool
@@ -33,6 +34,7 @@ class LinearEmitter:
     module_names: dict[int, str] = field(default_factory=dict)  # id(module or parameter) → its torch path
     slots: list[dict[str, Any]] = field(default_factory=list)  # what the runtime needs to fill each slot
     _block_sums: dict[str, str] = field(default_factory=dict)  # input name → its per-block sums
+    int8: bool = False  # 8-bit MatMulNBits (ignored with int4)
 
     def module(self, x: str, module: Any, name: str) -> str:
         """An ``nn.Linear`` or ``nn.Sequential`` of them, applied to ``x``."""
@@ -73,7 +75,12 @@ class LinearEmitter:
 
     def weight(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str) -> str:
         """``x @ weight.T + bias`` for a [n_out, n_in] weight."""
-        y = self._int4(x, weight, name) if self.int4 else self._float(x, weight, name)
+        if self.int4:
+            y = self._int4(x, weight, name)
+        elif self.int8:
+            y = self._int8(x, weight, name)
+        else:
+            y = self._float(x, weight, name)
         if bias is not None:
             y = self.builder.op1("Add", [y, self.builder.weight(f"{name}.bias", bias)], f"{name}/bias")
         return y
@@ -81,6 +88,14 @@ class LinearEmitter:
     def _float(self, x: str, weight: np.ndarray, name: str) -> str:
         w = self.builder.weight(f"{name}.weight", np.ascontiguousarray(weight.T))
         return self.builder.op1("MatMul", [x, w], f"{name}/MatMul")
+
+    def _int8(self, x: str, weight: np.ndarray, name: str) -> str:
+        """Symmetric 8-bit blocks of 32 (codes + 128 against the default zero point 128, as ``head_8bit``)."""
+        q = quantize_q8(weight)
+        b = self.builder
+        return b.op1("MatMulNBits", [x, b.weight(f"{name}.qweight", q.data), b.weight(f"{name}.scales", q.scales)],
+                     f"{name}/MatMulNBits", domain=MS_DOMAIN, K=q.n_in, N=q.n_out, bits=8, block_size=BLOCK,
+                     accuracy_level=ACCURACY_LEVEL)
 
     def _int4(self, x: str, weight: np.ndarray, name: str) -> str:
         b = self.builder

@@ -4,7 +4,7 @@ Per layer: SimplifiedLayerNormalization (RMSNorm; the residual add is fused into
 norm by SkipSimplifiedLayerNormalization), one packed QKV projection, GroupQueryAttention with the
 rotary embedding applied inside (cos/sin caches) and a KV cache shared between past and present
 (one preallocated buffer of ``context`` positions per layer and kind), an o projection, and a
-SwiGLU MLP with packed gate/up projections. Linear layers are float32 MatMul or int4 MatMulNBits
+SwiGLU MLP with packed gate/up projections. Linear layers are float32 MatMul or int4 / int8 MatMulNBits
 (``linear.py``); the tied embedding is stored once.
 
 Graph contract (what ``runtime/fused_decoder.py`` binds):
@@ -51,9 +51,10 @@ def head_dim(config: Any) -> int:
 
 
 def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True, fold: bool = True,
-                delta_slots: bool = False) -> Any:
+                delta_slots: bool = False, int8: bool = False) -> Any:
     """The fused graph (an ``onnx.ModelProto``) of a LlamaForCausalLM for ``context`` positions;
-    ``delta_slots`` adds the low-rank side branches fine-tune deltas are applied through."""
+    ``delta_slots`` adds the low-rank side branches fine-tune deltas are applied through; ``int4`` or
+    ``int8`` quantizes the linear layers (and stores a tied embedding as one 8-bit table)."""
     cfg = model.config
     check_supported(cfg)
     b = GraphBuilder("edgepack_fused_llama")
@@ -61,11 +62,11 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     seqlens = b.add_input("seqlens_k", INT32, [1])
     total = b.add_input("total_sequence_length", INT32, [])
     names = {id(m): n for n, m in model.named_modules()} | {id(p): n for n, p in model.named_parameters()}
-    lin = LinearEmitter(b, int4, exact, fold, delta_slots, names)
+    lin = LinearEmitter(b, int4, exact, fold, delta_slots, names, int8=int8)
     cos, sin = _rotary_caches(b, model, context)
     embedding = _array(model.model.embed_tokens.weight)
     tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    table = table_8bit(b, embedding) if int4 and tied else None
+    table = table_8bit(b, embedding) if (int4 or int8) and tied else None
     if table is not None:
         hidden = embed_8bit(b, ids, table)
     else:
