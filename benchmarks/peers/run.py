@@ -42,6 +42,7 @@ QUESTION = "Explain briefly what a Python list comprehension is."
 LONG_PROMPT_TOKENS = 256
 WORKER = Path(__file__).resolve().parent / "worker.py"
 RESSVD = "edgepack, ResSVD 20 % + int4 (fused graph)"
+INT8 = "edgepack, int8 (fused graph)"
 SETTLE_S = 0.2  # pause between requests: idle thread pools (OpenMP, onnxruntime) stop spinning
 
 
@@ -82,6 +83,9 @@ def prepare(args: argparse.Namespace) -> tuple[list[System], dict[str, list[int]
     int4 = ensure_package(w / "smollm2-int4", args.rebuild, graph="optimum", int4=True)
     fused_f32 = ensure_package(w / "smollm2-fused-float32", args.rebuild, graph="fused")
     fused_int4 = ensure_package(w / "smollm2-fused-int4", args.rebuild, graph="fused", int4=True)
+    fused_int8 = w / "smollm2-fused-int8"
+    if wanted(args, INT8):
+        ensure_package(fused_int8, args.rebuild, graph="fused", int8=True)
     # From a folder of `edgepack compress default --ratio 0.2` when given, else compressed inline: the same.
     ressvd = w / "smollm2-fused-int4-ressvd20"
     if wanted(args, RESSVD):  # compressing takes minutes: not for a run that leaves it out
@@ -113,6 +117,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[System], dict[str, list[int]
         System("optimum ORTModelForCausalLM, float32", "optimum", folders[f32], folder_size(f32)),
         System("optimum ORTModelForCausalLM, int4", "optimum", folders[int4], folder_size(int4)),
         System("edgepack, float32 (fused graph)", "edgepack", fused_f32, folder_size(fused_f32), fused_f32),
+        System(INT8, "edgepack", fused_int8, folder_size(fused_int8), fused_int8),
         System("edgepack, int4 (fused graph)", "edgepack", fused_int4, folder_size(fused_int4), fused_int4),
         System(RESSVD, "edgepack", ressvd, folder_size(ressvd), ressvd),
     ]
@@ -222,8 +227,6 @@ def main() -> None:
         for system, row in zip(systems, rows):
             if system.package is not None:
                 row.perplexity = perplexity(system.package, args.ppl_windows, args.threads)
-    rows.insert(next((i for i, r in enumerate(rows) if "int4 (fused" in r.name), len(rows)),
-                report.Row("edgepack, int8", None, note="no int8 build path"))
     write_results(rows, loads, prompts, args, elapsed)
 
 
