@@ -26,9 +26,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--valid", help="validation text file or folder for OSD's importance (without it OSD falls "
                    "back to the data-free magnitude criterion and says so)")
     p.add_argument("--windows", type=int, default=8, help="validation windows of 256 tokens (default 8)")
-    p.add_argument("--importance", choices=("taylor", "output"), default="taylor",
-                   help="OSD's entry score: taylor |θ·∂L/∂θ| (the paper's, default) or output (layer-output error "
-                   "of removing the entry, from the validation inputs)")
+    p.add_argument("--importance", choices=("taylor", "fisher", "rms", "output"), default="taylor",
+                   help="OSD's entry score: taylor |θ·∂L/∂θ| (the paper's, default), fisher θ²·Σ_w g_w² (one backward "
+                   "per validation window), rms |θ|·sqrt(Σ_w g_w²), or output (layer-output error of removing the "
+                   "entry, from the validation inputs)")
+    p.add_argument("--gradient-at", choices=("delta", "finetune", "base"), default="delta",
+                   help="OSD: take the gradient at base + the rank-(R+C) delta (default, the paper's), at the full "
+                   "fine-tune, or at the base")
+    p.add_argument("--shrink", type=float, default=0.0,
+                   help="fisher: pull each entry's Fisher toward its factor's mean by this weight (default 0)")
+    p.add_argument("--normalize", action="store_true",
+                   help="OSD: divide each layer's scores by their mean (matters with --allocation global)")
     p.add_argument("--allocation", choices=("layer", "global"), default="layer",
                    help="layer: every matrix gets TruncSVD-at-R's bits (default); global: one budget for the whole "
                    "delta, spent where the Taylor importance is highest")
@@ -54,7 +62,8 @@ def delta(args: argparse.Namespace) -> int:
         raise UsageError(f"-o must name a .safetensors file, got {args.output!r}")
     config = DeltaConfig(method=args.method, rank=args.rank, relax=args.relax, valid=args.valid,
                          windows=args.windows, importance=args.importance, allocation=args.allocation,
-                         auto=args.auto, whiten=args.whiten, refit=args.refit)
+                         auto=args.auto, whiten=args.whiten, refit=args.refit, gradient_at=args.gradient_at,
+                         shrink=args.shrink, normalize=args.normalize)
     result = make(args.base, args.finetuned, config)
     size = delta_file.write(result, args.output, args.values)
     info = result.info

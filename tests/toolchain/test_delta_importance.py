@@ -76,3 +76,25 @@ def test_normalized_scores_have_mean_one_per_layer():
     scores = {"a": (torch.tensor([1e-6, 3e-6]), torch.tensor([2e-6])), "b": (torch.tensor([5.0]), torch.tensor([1.0]))}
     for su, sv in importance.normalized(scores).values():
         assert abs(float((su.sum() + sv.sum()) / (su.numel() + sv.numel())) - 1) < 1e-6
+
+
+def test_shrinking_fisher_moves_from_per_entry_to_magnitude_order():
+    u = torch.tensor([[3.0], [1.0], [2.0]])
+    v = torch.tensor([[1.0]])
+    sq_u = torch.tensor([[0.01], [9.0], [0.01]])  # the smallest entry has by far the largest Fisher
+    sq_v = torch.tensor([[1.0]])
+    raw, _ = importance.fisher_scores(u, v, sq_u, sq_v)
+    assert int(raw.argmax()) == 1
+    shrunk, _ = importance.fisher_scores(u, v, sq_u, sq_v, shrink=1e6)
+    assert shrunk.ravel().argsort().tolist() == u.abs().ravel().argsort().tolist()
+
+
+def test_bad_gradient_options_are_usage_errors():
+    from edgepack.runtime.errors import UsageError
+
+    with pytest.raises(UsageError, match="gradient-at"):
+        DeltaConfig(method="osd", gradient_at="midway")
+    with pytest.raises(UsageError, match="shrink"):
+        DeltaConfig(method="osd", importance="fisher", shrink=-1.0)
+    with pytest.raises(UsageError, match="global"):
+        DeltaConfig(method="osd", importance="output", allocation="global")

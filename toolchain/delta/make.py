@@ -47,6 +47,8 @@ class DeltaConfig:
     gradient_at: str = "delta"
     # Divide each layer's scores by their mean before selection (matters for the global allocation only).
     normalize: bool = False
+    # Fisher only: pull each entry's Fisher toward its factor's mean by this weight (importance.fisher_scores).
+    shrink: float = 0.0
     # "layer": each matrix keeps TruncSVD-at-r's bits (the paper's); "global": one budget for the
     # whole delta, entries of all layers compete on score per bit (taylor scores only: they share a scale).
     allocation: str = "layer"
@@ -69,6 +71,8 @@ class DeltaConfig:
         if self.allocation == "global" and (self.method != "osd" or self.importance not in _LOSS_SCALED):
             raise UsageError("--allocation global needs OSD's taylor, fisher or rms importance: other scores are "
                              "not comparable across layers")
+        if not self.shrink >= 0:
+            raise UsageError(f"--shrink must be 0 or more, got {self.shrink}")
         if self.rank < 1:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
         if self.relax is not None and self.relax < 0:
@@ -201,8 +205,9 @@ def _gradient_scores(model: torch.nn.Module, factors: dict[str, tuple[torch.Tens
         return ({n: ((u * stats[n][0]).abs(), (v * stats[n][1]).abs()) for n, (u, v) in factors.items()},
                 f"taylor |θ·∂L/∂θ| at {where}")
     if config.importance == "fisher":
-        return ({n: importance.fisher_scores(u, v, *stats[n][2:]) for n, (u, v) in factors.items()},
-                f"fisher θ²·Σ_w g_w² over {len(windows)} windows at {where}")
+        shrunk = f", shrunk λ={config.shrink:g} toward each factor's mean" if config.shrink else ""
+        return ({n: importance.fisher_scores(u, v, *stats[n][2:], config.shrink) for n, (u, v) in factors.items()},
+                f"fisher θ²·Σ_w g_w² over {len(windows)} windows at {where}{shrunk}")
     return ({n: importance.rms_scores(u, v, *stats[n][2:]) for n, (u, v) in factors.items()},
             f"rms |θ|·sqrt(Σ_w g_w²) over {len(windows)} windows at {where}")
 
