@@ -69,12 +69,15 @@ def _compression_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--propagate", action=argparse.BooleanOptionalAction, default=True,
                    help="correct each layer for the error of the layers before it (default; --no-propagate: "
                         "the published recipe, k searched)")
+    g.add_argument("--tune-steps", type=int, default=0, help="after propagation, N steps of distillation to the "
+                   "dense model's logits on the calibration windows, training only the factors (default 0)")
 
 
 def _compression_config(args: argparse.Namespace):
     from edgepack.toolchain.ressvd import ResSVDConfig
 
-    return ResSVDConfig(ratio=args.ratio, method=args.method, layers=args.layers, propagate=args.propagate)
+    return ResSVDConfig(ratio=args.ratio, method=args.method, layers=args.layers, propagate=args.propagate,
+                        tune_steps=args.tune_steps)
 
 
 def require_toolchain() -> None:

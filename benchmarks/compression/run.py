@@ -37,6 +37,8 @@ VARIANTS = {
     "ressvd + propagation (ridge), last 2NR": dict(method="ressvd", layers="half", propagate=True),
     "ressvd + propagation (ridge), last k searched": dict(method="ressvd", layers="auto", propagate=True),
     "ressvd + propagation (ridge), all layers": dict(method="ressvd", layers="all", propagate=True),
+    "ressvd + propagation (ridge), last 2NR, 32 windows": dict(method="ressvd", layers="half", propagate=True,
+                                                              calib_windows=32),
 }
 HEADERS = ["variant", "removed", "perplexity", "× dense", "int4 ppl", "layers", "compress s", "peak RSS MB"]
 
@@ -60,8 +62,7 @@ def main() -> None:
     loaded = sources.load(args.model)
     ids = loaded.tokenizer(text.evaluation_text(), add_special_tokens=False)["input_ids"]
     defaults = ResSVDConfig()
-    windows = calibration_windows(loaded.tokenizer, text.calibration_text(), defaults.calib_windows,
-                                  defaults.calib_length)
+    corpus = text.calibration_text()
 
     def ppl(model) -> float:
         return perplexity(torch_forward(model), ids, 512, args.max_windows).perplexity
@@ -80,8 +81,9 @@ def main() -> None:
                 options["layers"] = max(selection.min_layers(per_layer, ratio), math.ceil(2 * len(per_layer) * ratio))
             model = copy.deepcopy(loaded.model)
             start = time.perf_counter()
-            calib = windows if options["method"] != "svd" else []
-            report = compress_(model, ResSVDConfig(ratio=ratio, **options), calib)
+            config = ResSVDConfig(ratio=ratio, **options)
+            calib = calibration_windows(loaded.tokenizer, corpus, config.calib_windows, defaults.calib_length)
+            report = compress_(model, config, calib if options["method"] != "svd" else [])
             seconds = time.perf_counter() - start
             value = ppl(model)
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -212,3 +212,49 @@ def test_ridge_config_is_validated():
     for bad in (-1.0, "big", True):
         with pytest.raises(UsageError, match="ridge"):
             ResSVDConfig(ridge=bad)
+
+
+def test_factor_tune_lowers_the_distillation_loss():
+    """The KD tune trains only the factor pairs, from the propagation's recorded streams, and lowers the
+    KL to the dense model on the calibration windows; the dense layers before the first compressed one
+    and every non-factor weight stay as they were."""
+    import tiny
+    from edgepack.toolchain.ressvd import tune
+    from edgepack.toolchain.ressvd.sequential import compress_sequential_
+
+    windows = [list(range(i, i + 32)) for i in range(0, 256, 32)]
+    model = tiny.make_model(seed=5, layers=4)
+    dense = tiny.make_model(seed=5, layers=4)
+    per_layer = selection.target_linears(model, ResSVDConfig().targets)
+    ranks = selection.last_k_ranks(per_layer, 0.3, 2)
+    traces = []
+    compress_sequential_(model, ranks, windows, trace=traces)
+    (trace,) = traces
+    assert trace.first == 2 and trace.inputs.shape == (8, 32, 64)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if ".0.weight" not in n and ".1.weight" not in n}
+    before = tune.distillation_loss(model, trace)
+    losses = tune.tune_(model, trace, tune.TuneSettings(steps=30, lr=1e-3, batch=2, positions=16))
+    after = tune.distillation_loss(model, trace)
+    assert len(losses) == 30 and after < 0.7 * before
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    with torch.inference_mode():
+        ids = torch.tensor(windows[:2])
+        reference = dense(ids).logits
+        err = float(((model(ids).logits - reference) ** 2).mean())
+    assert err > 0  # still a compressed model
+
+
+def test_compress_with_tune_steps_records_the_loss(model):
+    windows = [list(range(i, i + 32)) for i in range(0, 256, 32)]
+    report = compress_(model, ResSVDConfig(ratio=0.3, layers=2, tune_steps=5, tune_lr=1e-3, tune_batch=2), windows)
+    assert len(report.tune_loss) == 5 and report.config["tune_steps"] == 5
+    assert all(p.requires_grad for p in model.parameters())  # the tune restores requires_grad
+
+
+def test_tune_options_round_trip_and_are_validated():
+    config = ResSVDConfig(tune_steps=40, tune_lr=3e-4, tune_batch=2)
+    assert ResSVDConfig.from_dict(config.to_dict()) == config
+    for bad in (dict(tune_steps=-1), dict(tune_steps=2.5), dict(tune_steps=True), dict(tune_lr=0.0),
+                dict(tune_batch=0), dict(tune_steps=4, propagate=False), dict(tune_steps=4, method="svd")):
+        with pytest.raises(UsageError):
+            ResSVDConfig(**bad)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from edgepack.toolchain.ressvd import factorize, selection
+from edgepack.toolchain.ressvd import factorize, selection, tune
 from edgepack.toolchain.ressvd.calibration import GramCollector
 from edgepack.toolchain.ressvd.config import ResSVDConfig
 from edgepack.toolchain.ressvd.layers import factorized_linear, set_module
@@ -27,6 +27,7 @@ class CompressionReport:
     params_after: int
     search: list[dict[str, float]] = field(default_factory=list)  # k → final hidden-state error
     corrections: list[dict] = field(default_factory=list)  # propagation: per group, the ridge and its curve
+    tune_loss: list[float] = field(default_factory=list)  # the factor tune's loss at every step
     calibration_tokens: int = 0
     seconds: float = 0.0
 
@@ -71,6 +72,7 @@ def compress_(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
                 for n in tqdm(candidates, desc="decomposing", unit="layer")} if grams else {}
     search: list[dict[str, float]] = []
     corrections: list[dict] = []
+    tuned: list[float] = []
     if config.rank_map:
         ranks = dict(config.rank_map)
     elif searching:
@@ -85,7 +87,12 @@ def compress_(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
         if config.method == "ressvd" and config.residual_share > 0:
             def truncate(w, rank, s):
                 return factorize.residual(w, rank, s, config.residual_share)
-        corrections = compress_sequential_(model, ranks, windows, config.damping, truncate, config.ridge)
+        traces: list = []
+        corrections = compress_sequential_(model, ranks, windows, config.damping, truncate, config.ridge,
+                                           traces if config.tune_steps else None)
+        if config.tune_steps and traces:
+            tuned = tune.tune_(model, traces[0], tune.TuneSettings(config.tune_steps, config.tune_lr,
+                                                                    config.tune_batch))
     else:
         for name, rank in tqdm(ranks.items(), desc="factorizing", unit="layer"):
             a, b = _factors(config, modules[name], rank, whitened.get(name))
@@ -95,6 +102,7 @@ def compress_(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
         layers_compressed=len({n.rsplit(".", 2)[0] for n in ranks}),
         removed_share=selection.removed_share(per_layer, ranks), params_before=before,
         params_after=sum(p.numel() for p in model.parameters()), search=search, corrections=corrections,
+        tune_loss=[round(v, 5) for v in tuned],
         calibration_tokens=tokens,
         seconds=round(time.perf_counter() - start, 1),
     )

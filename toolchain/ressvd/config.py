@@ -41,6 +41,11 @@ class ResSVDConfig:
     # Ridge of the propagation's least-squares map, relative to mean diag(X̂ᵀX̂): "auto" picks it per
     # group of layers on held-out calibration windows (correction.py), a number fixes it.
     ridge: float | str = "auto"
+    # Knowledge-distillation steps on the factors after propagation (tune.py; 0 = none): AdamW at
+    # ``tune_lr``, ``tune_batch`` calibration windows a step.
+    tune_steps: int = 0
+    tune_lr: float = 1e-4
+    tune_batch: int = 4
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -60,6 +65,12 @@ class ResSVDConfig:
         if self.ridge != "auto" and (isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float))
                                      or not self.ridge >= 0):
             raise UsageError(f"ridge must be 'auto' or a number >= 0, got {self.ridge!r}")
+        if isinstance(self.tune_steps, bool) or not isinstance(self.tune_steps, int) or self.tune_steps < 0:
+            raise UsageError(f"--tune-steps must be a whole number >= 0, got {self.tune_steps!r}")
+        if self.tune_steps and not (self.propagate and self.method != "svd"):
+            raise UsageError("--tune-steps needs propagation (drop --no-propagate; not with --method svd)")
+        if not (isinstance(self.tune_lr, (int, float)) and 0 < self.tune_lr < 1) or self.tune_batch < 1:
+            raise UsageError(f"tune_lr must be in (0, 1) and tune_batch >= 1, got {self.tune_lr}, {self.tune_batch}")
         if self.calib_windows < 1 or self.calib_length < 2:
             raise UsageError("calibration needs at least 1 window of at least 2 tokens")
         object.__setattr__(self, "targets", tuple(self.targets))

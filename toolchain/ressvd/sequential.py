@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from edgepack.toolchain.ressvd import correction, factorize, selection
 from edgepack.toolchain.ressvd.layers import factorized_linear, set_module
+from edgepack.toolchain.ressvd.tune import Trace
 from torch import nn
 from tqdm import tqdm
 
@@ -108,15 +109,18 @@ def _fit_group(weights: list[torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor
 
 def compress_sequential_(model: nn.Module, ranks: dict[str, int], windows: Sequence[Sequence[int]],
                          damping: float = 1e-4, truncate: Callable | None = None,
-                         ridge: float | str = "auto") -> list[dict]:
+                         ridge: float | str = "auto", trace: list[Trace] | None = None) -> list[dict]:
     """Replace every module in ``ranks`` by corrected factors, layer by layer, in place; returns, per
-    group, the ridge chosen and its held-out curve."""
+    group, the ridge chosen and its held-out curve. ``trace``, when given, receives the streams the
+    factor tune needs (tune.py)."""
     layers = selection.decoder_layers(model)
     per_layer = selection.target_linears(model, list({n.rsplit(".", 1)[-1] for n in ranks}))
     dense_h, kwargs = _capture_first_layer(model, layers, windows)
-    comp_h, log = dense_h, []
+    comp_h, log, first = dense_h, [], None
     for index, layer in enumerate(tqdm(layers, desc="compressing layers", unit="layer")):
         chosen = {n: m for n, m in per_layer[index] if n in ranks}
+        if chosen and first is None:
+            first = (index, dense_h)  # up to here the compressed stream is the dense one
         if not chosen:
             with torch.no_grad():
                 new_dense = _run(layer, dense_h, kwargs)
@@ -128,6 +132,8 @@ def compress_sequential_(model: nn.Module, ranks: dict[str, int], windows: Seque
         hooks = [chosen[g[0]].register_forward_hook(_replacing_hook(model, g, chosen, dense_in[g[0]], ranks, fit, log))
                  for g in _groups(list(dense_in), dense_in)]
         comp_h = _run_hooked(layer, comp_h, kwargs, hooks)
+    if trace is not None and first is not None:
+        trace.append(Trace(first=first[0], inputs=first[1], kwargs=kwargs, teacher=dense_h))
     return log
 
 

@@ -1,0 +1,118 @@
+"""A short knowledge-distillation fine-tune of the compressed factors (SVD-LLM's "parameter update").
+
+Only the factor pairs are trained; every other weight is frozen. The layers before the first
+compressed one are unchanged, so their output on the calibration windows (recorded by the
+propagation pass, ``sequential.Trace``) is the fixed input of the tune, and the dense model's last
+decoder output, recorded by the same pass, gives the teacher's logits through the model's own
+(frozen) norm and head: no teacher model is kept, and no layer is run that the tune cannot change.
+
+The loss is KL(teacher ‖ student) of the next-token distributions on a random subset of positions
+per window: the head's 49152×576 product dominates a step's cost, while every position's gradient
+flows through the compressed layers anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from edgepack.toolchain.ressvd import selection
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    steps: int
+    lr: float = 1e-4
+    batch: int = 4  # windows per step
+    positions: int = 64  # positions per window whose logits enter the loss
+    seed: int = 0
+
+
+@dataclass
+class Trace:
+    """What the propagation pass records for the tune, at no extra forward cost."""
+
+    first: int  # index of the first compressed decoder layer
+    inputs: torch.Tensor  # hidden states entering it, one row per calibration window
+    kwargs: dict  # the decoder layers' other call arguments (rotary embeddings, mask)
+    teacher: torch.Tensor  # the dense model's last decoder output
+
+
+def tune_(model: nn.Module, trace: Trace, settings: TuneSettings) -> list[float]:
+    """Train the factors of ``model``'s compressed layers in place; returns the loss of every step."""
+    layers = selection.decoder_layers(model)[trace.first:]
+    norm, head = _final_norm(model), model.get_output_embeddings()
+    trainable = [p for layer in layers for m in layer.modules() if isinstance(m, nn.Sequential)
+                 for p in m.parameters()]
+    if not trainable:
+        return []
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / settings.steps)))  # cosine to 0
+    g = torch.Generator().manual_seed(settings.seed)
+    count, losses = trace.inputs.shape[0], []
+    order = torch.randperm(count, generator=g)
+    bar = tqdm(range(settings.steps), desc="tuning factors", unit="step")
+    try:
+        for step in bar:
+            batch = order[(torch.arange(settings.batch) + step * settings.batch) % count]
+            loss = _step_loss(layers, norm, head, trace, batch, settings.positions, g)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.set_postfix(kl=f"{losses[-1]:.4f}")
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    return losses
+
+
+def distillation_loss(model: nn.Module, trace: Trace, windows: Sequence[int] | None = None) -> float:
+    """The tune's loss on ``windows`` (default: all) at every position, without gradients."""
+    layers = selection.decoder_layers(model)[trace.first:]
+    batch = torch.tensor(list(range(trace.inputs.shape[0])) if windows is None else list(windows))
+    with torch.no_grad():
+        return float(_step_loss(layers, _final_norm(model), model.get_output_embeddings(), trace, batch, None, None))
+
+
+def _step_loss(layers, norm, head, trace: Trace, batch: torch.Tensor, positions: int | None,
+               g: torch.Generator | None) -> torch.Tensor:
+    hidden = trace.inputs[batch]
+    kwargs = {k: _rows(v, batch, trace.inputs.shape[0]) for k, v in trace.kwargs.items()}
+    for layer in layers:
+        out = layer(hidden, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    teacher = trace.teacher[batch]
+    if positions is not None and positions < hidden.shape[1]:
+        idx = torch.randperm(hidden.shape[1], generator=g)[:positions]
+        hidden, teacher = hidden[:, idx], teacher[:, idx]
+    with torch.no_grad():
+        target = F.log_softmax(head(norm(teacher)), dim=-1).flatten(0, 1)
+    student = F.log_softmax(head(norm(hidden)), dim=-1).flatten(0, 1)
+    return F.kl_div(student, target, log_target=True, reduction="batchmean")
+
+
+def _rows(value, batch: torch.Tensor, count: int):
+    """A per-window argument (first dimension = the window count) is sliced like the hidden states."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == count and count > 1:
+        return value[batch]
+    if isinstance(value, tuple):
+        return tuple(_rows(v, batch, count) for v in value)
+    return value
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return base.norm
