@@ -14,7 +14,7 @@ flows through the compressed layers anyway.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +43,10 @@ class Trace:
     teacher: torch.Tensor  # the dense model's last decoder output
 
 
-def tune_(model: nn.Module, trace: Trace, settings: TuneSettings) -> list[float]:
-    """Train the factors of ``model``'s compressed layers in place; returns the loss of every step."""
+def tune_(model: nn.Module, trace: Trace, settings: TuneSettings,
+          callback: Callable[[int], None] | None = None) -> list[float]:
+    """Train the factors of ``model``'s compressed layers in place; returns the loss of every step.
+    ``callback(steps_done)`` runs after each step (the benchmark's perplexity checkpoints)."""
     layers = selection.decoder_layers(model)[trace.first:]
     norm, head = _final_norm(model), model.get_output_embeddings()
     trainable = [p for layer in layers for m in layer.modules() if isinstance(m, nn.Sequential)
@@ -73,6 +75,8 @@ def tune_(model: nn.Module, trace: Trace, settings: TuneSettings) -> list[float]
             schedule.step()
             losses.append(loss.item())
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
+            if callback is not None:
+                callback(step + 1)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)

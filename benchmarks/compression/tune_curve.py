@@ -1,0 +1,102 @@
+"""Perplexity against steps of the factor tune (tune.py) after the default propagated compression.
+
+    python benchmarks/compression/tune_curve.py [--ratio 0.2] [--steps 64] [--lrs 1e-4 3e-4]
+                                                [--checkpoints 16 32 64] [--calib-windows 64] [--max-windows 20]
+
+Compresses the default model once (ResSVDConfig defaults, propagation with the ridge, last 2NR layers),
+then, from a copy of that compressed model for each learning rate, runs one cosine-scheduled tune of
+``--steps`` steps and measures PyTorch perplexity on the first evaluation windows at each checkpoint
+(mid-run checkpoints are points of the longer schedule, not shorter runs). Writes results/tune.json/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import markdown_table, results_dir  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4])
+    parser.add_argument("--checkpoints", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--calib-windows", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--max-windows", type=int, default=20)
+    args = parser.parse_args()
+
+    from edgepack.runtime import text
+    from edgepack.runtime.perplexity import perplexity
+    from edgepack.toolchain import sources
+    from edgepack.toolchain.evaluate import torch_forward
+    from edgepack.toolchain.ressvd import ResSVDConfig, selection, tune
+    from edgepack.toolchain.ressvd.calibration import calibration_windows
+    from edgepack.toolchain.ressvd.sequential import compress_sequential_
+
+    loaded = sources.load("default")
+    ids = loaded.tokenizer(text.evaluation_text(), add_special_tokens=False)["input_ids"]
+    config = ResSVDConfig(ratio=args.ratio, calib_windows=args.calib_windows)
+    windows = calibration_windows(loaded.tokenizer, text.calibration_text(), config.calib_windows, config.calib_length)
+
+    def ppl(model) -> float:
+        return perplexity(torch_forward(model), ids, 512, args.max_windows).perplexity
+
+    per_layer = selection.target_linears(loaded.model, config.targets)
+    ranks = selection.last_k_ranks(per_layer, args.ratio, selection.half_k(per_layer, args.ratio))
+    from edgepack.toolchain.ressvd import factorize
+
+    def truncate(w, rank, s):
+        return factorize.residual(w, rank, s, config.residual_share)
+
+    start = time.perf_counter()
+    traces: list = []
+    compress_sequential_(loaded.model, ranks, windows, config.damping, truncate, config.ridge, traces)
+    compress_s = time.perf_counter() - start
+    base = ppl(loaded.model)
+    rows = [["none", args.calib_windows, 0, base, 0.0, f"{compress_s:.0f}"]]
+    print(rows[-1], file=sys.stderr, flush=True)
+    for lr in args.lrs:
+        model = copy.deepcopy(loaded.model)
+        begun = time.perf_counter()
+        paused = [0.0]
+
+        def checkpoint(done: int, model=model, lr=lr, begun=begun, paused=paused) -> None:
+            if done in args.checkpoints:
+                t = time.perf_counter()
+                value = ppl(model)
+                tuned_s = t - begun - paused[0]
+                paused[0] += time.perf_counter() - t
+                rows.append([f"{lr:g}", args.calib_windows, done, value, 0.0, f"{compress_s + tuned_s:.0f}"])
+                print(rows[-1], file=sys.stderr, flush=True)
+                _write(rows, args)
+
+        losses = tune.tune_(model, traces[0], tune.TuneSettings(args.steps, lr, args.batch), checkpoint)
+        print(f"lr {lr:g} losses {[round(v, 4) for v in losses]}", file=sys.stderr, flush=True)
+        del model
+    _write(rows, args)
+    print((results_dir(__file__) / "tune.md").read_text())
+
+
+def _write(rows, args) -> None:
+    for r in rows:
+        r[4] = r[3] / 14.78  # dense perplexity on the first 20 evaluation windows (compression.md)
+    out = results_dir(__file__)
+    (out / "tune.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
+    header = (f"Factor tune after the default compression at {args.ratio:.0%} (KD to the dense logits, batch "
+              f"{args.batch} × 256 tokens, cosine over {args.steps} steps); PyTorch perplexity, first "
+              f"{args.max_windows} evaluation windows; seconds: compression + tune so far (shared machine).\n\n")
+    headers = ["lr", "calib windows", "steps", "perplexity", "× dense", "seconds"]
+    (out / "tune.md").write_text(header + markdown_table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()
