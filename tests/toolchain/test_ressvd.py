@@ -258,3 +258,17 @@ def test_tune_options_round_trip_and_are_validated():
                 dict(tune_batch=0), dict(tune_steps=4, propagate=False), dict(tune_steps=4, method="svd")):
         with pytest.raises(UsageError):
             ResSVDConfig(**bad)
+
+
+def test_held_out_error_from_moments_equals_the_direct_error():
+    from edgepack.toolchain.ressvd import correction
+
+    g = torch.Generator().manual_seed(0)
+    x = correlated_inputs(n=300, dim=20)
+    x_hat = x + 0.1 * torch.randn(300, 20, dtype=torch.float64, generator=g)
+    w = [torch.randn(7, 20, dtype=torch.float64, generator=g), torch.randn(5, 20, dtype=torch.float64, generator=g)]
+    maps = [a + 0.1 * torch.randn(a.shape, dtype=torch.float64, generator=g) for a in w]
+    direct = (sum(float(((x @ a.T - x_hat @ b.T) ** 2).sum()) for a, b in zip(w, maps))
+              / sum(float(((x @ a.T) ** 2).sum()) for a in w))
+    held = correction.HeldOut(w, correction.Moments.of(x, x_hat, dense_gram=True))
+    assert held.error(maps) == pytest.approx(direct, rel=1e-9)

@@ -47,16 +47,17 @@ class Moments:
         return Moments(self.g + other.g, self.c + other.c)
 
 
-def corrected_map(weights: Sequence[Tensor], m: Moments, ridge: float,
-                  damping: float) -> tuple[list[Tensor], Tensor]:
-    """W*(λ) for every weight of a group, and the whitening S of the truncation metric (float64)."""
+def corrected_map(weights: Sequence[Tensor], m: Moments, ridge: float, damping: float,
+                  wc: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+    """W*(λ) for every weight of a group, and the whitening S of the truncation metric (float64).
+    ``wc``: the stacked W·C, when the caller reuses it over several λ."""
     eye = torch.eye(m.g.shape[0], dtype=torch.float64)
     if ridge == NO_CORRECTION:
         return [w.double() for w in weights], factorize.whitening(m.g, damping)
     lam = ridge * float(m.g.diagonal().mean().clamp_min(1e-12))
     s = factorize.whitening(m.g + lam * eye, damping)
     stacked = torch.cat([w.double() for w in weights])
-    rhs = (stacked @ (m.c + lam * eye)).T  # a plain product: it keeps both threads
+    rhs = ((stacked @ m.c if wc is None else wc) + lam * stacked).T  # a plain product: it keeps both threads
     with factorize.one_thread():
         # W·(C + λI)·(G + λI)⁻¹ by two triangular solves with S (no explicit inverse).
         y = torch.linalg.solve_triangular(s, rhs, upper=False)
@@ -64,15 +65,20 @@ def corrected_map(weights: Sequence[Tensor], m: Moments, ridge: float,
     return list(torch.split(w_star, [w.shape[0] for w in weights])), s
 
 
-def holdout_error(weights: Sequence[Tensor], maps: Sequence[Tensor], held: Moments) -> float:
-    """‖X·Wᵀ − X̂·W'ᵀ‖² / ‖X·Wᵀ‖² summed over the group on held-out rows, from their moments alone:
+class HeldOut:
+    """‖X·Wᵀ − X̂·W'ᵀ‖² / ‖X·Wᵀ‖² summed over a group on held-out rows, from their moments alone:
     ‖X·Wᵀ‖² − 2·tr(W·C·W'ᵀ) + tr(W'·G·W'ᵀ). Re-running the rows through every candidate map took
     58 of 379 s of a whole compression; this costs one d×d product per candidate."""
-    w = torch.cat([x.double() for x in weights])
-    w2 = torch.cat([x.double() for x in maps])
-    den = float(((w @ held.gxx) * w).sum())
-    num = den - 2 * float(((w @ held.c) * w2).sum()) + float(((w2 @ held.g) * w2).sum())
-    return max(num, 0.0) / max(den, 1e-30)
+
+    def __init__(self, weights: Sequence[Tensor], held: Moments) -> None:
+        w = torch.cat([x.double() for x in weights])
+        self.den = float(((w @ held.gxx) * w).sum())
+        self.wc, self.g = w @ held.c, held.g
+
+    def error(self, maps: Sequence[Tensor]) -> float:
+        w2 = torch.cat([x.double() for x in maps])
+        num = self.den - 2 * float((self.wc * w2).sum()) + float(((w2 @ self.g) * w2).sum())
+        return max(num, 0.0) / max(self.den, 1e-30)
 
 
 def choose_ridge(weights: Sequence[Tensor], x: Tensor, x_hat: Tensor, damping: float,
@@ -83,6 +89,8 @@ def choose_ridge(weights: Sequence[Tensor], x: Tensor, x_hat: Tensor, damping: f
     if not held:
         raise ValueError("choosing the ridge needs at least 2 calibration windows")
     fit, val = Moments.of(x[:-held], x_hat[:-held]), Moments.of(x[-held:], x_hat[-held:], dense_gram=True)
-    curve = {lam: holdout_error(weights, corrected_map(weights, fit, lam, damping)[0], val) for lam in grid}
+    score, wc = HeldOut(weights, val), torch.cat([w.double() for w in weights]) @ fit.c
+    curve = {lam: score.error(weights if lam == NO_CORRECTION else corrected_map(weights, fit, lam, damping, wc)[0])
+             for lam in grid}
     best = min(curve, key=lambda lam: (curve[lam], -lam))  # ties go to the stronger ridge
     return best, fit + val, curve
