@@ -8,6 +8,7 @@ tokenizers ~5 MB of RSS) stacks on the load's transient peak (#7).
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,32 @@ from edgepack.runtime.errors import PackageError, UsageError
 from edgepack.runtime.pages import trim_heap
 
 Message = dict[str, str]
+
+_MERGES = re.compile(r'"merges"\s*:\s*\[(?=\s*\[)')
+_PART = r'"((?:[^"\\ ]|\\[^u]|\\u(?!0020)[0-9a-fA-F]{4})*)"'  # a JSON string holding no space
+_PAIR = re.compile(r"\s*\[\s*" + _PART + r"\s*,\s*" + _PART + r"\s*\]\s*(,?)\s*")
+
+
+def compact_merges(text: str) -> str:
+    """A BPE tokenizer.json with its merges as "a b" strings (the format ``tokenizers`` also reads)
+    instead of ["a", "b"] pairs: the same tokenizer, but parsing it needs ~15 MB less transient memory
+    for the default model's 48,900 merges (#7: 42 -> 27 MB; +0.1 s). Unchanged when any merge part
+    holds a space (the string form could not say where it splits) or the merges are not pairs."""
+    found = _MERGES.search(text)
+    if not found:
+        return text
+    pos, parts = found.end(), []
+    while True:
+        pair = _PAIR.match(text, pos)
+        if pair is None:
+            return text
+        parts.append(f'"{pair[1]} {pair[2]}"')
+        pos = pair.end()
+        if not pair[3]:
+            break
+    if not text.startswith("]", pos):
+        return text
+    return text[:found.end()] + ",".join(parts) + text[pos:]
 
 
 def _raise_exception(message: str) -> None:
@@ -57,8 +84,8 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
-            self._tok = HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            self._tok = HFTokenizer.from_str(compact_merges(Path(path).read_text(encoding="utf-8")))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files; OSError, bad UTF-8
             raise PackageError(f"cannot read tokenizer {path}: {e}") from None
         trim_heap()  # the JSON parse's ~25 MB of freed buffers would otherwise stay in the process's heap
         self._template = compile_chat_template(chat_template) if chat_template else None

@@ -58,3 +58,38 @@ def test_broken_template_and_tokenizer_are_package_errors(tiny_package, tmp_path
     bad.write_text("{not json")
     with pytest.raises(PackageError, match="tokenizer"):
         Tokenizer(bad)
+
+
+def test_compact_merges_is_the_same_tokenizer(tiny_package):
+    from edgepack.runtime.tokenizer import compact_merges
+    from tokenizers import Tokenizer as HFTokenizer
+
+    text = (tiny_package / "tokenizer.json").read_text(encoding="utf-8")
+    compact = compact_merges(text)
+    assert '"merges":[[' in text.replace(" ", "") and '"merges":[[' not in compact.replace(" ", "")
+    assert len(compact) < len(text)
+    original, rewritten = HFTokenizer.from_str(text), HFTokenizer.from_str(compact)
+    assert rewritten.to_str() == original.to_str()
+    sample = "Python's for statement — naïve café ☕ 日本\n\tdef f(x): return x ** 2"
+    assert rewritten.encode(sample).ids == original.encode(sample).ids
+
+
+def test_compact_merges_leaves_merges_it_cannot_write_as_strings():
+    from edgepack.runtime.tokenizer import compact_merges
+
+    spaced = '{"model":{"merges":[["a","b"],["c d","e"]]}}'
+    escaped = '{"model":{"merges":[["a","b"],["c\\u0020d","e"]]}}'
+    legacy = '{"model":{"merges":["a b","c e"]}}'
+    for text in (spaced, escaped, legacy, '{"model":{"merges":[]}}'):
+        assert compact_merges(text) == text
+    assert compact_merges('{"merges": [ ["a", "b\\"q"] , ["\\u00e9", "c"] ], "x": 1}') == \
+        '{"merges": ["a b\\"q","\\u00e9 c"], "x": 1}'
+
+
+def test_unreadable_tokenizer_is_a_package_error(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(PackageError, match="cannot read tokenizer"):
+        Tokenizer(bad)
+    with pytest.raises(PackageError, match="cannot read tokenizer"):
+        Tokenizer(tmp_path / "missing.json")
