@@ -34,8 +34,14 @@ RUNTIME_BYTES = 75e6
 # "int4-matmul": the plain ``--int4`` build (float32 embedding in the protobuf, decoder MatMuls int4).
 # "int8": the fused ``--int8`` build (external data); "int8-matmul": ``--int8`` on optimum's graph, not
 # measured: int4-matmul's factor is assumed for it.
-LOAD_FACTOR = {"float32": 1.32, "int4": 1.65, "int4-matmul": 2.2, "int8": INT8_LOAD_FACTOR, "int8-matmul": 2.2}
+# "fused-float32" / "fused-int4": edgepack's fused Llama graph (#7), weights as external data, a tied embedding
+# stored once and read by the head too (float32, or one 8-bit table in an int4 package); fitted on the default
+# model's packages with ``edgepack bench --fill`` (README, memory model).
+LOAD_FACTOR = {"float32": 1.32, "int4": 1.65, "int4-matmul": 2.2, "int8": INT8_LOAD_FACTOR, "int8-matmul": 2.2,
+               "fused-float32": 1.1, "fused-int4": 1.6}
 FOLDED_LAYOUTS = ("float32", "int4-matmul", "int8-matmul")
+# The fused graph keeps logits for the last position only and GroupQueryAttention one score buffer per head.
+FUSED_LAYOUTS = ("fused-float32", "fused-int4", "int8")
 ARENA_FACTOR = 2.0
 ATTENTION_BUFFERS = 4  # scores, mask add, softmax, and the where/cast the export keeps, per head
 
@@ -94,28 +100,50 @@ def int8_bytes(out: int, inner: int, block: int = INT4_BLOCK) -> int:
     return out * -(-inner // block) * (block + F32)
 
 
+def fused_int4_bytes(out: int, inner: int, block: int = INT4_BLOCK) -> int:
+    """The fused graph's exact Q4_1 MatMulNBits (export/fused/linear.py): 4-bit values and float32 scales,
+    the per-block minimums as two extra 4-bit digit blocks per 32 blocks when ``inner`` is whole blocks,
+    else a float32 remainder matrix (blocks × out)."""
+    blocks = -(-inner // block)
+    if inner % block == 0:
+        return out * (blocks + 2 * -(-blocks // block)) * (block // 2 + F32)
+    return out * blocks * (block // 2 + F32) + out * blocks * F32
+
+
+def _linear_bytes(shape: ModelShape, ranks: dict[str, int] | None, size: Any) -> int:
+    ranks = ranks or {}
+    total = 0
+    for layer in shape.linears():
+        for name, out, inner in layer:
+            r = ranks.get(name)
+            total += size(out, inner) if r is None else size(r, inner) + size(out, r)
+    return total
+
+
 def matrix_bytes(out: int, inner: int, dtype: str) -> int:
     if dtype == "float32":
         return out * inner * F32
     return int8_bytes(out, inner) if dtype == "int8" else int4_bytes(out, inner)
 
 
-def weight_bytes(shape: ModelShape, dtype: str, ranks: dict[str, int] | None = None) -> dict[str, int]:
+def weight_bytes(shape: ModelShape, dtype: str, ranks: dict[str, int] | None = None,
+                 graph: str = "optimum") -> dict[str, int]:
     """Bytes of each kind of weight a package of ``dtype`` holds (float32: the plain export; int4:
-    the device layout, where embedding and LM head are int4 too; int8: the fused graph, one 8-bit table
-    for a tied embedding and LM head). Factorized layers count as their two factors (in→r, r→out)."""
-    ranks = ranks or {}
-    linear = 0
-    for layer in shape.linears():
-        for name, out, inner in layer:
-            r = ranks.get(name)
-            linear += matrix_bytes(out, inner, dtype) if r is None else (
-                matrix_bytes(r, inner, dtype) + matrix_bytes(out, r, dtype))
+    the device layout, where embedding and LM head are int4 too, or with ``graph="fused"`` one 8-bit
+    table for a tied embedding and LM head; int8: the fused graph, one 8-bit table likewise).
+    Factorized layers count as their two factors (in→r, r→out)."""
+    norms = shape.hidden * (2 * shape.layers + 1) * F32
     vocab = shape.vocab * shape.hidden
+    if graph == "fused" and dtype == "int4":
+        # a tied table is one 8-bit copy for Gather and head; untied: float32 Gather, int4 head
+        embedding = matrix_bytes(shape.vocab, shape.hidden, "int8") if shape.tied else vocab * F32
+        lm_head = 0 if shape.tied else fused_int4_bytes(shape.vocab, shape.hidden)
+        return {"linear": _linear_bytes(shape, ranks, fused_int4_bytes), "embedding": embedding,
+                "lm_head": lm_head, "norms": norms}
+    linear = _linear_bytes(shape, ranks, lambda out, inner: matrix_bytes(out, inner, dtype))
     embedding = vocab * F32 if dtype == "float32" else matrix_bytes(shape.vocab, shape.hidden, dtype)
     shared = dtype in ("float32", "int8") and shape.tied  # the head reads the embedding's table
     lm_head = 0 if shared else matrix_bytes(shape.vocab, shape.hidden, dtype)
-    norms = shape.hidden * (2 * shape.layers + 1) * F32
     return {"linear": linear, "embedding": embedding, "lm_head": lm_head, "norms": norms}
 
 
@@ -144,13 +172,15 @@ def kv_cache_bytes(shape: ModelShape, context: int) -> int:
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * context * F32
 
 
-def activation_bytes(shape: ModelShape, context: int, chunk: int) -> int:
+def activation_bytes(shape: ModelShape, context: int, chunk: int, fused: bool = False) -> int:
     """One forward over ``chunk`` new tokens after ``context − chunk`` cached ones, arena-rounded."""
     chunk = min(chunk, context)
-    logits = chunk * shape.vocab * F32
-    attention = ATTENTION_BUFFERS * shape.heads * chunk * context * F32
+    logits = (1 if fused else chunk) * shape.vocab * F32
+    attention = (1 if fused else ATTENTION_BUFFERS) * shape.heads * chunk * context * F32
     mlp = 3 * chunk * shape.intermediate * F32
     hidden = 8 * chunk * shape.hidden * F32
+    if fused:  # measured: GroupQueryAttention's scores do not grow the arena like the rest (README)
+        return int(ARENA_FACTOR * (logits + mlp + hidden) + attention)
     return int(ARENA_FACTOR * (logits + attention + mlp + hidden))
 
 
@@ -163,16 +193,25 @@ def estimate(shape: ModelShape, dtype: str, stored_weights: int, context: int, c
         folded = shape.vocab * shape.hidden * F32 if dtype in FOLDED_LAYOUTS and shape.tied else 0
     return MemoryEstimate(
         runtime=int(RUNTIME_BYTES), weights=int(stored_weights * LOAD_FACTOR[dtype]), folded=folded,
-        kv_cache=kv_cache_bytes(shape, context), activations=activation_bytes(shape, context, chunk),
+        kv_cache=kv_cache_bytes(shape, context),
+        activations=activation_bytes(shape, context, chunk, fused=dtype in FUSED_LAYOUTS),
         stored_weights=stored_weights, context=context, chunk=chunk,
     )
 
 
 def estimate_plan(shape: ModelShape, dtype: str, context: int, ranks: dict[str, int] | None = None,
-                  chunk: int = 256) -> MemoryEstimate:
-    """Peak for a package not built yet, from the model's shape alone."""
-    stored = sum(weight_bytes(shape, dtype, ranks).values())
-    return estimate(shape, dtype, stored, context, chunk)
+                  chunk: int = 256, graph: str = "optimum") -> MemoryEstimate:
+    """Peak for a package not built yet, from the model's shape alone (``graph``: "optimum" builds the
+    device layout of ``dtype``, "fused" edgepack's fused graph)."""
+    stored = sum(weight_bytes(shape, dtype, ranks, graph).values())
+    return estimate(shape, plan_layout(dtype, graph), stored, context, chunk)
+
+
+def plan_layout(dtype: str, graph: str) -> str:
+    """The memory model's layout of a device build of ``dtype`` on ``graph``."""
+    if graph != "fused":
+        return dtype
+    return "int8" if dtype == "int8" else f"fused-{dtype}"
 
 
 def package_layout(manifest: Any, files: dict[str, int]) -> str:
@@ -180,6 +219,8 @@ def package_layout(manifest: Any, files: dict[str, int]) -> str:
     layout = manifest.plan.get("layout")
     if layout in LOAD_FACTOR:
         return layout
+    if manifest.plan.get("graph") == "fused" and manifest.dtype in ("float32", "int4", "int8"):
+        return plan_layout(manifest.dtype, "fused")
     if manifest.dtype in ("int4", "int8"):
         return manifest.dtype if "model.onnx.data" in files else f"{manifest.dtype}-matmul"
     return "float32"

@@ -52,6 +52,8 @@ class BuildConfig:
             raise UsageError(f"--graph must be one of {', '.join(GRAPHS)}, got {self.graph!r}")
         if self.int8 and (self.int4 or self.int4_all):
             raise UsageError("choose one of --int4 and --int8")
+        if self.int4_all and self.graph == "fused":
+            raise UsageError("the all-int4 device layout is built on optimum's graph: use --graph optimum")
         if self.delta_slots and self.graph == "optimum":
             raise UsageError("--delta-slots needs the fused graph (--graph fused): optimum's graph has no side "
                              "branches")
@@ -190,15 +192,14 @@ def _device_entries(config: BuildConfig) -> dict[str, Any]:
 
 def resolve_graph(config: BuildConfig, model_config: Any) -> BuildConfig:
     """``graph="auto"`` made concrete: the fused graph when the architecture has one, else optimum's
-    export, saying why on stderr. Device builds stay on optimum's graph: their layouts (int4 embedding,
-    .ort) and the memory model the planner fits them with were made for it."""
+    export, saying why on stderr. The all-int4 layout (``int4_all``: int4 embedding) is optimum's; device
+    builds name their plan's graph."""
     if config.graph != "auto":
         return config
     from edgepack.export import fused
     from edgepack.runtime.errors import UnsupportedArchitecture
 
-    device = config.device_plan is not None or config.int4_all or config.ort_format
-    reason = "device builds are planned for it" if device else ""
+    reason = "the all-int4 layout is made on it" if config.int4_all else ""
     if not reason:
         try:
             fused.check_supported(model_config)

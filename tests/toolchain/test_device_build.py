@@ -8,7 +8,7 @@ from edgepack.runtime.cli import main
 from edgepack.runtime.memory import estimate_package
 from edgepack.runtime.package import open_package, read_manifest
 from edgepack.runtime.profiles import DeviceProfile
-from edgepack.toolchain.planner.plan import candidates, model_shape
+from edgepack.toolchain.planner.plan import candidates, graph_for, model_config, model_shape
 
 MB = 1 << 20
 
@@ -19,7 +19,8 @@ def phone_build(tiny_model_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("device")
     shape = model_shape(str(tiny_model_dir))
-    compressed = next(c for c in candidates(shape, 256) if c.ratio > 0)
+    graph = graph_for(model_config(str(tiny_model_dir)))
+    compressed = next(c for c in candidates(shape, 256, graph) if c.ratio > 0)
     phone = DeviceProfile(name="tiny-phone", description="made-up phone", kind="phone", ram_mb=1000,
                           app_memory_mb=round(compressed.estimate.peak / MB, 3) + 0.001, storage_mb=100, cores=2,
                           cpu="test", arch="aarch64", execution_providers=("CPUExecutionProvider",))
@@ -32,7 +33,9 @@ def phone_build(tiny_model_dir, tmp_path_factory):
 def test_plan_drives_the_build(phone_build):
     plan, manifest, pkg, _ = phone_build
     assert plan.dtype == "int4" and plan.ratio > 0 and plan.ranks
-    assert manifest.dtype == "int4" and manifest.plan["layout"] == "int4"
+    # a Llama-family model gets the fused graph, whose int4 layout is the plain fused --int4 one
+    assert plan.graph == "fused" and manifest.plan["graph"] == "fused"
+    assert manifest.dtype == "int4" and manifest.plan["layout"] is None
     assert manifest.plan["device"] == plan.to_dict()
     assert manifest.plan["compression"]["ranks"] == plan.ranks
     assert {"model.onnx", "model.onnx.data"} <= set(manifest.files)

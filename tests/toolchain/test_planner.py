@@ -6,7 +6,7 @@ import pytest
 from edgepack.runtime import memory
 from edgepack.runtime.profiles import DeviceProfile
 from edgepack.toolchain.planner import Plan, PlanError, make_plan
-from edgepack.toolchain.planner.plan import candidates
+from edgepack.toolchain.planner.plan import GRAPHS, candidates, graph_for
 
 SHAPE = memory.ModelShape(layers=4, hidden=256, intermediate=768, heads=4, kv_heads=2, head_dim=64, vocab=4096)
 MB = 1 << 20
@@ -23,13 +23,14 @@ def test_roomy_device_gets_float32_uncompressed():
     assert plan.peak_bytes <= plan.budget_bytes
 
 
-def test_smaller_budget_never_gives_a_larger_package():
-    peaks = sorted({c.estimate.peak for c in candidates(SHAPE, 256)})
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_smaller_budget_never_gives_a_larger_package(graph):
+    peaks = sorted({c.estimate.peak for c in candidates(SHAPE, 256, graph)})
     budgets = sorted({p / MB + d for p in peaks for d in (-0.01, 0.0, 0.01)}, reverse=True)
     sizes, costs = [], []
     for b in budgets:
         try:
-            plan = make_plan(SHAPE, device(b), context=256)
+            plan = make_plan(SHAPE, device(b), context=256, graph=graph)
         except PlanError:
             continue
         assert plan.peak_bytes <= b * MB
@@ -68,6 +69,42 @@ def test_context_is_halved_only_when_not_given():
         make_plan(SHAPE, device(small * 0.5), context=2048)
 
 
+def test_shorter_context_comes_before_compression():
+    # weights dominate this shape's memory, so compressing buys more room than shortening the context
+    wide = memory.ModelShape(layers=8, hidden=1024, intermediate=4096, heads=8, kv_heads=1, head_dim=128, vocab=4096)
+    uncompressed_256 = next(c for c in candidates(wide, 256, "fused") if c.ratio == 0 and c.dtype == "int4")
+    budget = uncompressed_256.estimate.peak / MB + 0.01
+    compressed_1024 = [c for c in candidates(wide, 1024, "fused") if c.ratio > 0 and c.estimate.peak <= budget * MB]
+    assert compressed_1024, "the budget should also admit a compressed plan at a longer context"
+    plan = make_plan(wide, device(budget), max_context=1024, graph="fused")
+    assert (plan.ratio, plan.context) == (0.0, 256)
+    assert make_plan(wide, device(budget), context=1024, graph="fused").ratio > 0  # a given context is kept
+
+
 def test_plan_round_trips_through_json():
     plan = make_plan(SHAPE, device(10_000), context=256)
     assert Plan.from_dict(json.loads(plan.to_json())) == plan
+
+
+def test_graph_follows_the_architecture():
+    llama = {"model_type": "llama", "hidden_act": "silu"}
+    assert graph_for(llama) == "fused"
+    assert graph_for({"model_type": "gpt2"}) == "optimum"
+    assert graph_for({**llama, "sliding_window": 4096}) == "optimum"
+
+
+def test_fused_int4_is_smaller_and_cheaper_than_the_optimum_layout():
+    fused = make_plan(SHAPE, device(10_000), context=256, graph="fused")
+    assert fused.graph == "fused" and "fused graph" in fused.quality_basis
+    f = {(c.dtype, c.ratio): c for c in candidates(SHAPE, 256, "fused")}
+    o = {(c.dtype, c.ratio): c for c in candidates(SHAPE, 256, "optimum")}
+    assert f["int4", 0.0].estimate.peak < o["int4", 0.0].estimate.peak
+    assert f["int4", 0.0].cost < o["int4", 0.0].cost
+
+
+def test_plans_made_before_the_graph_field_load_as_optimum():
+    data = make_plan(SHAPE, device(10_000), context=256, graph="optimum").to_dict()
+    del data["graph"]
+    assert Plan.from_dict(data).graph == "optimum"
+    with pytest.raises(Exception, match="unknown graph"):
+        Plan.from_dict({**data, "graph": "tflite"})

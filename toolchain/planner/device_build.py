@@ -11,15 +11,17 @@ from edgepack.toolchain.planner.plan import Plan, plan_for
 
 def build_for_device(model: str, device: str, output: Path | str, context: int | None = None,
                      calib: str | None = None, method: str = "ressvd") -> tuple[Plan, Manifest]:
-    """Plan, then build: int4 plans get the all-int4 device layout, compressed plans ResSVD at the
-    plan's ranks, phone profiles the .ort format as well."""
+    """Plan, then build: on the plan's graph (fused for the architectures it supports; else optimum's,
+    where int4 plans get the all-int4 device layout), compressed plans ResSVD at the plan's ranks, phone
+    profiles the .ort format as well."""
     from edgepack.toolchain.build import BuildConfig, build
     from edgepack.toolchain.ressvd import ResSVDConfig
 
     profile = load_profile(device)
     plan = plan_for(model, profile, context)
     compression = ResSVDConfig(method=method, rank_map=plan.ranks) if plan.ranks else None
-    config = BuildConfig(model=model, int4=plan.dtype == "int4", context=plan.context, compression=compression,
-                         calib=calib, int4_all=plan.dtype == "int4", ort_format=profile.mobile,
+    int4 = plan.dtype == "int4"
+    config = BuildConfig(model=model, int4=int4, context=plan.context, compression=compression, calib=calib,
+                         graph=plan.graph, int4_all=int4 and plan.graph == "optimum", ort_format=profile.mobile,
                          device_plan=plan.to_dict())
     return plan, build(config, output)

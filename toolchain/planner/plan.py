@@ -7,7 +7,7 @@ last-k rule. Each candidate's peak memory comes from ``edgepack.runtime.memory``
 from ``quality``. Dominated candidates (costlier and no smaller) are dropped; the plan is the cheapest
 remaining one whose peak fits the profile's app memory and whose size fits its storage, so a smaller
 budget never yields a larger package. When the context was not given and nothing fits at 2048, the
-context is halved (down to 256) before giving up.
+context is halved (down to 256), uncompressed plans first, then compressed ones, before giving up.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from edgepack.runtime.profiles import MB, DeviceProfile
 from edgepack.toolchain.planner import quality
 
 DTYPES = ("float32", "int4")
+GRAPHS = ("fused", "optimum")
 RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4)
 LAYER_SHARE = 0.5  # each compressed layer loses about this share of its linear parameters
 MIN_CONTEXT = 256
@@ -54,10 +55,13 @@ class Plan:
     quality_basis: str = quality.BASIS
     notes: tuple[str, ...] = ()
     version: int = 1
+    graph: str = "optimum"  # "fused": edgepack's fused graph (plans made before it existed lack the field)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise UsageError(f"plan: unknown dtype {self.dtype!r}")
+        if self.graph not in GRAPHS:
+            raise UsageError(f"plan: unknown graph {self.graph!r} (one of {', '.join(GRAPHS)})")
         object.__setattr__(self, "notes", tuple(self.notes))
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,14 +124,14 @@ def ranks_for(shape: memory.ModelShape, ratio: float) -> tuple[int, dict[str, in
     return k, selection.last_k_ranks(per_layer, ratio, k)
 
 
-def candidates(shape: memory.ModelShape, context: int) -> list[_Candidate]:
+def candidates(shape: memory.ModelShape, context: int, graph: str = "optimum") -> list[_Candidate]:
     """Every candidate, cheapest first, with dominated ones removed."""
     found = []
     for ratio in RATIOS:
         k, ranks = ranks_for(shape, ratio)
         for dtype in DTYPES:
-            est = memory.estimate_plan(shape, dtype, context, ranks, chunk_for(context))
-            found.append(_Candidate(dtype, ratio, k, ranks, est, quality.expected_cost(dtype, ratio)))
+            est = memory.estimate_plan(shape, dtype, context, ranks, chunk_for(context), graph)
+            found.append(_Candidate(dtype, ratio, k, ranks, est, quality.expected_cost(dtype, ratio, graph)))
     found.sort(key=lambda c: (c.cost, c.estimate.peak))
     frontier: list[_Candidate] = []
     for c in found:
@@ -137,26 +141,29 @@ def candidates(shape: memory.ModelShape, context: int) -> list[_Candidate]:
 
 
 def make_plan(shape: memory.ModelShape, profile: DeviceProfile, model: str = "model",
-              context: int | None = None, max_context: int = 2048) -> Plan:
-    """The cheapest candidate that fits ``profile``; raise ``PlanError`` with figures if none does."""
+              context: int | None = None, max_context: int = 2048, graph: str = "optimum") -> Plan:
+    """The cheapest candidate that fits ``profile`` on ``graph``; raise ``PlanError`` with figures if
+    none does. Without a given context, an uncompressed plan at a shorter context comes before any
+    compressed one: ResSVD costs ×2-3 perplexity, a shorter context only limits how much is kept."""
     contexts = [context] if context else _halvings(max_context)
-    smallest = None
-    for ctx in contexts:
-        options = candidates(shape, ctx)
-        for c in options:
-            if c.estimate.peak <= profile.budget_bytes and c.size <= profile.storage_bytes:
-                notes = [] if context or ctx == contexts[0] else [
-                    f"context lowered from {contexts[0]} to {ctx} tokens to fit (pass --context to choose)"]
-                return _plan(c, profile, model, ctx, notes)
-        last = options[-1]
-        if smallest is None or last.estimate.peak < smallest[0].estimate.peak:
-            smallest = (last, ctx)
-    c, ctx = smallest
+    options = {ctx: candidates(shape, ctx, graph) for ctx in contexts}
+    for compressed in (False, True):
+        for ctx in contexts:
+            for c in options[ctx]:
+                if (c.ratio > 0) == compressed and _fits(c, profile):
+                    notes = [] if context or ctx == contexts[0] else [
+                        f"context lowered from {contexts[0]} to {ctx} tokens to fit (pass --context to choose)"]
+                    return _plan(c, profile, model, ctx, notes, graph)
+    c, ctx = min(((opts[-1], ctx) for ctx, opts in options.items()), key=lambda pair: pair[0].estimate.peak)
     raise PlanError(
         f"{model} cannot fit {profile.name}: the smallest plan ({c.dtype}, ResSVD {c.ratio:.0%} over the last "
         f"{c.k} layers, context {ctx}) needs {c.estimate.peak / MB:.0f} MiB peak memory and "
         f"{c.size / MB:.1f} MiB of storage; the device allows {profile.app_memory_mb:g} MiB of memory and "
         f"{profile.storage_mb:g} MiB of storage")
+
+
+def _fits(c: _Candidate, profile: DeviceProfile) -> bool:
+    return c.estimate.peak <= profile.budget_bytes and c.size <= profile.storage_bytes
 
 
 def _halvings(top: int) -> list[int]:
@@ -167,12 +174,12 @@ def _halvings(top: int) -> list[int]:
     return out or [top]
 
 
-def _plan(c: _Candidate, profile: DeviceProfile, model: str, context: int, notes: list[str]) -> Plan:
+def _plan(c: _Candidate, profile: DeviceProfile, model: str, context: int, notes: list[str], graph: str) -> Plan:
     return Plan(
         model=model, device=profile.name, dtype=c.dtype, ratio=c.ratio, k=c.k, ranks=dict(c.ranks),
         context=context, package_bytes=c.size, peak_bytes=c.estimate.peak, budget_bytes=profile.budget_bytes,
         storage_bytes=profile.storage_bytes, expected_ppl_ratio=round(c.cost, 3), memory=c.estimate.to_dict(),
-        notes=tuple(notes),
+        notes=tuple(notes), graph=graph, quality_basis=quality.basis(graph),
     )
 
 
@@ -205,4 +212,19 @@ def plan_for(spec: str, profile: DeviceProfile, context: int | None = None) -> P
         shape = memory.ModelShape.from_config(cfg)
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{spec}: the config lacks what the planner needs ({e})") from None
-    return make_plan(shape, profile, spec, min(context, top) if context else None, max_context=top)
+    return make_plan(shape, profile, spec, min(context, top) if context else None, max_context=top,
+                     graph=graph_for(cfg))
+
+
+def graph_for(cfg: dict[str, Any]) -> str:
+    """The fused graph when the architecture has one (faster, and less memory: README, #7), else optimum's."""
+    from types import SimpleNamespace
+
+    from edgepack.export import fused
+    from edgepack.runtime.errors import UnsupportedArchitecture
+
+    try:
+        fused.check_supported(SimpleNamespace(**cfg))
+    except UnsupportedArchitecture:
+        return "optimum"
+    return "fused"

@@ -1,33 +1,43 @@
 """Expected quality cost of a plan: held-out perplexity relative to the float32 package.
 
-Measured with the runtime on the first 20 evaluation windows (``benchmarks/devices/run.py``):
-float32 14.78, the all-int4 device layout 19.49 (×1.32), and that layout with ResSVD 20 % over the last
-12 layers (the planner's k) 55.0 (×3.72 = 1.32 × 2.82). Ratios between measured points are
-interpolated log-linearly in the compression ratio and extrapolated past 0.2; dtype and compression
-costs multiply. These are estimates for ranking plans, recorded as such in the plan.
+Measured with the runtime on the first 20 evaluation windows of the default model (``edgepack eval PKG
+--max-windows 20``): float32 14.78. Fused graph: int4 14.85 (×1.005: the source weights are Q4_1, which
+the fused int4 layout holds exactly), and ResSVD 20 % over the last 12 layers (the planner's k) + int4
+30.69 (a further ×2.07). optimum's all-int4 device layout (int4 embedding too): 19.49 (×1.32), and with
+ResSVD 20 % 38.42 (a further ×1.97). Ratios between measured points are interpolated log-linearly in the
+compression ratio and extrapolated past 0.2; dtype and compression costs multiply. These are estimates
+for ranking plans, recorded as such in the plan.
 """
 
 from __future__ import annotations
 
 import math
 
-# perplexity multiplier vs. the float32 package, by dtype (measured on the default model)
-DTYPE_COST = {"float32": 1.0, "int4": 1.32}
-# perplexity multiplier vs. uncompressed, by ResSVD ratio (0.2 measured; others interpolated/extrapolated)
-RATIO_COST = {0.0: 1.0, 0.2: 2.82}
-BASIS = "measured on 20 windows: int4 ×1.32, ResSVD 20 % ×2.82; other ratios extrapolated log-linearly"
+# perplexity multiplier vs. the float32 package, by graph and dtype (measured on the default model)
+DTYPE_COST = {"fused": {"float32": 1.0, "int4": 1.005}, "optimum": {"float32": 1.0, "int4": 1.32}}
+# perplexity multiplier vs. uncompressed, by graph and ResSVD ratio (0.2 measured; others inter/extrapolated)
+RATIO_COST = {"fused": {0.0: 1.0, 0.2: 2.07}, "optimum": {0.0: 1.0, 0.2: 1.97}}
 
 
-def ratio_cost(ratio: float) -> float:
+def basis(graph: str) -> str:
+    cost = DTYPE_COST[graph]["int4"], RATIO_COST[graph][0.2]
+    return (f"measured on 20 windows ({graph} graph): int4 ×{cost[0]:g}, ResSVD 20 % ×{cost[1]:g}; "
+            "other ratios extrapolated log-linearly")
+
+
+BASIS = basis("optimum")
+
+
+def ratio_cost(ratio: float, graph: str = "optimum") -> float:
     """Log-linear in the ratio through the measured points (extrapolated past the last one)."""
     if ratio <= 0:
         return 1.0
-    points = sorted(RATIO_COST.items())
+    points = sorted(RATIO_COST[graph].items())
     pairs = list(zip(points, points[1:]))
     (r0, c0), (r1, c1) = next((p for p in pairs if ratio <= p[1][0]), pairs[-1])
     slope = (math.log(c1) - math.log(c0)) / (r1 - r0)
     return math.exp(math.log(c0) + slope * (ratio - r0))
 
 
-def expected_cost(dtype: str, ratio: float) -> float:
-    return DTYPE_COST[dtype] * ratio_cost(ratio)
+def expected_cost(dtype: str, ratio: float, graph: str = "optimum") -> float:
+    return DTYPE_COST[graph][dtype] * ratio_cost(ratio, graph)

@@ -10,7 +10,8 @@ def describe(plan: Plan, profile: DeviceProfile) -> str:
     m = plan.memory
     lines = [
         f"device       {profile.name}: {profile.description}",
-        f"dtype        {plan.dtype}" + (" (every weight, embedding included)" if plan.dtype == "int4" else ""),
+        f"dtype        {plan.dtype}" + _layout(plan),
+        f"graph        {plan.graph}" + (" (edgepack's own)" if plan.graph == "fused" else " (optimum's export)"),
         "compression  " + (f"ResSVD {plan.ratio:.0%} of decoder linear parameters, last k={plan.k} layers, "
                             f"ranks {_ranks(plan)}" if plan.ranks else "none"),
         f"context      {plan.context} tokens (prefill chunks of up to {m.get('chunk')} tokens)",
@@ -30,3 +31,11 @@ def _ranks(plan: Plan) -> str:
     for name, rank in plan.ranks.items():
         by_kind.setdefault(name.rsplit(".", 1)[-1], set()).add(rank)
     return ", ".join(f"{k} {'/'.join(map(str, sorted(v)))}" for k, v in by_kind.items())
+
+
+def _layout(plan: Plan) -> str:
+    if plan.dtype != "int4":
+        return ""
+    if plan.graph == "fused":
+        return " (linear layers; embedding and LM head one 8-bit table when tied)"
+    return " (every weight, embedding included)"
