@@ -1,5 +1,6 @@
 """The planner on a tiny shape with made-up budgets."""
 
+import dataclasses
 import json
 
 import pytest
@@ -53,6 +54,15 @@ def test_storage_limit_is_respected():
     limit = candidates(SHAPE, 256)[0].size / MB / 2  # half of the float32 package
     plan = make_plan(SHAPE, device(10_000, storage_mb=limit), context=256)
     assert plan.package_bytes <= limit * MB and plan.dtype == "int4"
+
+
+def test_phone_storage_counts_the_ort_copy():
+    f32 = make_plan(SHAPE, device(10_000), context=256)
+    assert f32.dtype == "float32"
+    phone = dataclasses.replace(device(10_000, storage_mb=1.5 * f32.package_bytes / MB), kind="phone")
+    assert phone.mobile
+    plan = make_plan(SHAPE, phone, context=256)  # the float32 weights fit once, not twice
+    assert plan.dtype == "int4" and 2 * plan.package_bytes <= phone.storage_bytes
 
 
 def test_impossible_device_is_refused_with_figures():

@@ -158,12 +158,17 @@ def make_plan(shape: memory.ModelShape, profile: DeviceProfile, model: str = "mo
     raise PlanError(
         f"{model} cannot fit {profile.name}: the smallest plan ({c.dtype}, ResSVD {c.ratio:.0%} over the last "
         f"{c.k} layers, context {ctx}) needs {c.estimate.peak / MB:.0f} MiB peak memory and "
-        f"{c.size / MB:.1f} MiB of storage; the device allows {profile.app_memory_mb:g} MiB of memory and "
-        f"{profile.storage_mb:g} MiB of storage")
+        f"{stored_bytes(c.size, profile) / MB:.1f} MiB of storage; the device allows "
+        f"{profile.app_memory_mb:g} MiB of memory and {profile.storage_mb:g} MiB of storage")
 
 
 def _fits(c: _Candidate, profile: DeviceProfile) -> bool:
-    return c.estimate.peak <= profile.budget_bytes and c.size <= profile.storage_bytes
+    return c.estimate.peak <= profile.budget_bytes and stored_bytes(c.size, profile) <= profile.storage_bytes
+
+
+def stored_bytes(weights: int, profile: DeviceProfile) -> int:
+    """Weights on the device's storage: a phone package also carries model.ort, a second copy of them."""
+    return weights * (2 if profile.mobile else 1)
 
 
 def _halvings(top: int) -> list[int]:

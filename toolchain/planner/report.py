@@ -19,7 +19,9 @@ def describe(plan: Plan, profile: DeviceProfile) -> str:
         f"({plan.peak_bytes / plan.budget_bytes:.0%}): runtime {m['runtime'] / MB:.0f}, weights "
         f"{(m['weights'] + m['folded']) / MB:.0f}, KV cache {m['kv_cache'] / MB:.0f}, activations "
         f"{m['activations'] / MB:.0f} MiB",
-        f"size         {plan.package_bytes / MB:.1f} MiB of weights, storage limit {plan.storage_bytes / MB:.0f} MiB",
+        f"size         {plan.package_bytes / MB:.1f} MiB of weights" + (" (twice: model.onnx and model.ort)"
+                                                                       if profile.mobile else "")
+        + f", storage limit {plan.storage_bytes / MB:.0f} MiB",
         f"quality      expected perplexity ×{plan.expected_ppl_ratio:.2f} of float32 ({plan.quality_basis})",
     ]
     lines += [f"note         {n}" for n in plan.notes]
