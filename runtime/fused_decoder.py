@@ -72,8 +72,8 @@ class FusedDecoder:
         data = Path(str(model_path) + ".data")
         try:
             with released_while(data) if data.is_file() else nullcontext():
-                self.session = ort.InferenceSession(
-                    str(model_path), self.settings.to_ort(), providers=list(self.settings.providers))
+                options = self.settings.to_ort(memory_pattern=False)
+                self.session = ort.InferenceSession(str(model_path), options, providers=list(self.settings.providers))
         except Exception as e:  # onnxruntime raises its own untyped errors for bad graphs
             raise PackageError(f"onnxruntime cannot load {model_path}: {e}") from None
         inputs = {i.name: i for i in self.session.get_inputs()}

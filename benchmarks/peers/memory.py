@@ -88,8 +88,8 @@ def child(model: Path, tokenizer: Path, name: str) -> None:
     settings = SessionSettings(**fields)
     base = SessionSettings.to_ort
 
-    def to_ort(self: SessionSettings) -> ort.SessionOptions:
-        opts = base(self)
+    def to_ort(self: SessionSettings, memory_pattern: bool = True) -> ort.SessionOptions:
+        opts = base(self, memory_pattern)
         for k, v in entries.items():
             opts.add_session_config_entry(k, v)
         return opts
