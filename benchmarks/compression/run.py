@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=None, help="evaluation windows (default: all)")
     parser.add_argument("--model", default="default")
     parser.add_argument("--int4", action="store_true", help="also the perplexity of fake-int4 weights")
+    parser.add_argument("--reuse-dense", action="store_true",
+                        help="take the dense perplexity from results/compression.json (same --max-windows)")
     args = parser.parse_args()
 
     from edgepack.runtime import text
@@ -71,7 +73,7 @@ def main() -> None:
 
     per_layer = selection.target_linears(loaded.model, ResSVDConfig().targets)
     rows = {}  # this run's rows; _write merges them into what other runs wrote
-    dense = ppl(loaded.model)
+    dense = _load_rows()[("dense", "0 %")][2] if args.reuse_dense else ppl(loaded.model)
     print(f"dense perplexity {dense:.2f}", file=sys.stderr)
     rows[("dense", "0 %")] = ["dense", "0 %", dense, 1.0, "-", "-", "-", "-"]
     for ratio in args.ratios:
