@@ -13,33 +13,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("delta", help="compress a fine-tune into a small delta file (OSD and baselines)",
                        description="Take ΔW = FINETUNED − BASE for every linear layer, compress it to the bit "
                        "budget of a rank-R truncated SVD (sparse factors of rank R+C chosen by magnitude, or by "
-                       "OSD's Taylor importance on --valid text), and write a delta file that 'edgepack run/chat/eval "
+                       "OSD's gradient scores on --valid text), and write a delta file that 'edgepack run/chat/eval "
                        "PACKAGE --delta FILE' applies at load time. BASE must be the source the package was "
                        "built from.")
     p.add_argument("base", help="base model: 'default', a Hugging Face model folder, or a .gguf file")
     p.add_argument("finetuned", help="the fine-tuned model (same architecture and size)")
     p.add_argument("-o", "--output", required=True, help="delta file to write (.safetensors, atomically)")
     p.add_argument("--method", default="magtruncsvd", help="magtruncsvd (default: the best measured, see "
-                   "benchmarks/deltas) | osd (the paper's Taylor importance, needs --valid) | truncsvd")
+                   "benchmarks/deltas) | osd (gradient importance on --valid text) | truncsvd")
     p.add_argument("--rank", type=int, default=2, help="budget: a rank-R truncated SVD's bits per layer (default 2)")
     p.add_argument("--relax", type=int, default=None, help="rank relaxation C: factors of rank R+C (default C=R)")
     p.add_argument("--valid", help="validation text file or folder for OSD's importance (without it OSD falls "
                    "back to the data-free magnitude criterion and says so)")
     p.add_argument("--windows", type=int, default=8, help="validation windows of 256 tokens (default 8)")
-    p.add_argument("--importance", choices=("taylor", "fisher", "rms", "output"), default="taylor",
-                   help="OSD's entry score: taylor |θ·∂L/∂θ| (the paper's, default), fisher θ²·Σ_w g_w² (one backward "
-                   "per validation window), rms |θ|·sqrt(Σ_w g_w²), or output (layer-output error of removing the "
-                   "entry, from the validation inputs)")
-    p.add_argument("--gradient-at", choices=("delta", "finetune", "base"), default="delta",
-                   help="OSD: take the gradient at base + the rank-(R+C) delta (default, the paper's), at the full "
-                   "fine-tune, or at the base")
+    p.add_argument("--importance", choices=("taylor", "fisher", "rms", "output"), default=None,
+                   help="OSD's entry score: fisher θ²·Σ_w g_w² (default: the best measured; one backward per "
+                   "validation window), taylor |θ·∂L/∂θ| (the paper's), rms |θ|·sqrt(Σ_w g_w²), or output "
+                   "(layer-output error of removing the entry, from the validation inputs)")
+    p.add_argument("--gradient-at", choices=("delta", "finetune", "base"), default=None,
+                   help="OSD: take the gradient at the base (default: the best measured), at base + the rank-(R+C) "
+                   "delta (the paper's), or at the full fine-tune")
     p.add_argument("--shrink", type=float, default=0.0,
                    help="fisher: pull each entry's Fisher toward its factor's mean by this weight (default 0)")
     p.add_argument("--normalize", action="store_true",
                    help="OSD: divide each layer's scores by their mean (matters with --allocation global)")
-    p.add_argument("--allocation", choices=("layer", "global"), default="layer",
-                   help="layer: every matrix gets TruncSVD-at-R's bits (default); global: one budget for the whole "
-                   "delta, spent where the Taylor importance is highest")
+    p.add_argument("--allocation", choices=("layer", "global"), default=None,
+                   help="global: one budget for the whole delta, spent where the importance is highest (OSD's "
+                   "default with gradient scores); layer: every matrix gets TruncSVD-at-R's bits (the paper's, and "
+                   "the other methods')")
     p.add_argument("--auto", action="store_true", help="OSD: choose C and the allocation by validation loss")
     p.add_argument("--whiten", action="store_true", help="factor ΔW in the metric of the --valid text's layer "
                    "inputs (minimizes the delta's output error rather than its weight error)")

@@ -31,8 +31,8 @@ def auto(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig, win
     cache = {} if cache is None else cache
     for relax in sorted({config.rank, 2 * config.rank, 3 * config.rank}):
         for allocation in ("layer", "global"):
-            candidate = dataclasses.replace(config, relax=relax, allocation=allocation, importance="taylor",
-                                            auto=False)
+            scored = config.importance if config.importance in ("taylor", "fisher", "rms") else "fisher"
+            candidate = dataclasses.replace(config, relax=relax, allocation=allocation, importance=scored, auto=False)
             delta = compress(model, raw, candidate, windows, cache)
             loss = validation_loss(model, delta, windows)
             trials.append({"relax": relax, "allocation": allocation, "validation_loss": round(loss, 5)})

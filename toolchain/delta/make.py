@@ -41,17 +41,18 @@ class DeltaConfig:
     # OSD's entry score: "taylor" (|θ·∂L/∂θ|, the paper's), "fisher" (θ²·Σ_w g_w², one backward per
     # validation window), "rms" (|θ|·sqrt(Σ_w g_w²)) or "output" (the layer-output error of removing
     # the entry, from the validation inputs' X·Xᵀ; importance.output_scores).
-    importance: str = "taylor"
+    # None: the best measured for OSD (fisher at the base with a global budget, benchmarks/deltas).
+    importance: str | None = None
     # Where the gradient is taken: base + the rank-(r+c) delta (the paper's), base + the full
     # fine-tune's ΔW, or the base alone.
-    gradient_at: str = "delta"
+    gradient_at: str | None = None
     # Divide each layer's scores by their mean before selection (matters for the global allocation only).
     normalize: bool = False
     # Fisher only: pull each entry's Fisher toward its factor's mean by this weight (importance.fisher_scores).
     shrink: float = 0.0
     # "layer": each matrix keeps TruncSVD-at-r's bits (the paper's); "global": one budget for the
     # whole delta, entries of all layers compete on score per bit (taylor scores only: they share a scale).
-    allocation: str = "layer"
+    allocation: str | None = None
     auto: bool = False  # choose c and the allocation by validation loss (make.auto)
     # Factor ΔW in the metric of the layer's validation inputs (ΔW·S, S·Sᵀ = X·Xᵀ + ridge): the
     # factors then minimize the layer-output error of the delta, not its weight error.
@@ -60,6 +61,11 @@ class DeltaConfig:
     refit: bool = False
 
     def __post_init__(self) -> None:
+        osd = self.method == "osd"
+        for name, value in (("importance", "fisher" if osd else "taylor"), ("gradient_at", "base" if osd else "delta"),
+                            ("allocation", "global" if osd and self.importance in (None, *_LOSS_SCALED) else "layer")):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.importance not in IMPORTANCE:
