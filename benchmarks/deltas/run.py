@@ -150,7 +150,7 @@ def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dic
                 nll8 = merged_nll(base.model, delta_file.read(int8_path), test_ids, args.context, args.max_windows)
                 d = nll8 - nll
                 rows[-1]["perplexity_int8"] = round(math.exp(nll8.mean()), 3)
-                rows[-1]["int8_vs_float"] = f"{d.mean():+.4f} ± {d.std(ddof=1) / math.sqrt(len(d)):.4f}"
+                rows[-1]["int8_vs_float"] = f"{d.mean():+.2e} ± {d.std(ddof=1) / math.sqrt(len(d)):.1e}"
             print(f"[{domain}] r={rank} {label}: {ppl:.3f} (kept {kept:.1%}), {size16 / 1e3:.0f} kB, {seconds:.0f} s",
                   file=sys.stderr, flush=True)
     for row in rows:  # paired difference against the better baseline at the same rank
