@@ -26,6 +26,7 @@ def delta_cli_file(tiny_model_dir, tiny_finetune_dir, tmp_path_factory):
 def test_delta_inspect_and_run(delta_cli_file, tiny_slots_package, capsys):
     code, out, _ = _cli(["inspect", str(delta_cli_file), "--verify"], capsys)
     assert code == 0 and "magtruncsvd, rank r=1, relax c=1" in out and "verified" in out
+    assert "format v2" in out and "values int8" in out  # the packed layout and int8 values by default
     code, out, _ = _cli(["inspect", str(delta_cli_file), "--json"], capsys)
     assert json.loads(out)["info"]["method"] == "magtruncsvd"
     code, out, _ = _cli(["run", str(tiny_slots_package), "hello", "--max-tokens", "4", "--delta", str(delta_cli_file)],
