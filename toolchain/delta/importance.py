@@ -1,8 +1,10 @@
-"""OSD's importance of factor entries: first-order Taylor |θ·∂L/∂θ| from one backward pass.
+"""OSD's importance of factor entries from gradients on a few validation windows.
 
-The gradient is taken at the model the delta will actually produce before sparsification, the base
-plus the rank-k reconstruction U·Vᵀ of each layer's delta, on a few validation windows. With
-G = ∂L/∂ΔW, the chain rule through ΔW = U·Vᵀ gives ∂L/∂U = G·V and ∂L/∂V = Gᵀ·U.
+The paper's score is first-order Taylor |θ·∂L/∂θ| with the gradient taken at the model the delta
+will produce before sparsification (the base plus the rank-k reconstruction U·Vᵀ). Measured better
+here (benchmarks/deltas): the second-order score θ²·Σ_w g_w² from one backward per window (the
+empirical Fisher diagonal) with the gradient at the base. With G = ∂L/∂ΔW, the chain rule through
+ΔW = U·Vᵀ gives ∂L/∂U = G·V and ∂L/∂V = Gᵀ·U, so each window's G is projected onto the factors.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Flow: load both models → ΔW per linear layer (extract.py) → factor each at rank r (TruncSVD) or
 r + c (MagTruncSVD, OSD) → keep entries within TruncSVD-at-r's bits (factorize.py), OSD scoring
-them by Taylor importance from validation text (importance.py) → a ``Delta`` (runtime/delta_file.py).
+them by gradient importance on validation text (importance.py) → a ``Delta`` (runtime/delta_file.py).
 """
 
 from __future__ import annotations
