@@ -10,7 +10,9 @@ windows of the domain's test split) of the base, the full fine-tune, and base + 
 fine-tune's gain kept, and the paired per-window difference of OSD against the best baseline with
 its standard error (the run-to-run noise of the evaluation). Then in the runtime: delta file sizes,
 load time with and without a delta, switch time in a live model, and logit parity of the runtime
-with a delta against PyTorch with the same delta merged. Writes results/deltas.md and deltas.png.
+with a delta against PyTorch with the same delta merged. Writes results/deltas.md and deltas.png
+(results/deltas-TAG.* with --tag). --valid-source train takes OSD's validation windows from the
+fine-tune's training text; --int8-eval also scores each delta's int8 file read back.
 """
 
 from __future__ import annotations
