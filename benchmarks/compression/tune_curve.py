@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-windows", type=int, default=20)
+    parser.add_argument("--tag", default="", help="a label for this run's rows (e.g. 'warm-up')")
+    parser.add_argument("--skip-untuned", action="store_true", help="no perplexity before the tune")
     args = parser.parse_args()
 
     from edgepack.runtime import text
@@ -61,9 +63,8 @@ def main() -> None:
     traces: list = []
     compress_sequential_(loaded.model, ranks, windows, config.damping, truncate, config.ridge, traces)
     compress_s = time.perf_counter() - start
-    base = ppl(loaded.model)
-    rows = [["none", args.calib_windows, 0, base, 0.0, f"{compress_s:.0f}"]]
-    print(rows[-1], file=sys.stderr, flush=True)
+    rows = [] if args.skip_untuned else [["none", args.calib_windows, 0, ppl(loaded.model), 0.0, f"{compress_s:.0f}"]]
+    print(f"compression {compress_s:.0f} s", rows, file=sys.stderr, flush=True)
     for lr in args.lrs:
         model = copy.deepcopy(loaded.model)
         begun = time.perf_counter()
@@ -75,7 +76,7 @@ def main() -> None:
                 value = ppl(model)
                 tuned_s = t - begun - paused[0]
                 paused[0] += time.perf_counter() - t
-                rows.append([f"{lr:g}", args.calib_windows, done, value, 0.0, f"{compress_s + tuned_s:.0f}"])
+                rows.append([f"{lr:g}{args.tag}", args.calib_windows, done, value, 0.0, f"{compress_s + tuned_s:.0f}"])
                 print(rows[-1], file=sys.stderr, flush=True)
                 _write(rows, args)
 
@@ -90,10 +91,15 @@ def _write(rows, args) -> None:
     for r in rows:
         r[4] = r[3] / 14.78  # dense perplexity on the first 20 evaluation windows (compression.md)
     out = results_dir(__file__)
-    (out / "tune.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
+    path = out / "tune.json"
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    rows = [r for r in old if (r[0], r[2]) not in {(n[0], n[2]) for n in rows}] + rows  # runs add up
+    path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
     header = (f"Factor tune after the default compression at {args.ratio:.0%} (KD to the dense logits, batch "
-              f"{args.batch} × 256 tokens, cosine over {args.steps} steps); PyTorch perplexity, first "
-              f"{args.max_windows} evaluation windows; seconds: compression + tune so far (shared machine).\n\n")
+              f"{args.batch} × 256 tokens); each lr row is one cosine run (64 steps, no warm-up; 'warm-up': 128 "
+              f"steps, linear warm-up over the first eighth), mid-run rows are points of that schedule; PyTorch "
+              f"perplexity, first {args.max_windows} evaluation windows; seconds: compression + tune so far "
+              "(shared machine, load 2-10).\n\n")
     headers = ["lr", "calib windows", "steps", "perplexity", "× dense", "seconds"]
     (out / "tune.md").write_text(header + markdown_table(headers, rows))
 
