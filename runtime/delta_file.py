@@ -115,15 +115,14 @@ def to_bytes(delta: Delta, value_dtype: str = "float32", index: str = "packed") 
     tensors: dict[str, np.ndarray] = {}
     packed = []
     for name, layer in sorted(delta.layers.items()):
-        for key, factor in (("u", layer.u), ("v", layer.v)):
+        for key, factor, rows in (("u", layer.u, layer.n_out), ("v", layer.v, layer.n_in)):
             if index == "packed" and factor.index is not None:
-                packed.append((factor.index, factor.values, (layer.n_out if key == "u" else layer.n_in) * layer.rank))
+                packed.append((factor.index, factor.values, rows * layer.rank))
                 continue
             stem = f"{name}.{key}" if factor.index is None else f"{name}.{key}.values"
             tensors.update(_encode(stem, factor.values, value_dtype))
             if factor.index is not None:
-                entries = (layer.n_out if key == "u" else layer.n_in) * layer.rank
-                tensors.update(_positions(f"{name}.{key}", factor.index, entries, index))
+                tensors.update(_positions(f"{name}.{key}", factor.index, rows * layer.rank, index))
     if packed:
         tensors.update(delta_packed.pack(packed, value_dtype))
     for name, array in delta.dense.items():
@@ -149,19 +148,15 @@ def _positions(stem: str, index: np.ndarray, entries: int, encoding: str) -> dic
     (16-bit whenever the factor is small enough, as it nearly always is)."""
     width = 2 if entries <= 1 << 16 else 4
     if encoding == "mask" or (encoding == "auto" and (entries + 7) // 8 <= width * index.size):
-        mask = np.zeros(entries, bool)
-        mask[index] = True
-        return {f"{stem}.mask": np.packbits(mask)}
+        return {f"{stem}.mask": delta_packed.bitmask(index, entries)}
     return {f"{stem}.index": index.astype(np.uint16 if width == 2 else np.int32)}
 
 
 def _encode(stem: str, values: np.ndarray, value_dtype: str) -> dict[str, np.ndarray]:
     if value_dtype != "int8":
         return {stem: values.astype(value_dtype)}
-    peak = float(np.abs(values).max()) if values.size else 0.0
-    scale = np.float32(peak / 127 if peak > 0 else 1.0)
-    return {stem: np.clip(np.rint(values / scale), -127, 127).astype(np.int8),
-            f"{stem}.scale": np.asarray([scale], np.float32)}
+    codes, scale = delta_packed.quantize_int8(values)
+    return {stem: codes, f"{stem}.scale": np.asarray([scale], np.float32)}
 
 
 def _decode(tensors: dict[str, np.ndarray], stem: str) -> np.ndarray:

@@ -21,20 +21,30 @@ def pack(factors: list[tuple[np.ndarray, np.ndarray, int]], value_dtype: str) ->
     """Tensors for ``factors``: (sorted flat indices, values, entries of the factor) in file order."""
     masks, values, scales = [], [], []
     for index, vals, entries in factors:
-        bits = np.zeros(entries, bool)
-        bits[index] = True
-        masks.append(np.packbits(bits))
+        masks.append(bitmask(index, entries))
         if value_dtype == "int8":
-            peak = float(np.abs(vals).max()) if vals.size else 0.0
-            scale = np.float32(peak / 127 if peak > 0 else 1.0)
+            vals, scale = quantize_int8(vals)
             scales.append(scale)
-            vals = np.clip(np.rint(vals / scale), -127, 127)
         values.append(np.asarray(vals))
     out = {MASK: np.concatenate(masks).astype(np.uint8),
            VALUES: np.concatenate(values).astype(value_dtype)}
     if value_dtype == "int8":
         out[SCALE] = np.asarray(scales, np.float32)
     return out
+
+
+def bitmask(index: np.ndarray, entries: int) -> np.ndarray:
+    """The positions ``index`` of a factor with ``entries`` entries as packed bits (np.packbits order)."""
+    bits = np.zeros(entries, bool)
+    bits[index] = True
+    return np.packbits(bits)
+
+
+def quantize_int8(values: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """Symmetric int8 codes and their one float32 scale (the largest magnitude maps to 127)."""
+    peak = float(np.abs(values).max()) if values.size else 0.0
+    scale = np.float32(peak / 127 if peak > 0 else 1.0)
+    return np.clip(np.rint(values / scale), -127, 127).astype(np.int8), scale
 
 
 def unpack(tensors: dict[str, np.ndarray], factors: list[tuple[str, int]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
