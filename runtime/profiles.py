@@ -9,6 +9,7 @@ a ``.yaml`` file. Torch-free: a target reads its own profile with only the runti
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -53,7 +54,8 @@ class DeviceProfile:
             raise ProfileError(f"{where}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         for key in ("ram_mb", "app_memory_mb", "storage_mb"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            # a chained comparison is False for NaN, which `value <= 0` let through
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
                 raise ProfileError(f"{where}: {key} must be a positive number of MiB, got {value!r}")
         if self.app_memory_mb > self.ram_mb:
             raise ProfileError(f"{where}: app_memory_mb ({self.app_memory_mb}) exceeds ram_mb ({self.ram_mb})")

@@ -34,6 +34,8 @@ def test_phones_are_mobile():
     ({"app_memory_mb": 4096}, "exceeds ram_mb"),
     ({"ram_mb": -1}, "ram_mb must be a positive number"),
     ({"ram_mb": "lots"}, "ram_mb must be a positive number"),
+    ({"ram_mb": float("nan")}, "ram_mb must be a positive number"),  # found by the fuzzer: NaN passed `<= 0`
+    ({"storage_mb": float("inf")}, "storage_mb must be a positive number"),
     ({"cores": 0}, "cores must be a positive integer"),
     ({"isa": "neon"}, "isa must be a list of strings"),
     ({"name": "Bad Name"}, "must be lowercase"),
