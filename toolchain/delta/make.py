@@ -59,6 +59,10 @@ class DeltaConfig:
     whiten: bool = False
     # Re-solve the kept entries' values by least squares on ΔW once the pattern is chosen (factorize.refit).
     refit: bool = False
+    # Distil the kept values toward the fine-tune for this many steps on the validation windows (tune.py):
+    # same pattern, same bits, new values. 0: the values of the SVD.
+    tune_steps: int = 0
+    tune_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         osd = self.method == "osd"
@@ -83,6 +87,9 @@ class DeltaConfig:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
         if self.relax is not None and self.relax < 0:
             raise UsageError(f"--relax must be 0 or more, got {self.relax}")
+        if self.tune_steps < 0 or not self.tune_lr > 0:
+            raise UsageError(f"--tune-steps must be 0 or more and --tune-lr above 0, got {self.tune_steps} and "
+                             f"{self.tune_lr}")
         if self.windows < 1 or self.window_tokens < 2:
             raise UsageError("validation needs at least one window of at least 2 tokens")
 
@@ -104,7 +111,7 @@ def make(base: str, finetuned: str, config: DeltaConfig) -> Delta:
     ft_model = sources.load(finetuned)
     raw = extract.extract(base_model.model, ft_model.model)
     del ft_model
-    windows = _validation_windows(base_model.tokenizer, config) if config.method == "osd" or config.whiten else []
+    windows = (_validation_windows(base_model.tokenizer, config) if needs_windows(config) else [])
     if config.auto:
         from edgepack.toolchain.delta.auto import auto
 
@@ -136,14 +143,41 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
         layers = {n: factorize.sparse_layer(n, *factors[n], *scores[n], allowed[n]) for n in changed}
     if config.refit:
         layers = {n: factorize.refit(changed[n], layer) for n, layer in layers.items()}
+    tuned = _tune(model, raw, layers, config, windows, {} if cache is None else cache) if config.tune_steps else {}
+    if tuned:
+        layers = tuned.pop("layers")
     info = {"method": config.method, "rank": config.rank, "relax": config.factor_rank - config.rank,
             "importance": how, "gradient_at": config.gradient_at if config.method == "osd" else None,
             "allocation": config.allocation if config.method == "osd" else "layer",
             "whitened": config.whiten, "refit": config.refit,
             "budget_bits": total_budget, "validation_windows": len(windows),
-            "window_tokens": config.window_tokens, "seconds": round(time.perf_counter() - start, 1)}
+            "window_tokens": config.window_tokens, **tuned, "seconds": round(time.perf_counter() - start, 1)}
     dense = {n: d.numpy() for n, d in raw.dense.items()}
     return Delta(raw.base_fingerprint, layers, dense, info)
+
+
+def needs_windows(config: DeltaConfig) -> bool:
+    """Whether ``config`` uses validation text (OSD's scores, whitening, the tune)."""
+    return config.method == "osd" or config.whiten or config.tune_steps > 0
+
+
+def _tune(model: torch.nn.Module, raw: extract.RawDelta, layers: dict, config: DeltaConfig,
+          windows: list[list[int]], cache: dict) -> dict[str, Any]:
+    """The kept values distilled toward the fine-tune (tune.py), and what the tune did for the metadata."""
+    from edgepack.toolchain.delta import tune
+
+    if not windows:
+        raise UsageError("--tune-steps distils the delta toward the fine-tune on validation text: pass --valid FILE")
+    key = ("teacher", id(raw), id(windows))
+    if key not in cache:
+        cache[key] = tune.teacher_states(model, raw, windows)
+    dense = {n: d for n, d in raw.dense.items()}
+    settings = tune.TuneSettings(steps=config.tune_steps, lr=config.tune_lr)
+    out, losses = tune.tune(model, layers, dense, windows, cache[key], settings)
+    first, last = (sum(part) / len(part) for part in (losses[:4], losses[-4:]))
+    return {"layers": out, "tune": {"steps": config.tune_steps, "lr": config.tune_lr, "batch": settings.batch,
+                                    "positions": settings.positions, "kl_first_steps": round(first, 5),
+                                    "kl_last_steps": round(last, 5)}}
 
 
 def _whitening(model: torch.nn.Module, changed: dict[str, torch.Tensor], windows: list[list[int]],
