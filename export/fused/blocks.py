@@ -90,6 +90,17 @@ def quantize_q4_int(weight: np.ndarray) -> Q4IntWeight:
     return Q4IntWeight(packed, scale.reshape(-1), zp_packed, weight.shape[1], weight.shape[0])
 
 
+def dequantize_q4_int(q: Q4IntWeight) -> np.ndarray:
+    """The float weight an integer-zero-point int4 graph computes with (for tests and error measurements)."""
+    values = np.empty(q.packed.shape[:2] + (BLOCK,), np.float32)
+    values[..., 0::2] = q.packed & 0x0F
+    values[..., 1::2] = q.packed >> 4
+    blocks = q.packed.shape[1]
+    zp = np.stack([q.zero_points & 0x0F, q.zero_points >> 4], axis=-1).reshape(q.n_out, -1)[:, :blocks]
+    w = (values - zp[..., None]) * q.scales.reshape(q.n_out, -1, 1)
+    return w.reshape(q.n_out, -1)[:, : q.n_in]
+
+
 def remainder_digits(remainder: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The [n_out, blocks] remainders as two 4-bit "digits" (a coarse code and a code of what it
     missed), so MatMulNBits can apply them to the block sums appended to its input: returns packed

@@ -132,9 +132,10 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, cfg: Any,
             raise UnsupportedArchitecture("q/k/v projections with bias on only some of them")
         packed = lin.weight(x, weight, bias, f"{name}.qkv")
         qkv = [lin.delta(x, packed, cfg.hidden_size, list(projections), f"{name}.qkv"), "", ""]
-    else:  # factorized projections stay separate
-        qkv = [lin.delta(x, lin.module(x, p, f"{name}.{p_name}"), cfg.hidden_size, [p], f"{name}.{p_name}")
-               for p, p_name in zip(projections, ("q", "k", "v"))]
+    else:  # factorized projections stay separate (their in→r factors share one op)
+        p_names = [f"{name}.{p_name}" for p_name in ("q", "k", "v")]
+        outs = lin.modules(x, list(projections), p_names, f"{name}.qkv_low")
+        qkv = [lin.delta(x, y, cfg.hidden_size, [p], n) for y, p, n in zip(outs, projections, p_names)]
     seqlens, total, cos, sin = shared
     out = b.unique(f"{name}/out")
     present = [f"present.{i}.key", f"present.{i}.value"]
@@ -159,8 +160,9 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, name: str) -> st
         gate, up = b.op("Split", [both, b.const([mlp.gate_proj.out_features] * 2)], f"{name}/split", 2, axis=-1)
     else:
         n_in = _in_features(mlp.gate_proj)
-        gate = lin.delta(x, lin.module(x, mlp.gate_proj, f"{name}.gate"), n_in, [mlp.gate_proj], f"{name}.gate")
-        up = lin.delta(x, lin.module(x, mlp.up_proj, f"{name}.up"), n_in, [mlp.up_proj], f"{name}.up")
+        gate, up = lin.modules(x, [mlp.gate_proj, mlp.up_proj], [f"{name}.gate", f"{name}.up"], f"{name}.gate_up_low")
+        gate = lin.delta(x, gate, n_in, [mlp.gate_proj], f"{name}.gate")
+        up = lin.delta(x, up, n_in, [mlp.up_proj], f"{name}.up")
     silu = b.op1("Mul", [gate, b.op1("Sigmoid", [gate], f"{name}/sigmoid")], f"{name}/silu")
     gated = b.op1("Mul", [silu, up], f"{name}/gated")
     down = lin.module(gated, mlp.down_proj, f"{name}.down")
