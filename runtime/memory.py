@@ -110,13 +110,14 @@ def fused_int4_bytes(out: int, inner: int, block: int = INT4_BLOCK) -> int:
     return out * blocks * (block // 2 + F32) + out * blocks * F32
 
 
-def _linear_bytes(shape: ModelShape, ranks: dict[str, int] | None, size: Any) -> int:
-    ranks = ranks or {}
+def _linear_bytes(shape: ModelShape, ranks: dict[str, int] | None, size: Any, factor_size: Any = None) -> int:
+    """Bytes of the decoder linears; ``factor_size`` (default ``size``) counts each factor of a factorized one."""
+    ranks, factor_size = ranks or {}, factor_size or size
     total = 0
     for layer in shape.linears():
         for name, out, inner in layer:
             r = ranks.get(name)
-            total += size(out, inner) if r is None else size(r, inner) + size(out, r)
+            total += size(out, inner) if r is None else factor_size(r, inner) + factor_size(out, r)
     return total
 
 
@@ -138,7 +139,8 @@ def weight_bytes(shape: ModelShape, dtype: str, ranks: dict[str, int] | None = N
         # a tied table is one 8-bit copy for Gather and head; untied: float32 Gather, int4 head
         embedding = matrix_bytes(shape.vocab, shape.hidden, "int8") if shape.tied else vocab * F32
         lm_head = 0 if shape.tied else fused_int4_bytes(shape.vocab, shape.hidden)
-        return {"linear": _linear_bytes(shape, ranks, fused_int4_bytes), "embedding": embedding,
+        # ResSVD factors take integer zero points there (export/fused/linear.py), not the Q4_1 form
+        return {"linear": _linear_bytes(shape, ranks, fused_int4_bytes, int4_bytes), "embedding": embedding,
                 "lm_head": lm_head, "norms": norms}
     linear = _linear_bytes(shape, ranks, lambda out, inner: matrix_bytes(out, inner, dtype))
     embedding = vocab * F32 if dtype == "float32" else matrix_bytes(shape.vocab, shape.hidden, dtype)

@@ -117,3 +117,17 @@ def test_factor_pairs_keep_one_delta_slot_per_projection(tmp_path):
     assert {f"delta.layers.1.mlp.{p}.a" for p in ("gate", "up", "down")} <= inputs
     decoder = FusedDecoder(tmp_path / "slots.onnx")
     assert np.isfinite(decoder.forward(PROMPT, decoder.new_cache())).all()
+
+
+def test_memory_model_counts_the_linear_bytes_the_int4_graph_stores(tmp_path):
+    """The planner's byte count of factorized layers (runtime/memory.py) is what the exporter writes."""
+    from edgepack.runtime import memory
+
+    model = _compressed()
+    save(build_llama(model, CONTEXT, True), tmp_path / "int4.onnx")
+    graph = onnx.load(str(tmp_path / "int4.onnx")).graph
+    stored = sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer
+                 if t.name.startswith("layers.") and not t.name.endswith("norm.weight"))
+    shape = memory.ModelShape.from_config(model.config.to_dict())
+    ranks = {f"model.layers.1.{name}": rank for name, rank in RANKS.items()}
+    assert stored == memory.weight_bytes(shape, "int4", ranks, graph="fused")["linear"]
