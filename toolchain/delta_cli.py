@@ -46,12 +46,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "inputs (minimizes the delta's output error rather than its weight error)")
     p.add_argument("--refit", action="store_true", help="sparse methods: re-solve the kept entries by least squares "
                    "on ΔW once the pattern is chosen (same bits)")
+    from edgepack.toolchain.delta.defaults import TUNE_LR, TUNE_STEPS
+
+    p.add_argument("--tune-steps", type=int, default=None,
+                   help="distil the kept values toward the fine-tune for N steps on the --valid text (same entries, "
+                   f"same bits, new values); default: {TUNE_STEPS} for --method osd with --valid, 0 otherwise")
+    p.add_argument("--tune-lr", type=float, default=None, help=f"learning rate of the tune (default {TUNE_LR:g})")
     # int8 is the default: at r = 1, 2 it moved held-out NLL by under 1e-4 nats (benchmarks/deltas, --int8-eval)
     # and keeps an r = 2 delta of the default model under 1 % of its int4 package (float16: 0.99 %).
     p.add_argument("--values", choices=("float32", "float16", "int8"), default="int8",
                    help="how factor values are stored on disk: int8 with one scale per factor (default), float16 or "
                    "float32 (the accounting counts 32 bits for every method alike)")
     p.set_defaults(handler=delta)
+
+
+def _tune_options(args: argparse.Namespace) -> dict:
+    """Tune settings the user gave; unset ones take DeltaConfig's defaults for the method."""
+    given = {"tune_steps": args.tune_steps, "tune_lr": args.tune_lr}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def delta(args: argparse.Namespace) -> int:
@@ -66,7 +78,7 @@ def delta(args: argparse.Namespace) -> int:
     config = DeltaConfig(method=args.method, rank=args.rank, relax=args.relax, valid=args.valid,
                          windows=args.windows, importance=args.importance, allocation=args.allocation,
                          auto=args.auto, whiten=args.whiten, refit=args.refit, gradient_at=args.gradient_at,
-                         shrink=args.shrink, normalize=args.normalize)
+                         shrink=args.shrink, normalize=args.normalize, **_tune_options(args))
     result = make(args.base, args.finetuned, config)
     size = delta_file.write(result, args.output, args.values)
     info = result.info

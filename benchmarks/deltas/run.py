@@ -37,14 +37,15 @@ from common import folder_size, markdown_table, results_dir  # noqa: E402
 def _osd(**options) -> dict:
     """An OSD variant spelled out from the paper's settings, so that changing OSD's defaults (make.py)
     does not change what a label means."""
-    return {"method": "osd", "importance": "taylor", "gradient_at": "delta", "allocation": "layer", **options}
+    return {"method": "osd", "importance": "taylor", "gradient_at": "delta", "allocation": "layer", "tune_steps": 0,
+            **options}
 
 
 VARIANTS = {
     "TruncSVD": dict(method="truncsvd"),
     "MagTruncSVD": dict(method="magtruncsvd"),
     "OSD (paper: taylor, per layer)": _osd(),
-    "OSD (default: fisher at base, global budget)": dict(method="osd"),
+    "OSD (default: fisher at base, global budget)": dict(method="osd", tune_steps=0),
     "OSD, output-error score": _osd(importance="output"),
     "OSD, taylor, global budget": _osd(allocation="global"),
     "OSD --auto": _osd(auto=True),

@@ -66,7 +66,7 @@ def test_gradient_variants_stay_in_budget(importance_kind, gradient_at, normaliz
     windows = [list(range(3, 35)), list(range(50, 82))]
     for allocation in ("layer", "global"):
         config = DeltaConfig(method="osd", rank=1, importance=importance_kind, gradient_at=gradient_at,
-                             normalize=normalize, allocation=allocation)
+                             normalize=normalize, allocation=allocation, tune_steps=0)  # the tune: test_delta_tune
         delta = compress(base, raw, config, windows)
         assert delta.bits <= delta.info["budget_bits"] + 32 * sum(a.size for a in raw.dense.values())
         assert importance_kind in delta.info["importance"] and delta.info["gradient_at"] == gradient_at

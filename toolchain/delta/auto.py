@@ -32,13 +32,18 @@ def auto(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig, win
     for relax in sorted({config.rank, 2 * config.rank, 3 * config.rank}):
         for allocation in ("layer", "global"):
             scored = config.importance if config.importance in ("taylor", "fisher", "rms") else "fisher"
-            candidate = dataclasses.replace(config, relax=relax, allocation=allocation, importance=scored, auto=False)
+            # Trials untuned: the tune costs far more than a trial, so only the winner gets it.
+            candidate = dataclasses.replace(config, relax=relax, allocation=allocation, importance=scored, auto=False,
+                                            tune_steps=0)
             delta = compress(model, raw, candidate, windows, cache)
             loss = validation_loss(model, delta, windows)
             trials.append({"relax": relax, "allocation": allocation, "validation_loss": round(loss, 5)})
             print(f"edgepack: --auto c={relax} allocation={allocation}: validation loss {loss:.4f}", file=sys.stderr)
             if best is None or loss < best[0]:
-                best = (loss, delta)
+                best = (loss, delta, candidate)
+    if config.tune_steps != 0:
+        tuned = dataclasses.replace(best[2], tune_steps=config.tune_steps)
+        best = (best[0], compress(model, raw, tuned, windows, cache), tuned)
     return dataclasses.replace(best[1], info={**best[1].info, "auto": trials})
 
 

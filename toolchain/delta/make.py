@@ -16,6 +16,7 @@ import torch
 from edgepack.runtime.delta_file import Delta
 from edgepack.runtime.errors import UsageError
 from edgepack.toolchain.delta import budget, extract, factorize, importance
+from edgepack.toolchain.delta.defaults import TUNE_LR, TUNE_STEPS
 from tqdm import tqdm
 
 METHODS = ("osd", "truncsvd", "magtruncsvd")
@@ -60,9 +61,10 @@ class DeltaConfig:
     # Re-solve the kept entries' values by least squares on ΔW once the pattern is chosen (factorize.refit).
     refit: bool = False
     # Distil the kept values toward the fine-tune for this many steps on the validation windows (tune.py):
-    # same pattern, same bits, new values. 0: the values of the SVD.
-    tune_steps: int = 0
-    tune_lr: float = 1e-4
+    # same pattern, same bits, new values. 0: the values of the SVD. None: TUNE_STEPS for OSD with
+    # validation text, else 0.
+    tune_steps: int | None = None
+    tune_lr: float = TUNE_LR
 
     def __post_init__(self) -> None:
         osd = self.method == "osd"
@@ -87,7 +89,7 @@ class DeltaConfig:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
         if self.relax is not None and self.relax < 0:
             raise UsageError(f"--relax must be 0 or more, got {self.relax}")
-        if self.tune_steps < 0 or not self.tune_lr > 0:
+        if (self.tune_steps or 0) < 0 or not self.tune_lr > 0:
             raise UsageError(f"--tune-steps must be 0 or more and --tune-lr above 0, got {self.tune_steps} and "
                              f"{self.tune_lr}")
         if self.windows < 1 or self.window_tokens < 2:
@@ -135,6 +137,7 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
         scores, how = importance.normalized(scores), how + ", normalized per layer"
     allowed = {n: budget.dense_bits(*d.shape, min(config.rank, *d.shape)) for n, d in changed.items()}
     total_budget = sum(allowed.values())
+    osd_with_text = config.method == "osd" and bool(windows)
     if config.method == "truncsvd":
         layers = {n: factorize.dense_layer(n, *factors[n]) for n in changed}
     elif config.allocation == "global" and windows:
@@ -143,7 +146,8 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
         layers = {n: factorize.sparse_layer(n, *factors[n], *scores[n], allowed[n]) for n in changed}
     if config.refit:
         layers = {n: factorize.refit(changed[n], layer) for n, layer in layers.items()}
-    tuned = _tune(model, raw, layers, config, windows, {} if cache is None else cache) if config.tune_steps else {}
+    steps = config.tune_steps if config.tune_steps is not None else TUNE_STEPS if osd_with_text else 0
+    tuned = _tune(model, raw, layers, config, steps, windows, {} if cache is None else cache) if steps else {}
     if tuned:
         layers = tuned.pop("layers")
     info = {"method": config.method, "rank": config.rank, "relax": config.factor_rank - config.rank,
@@ -158,10 +162,10 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
 
 def needs_windows(config: DeltaConfig) -> bool:
     """Whether ``config`` uses validation text (OSD's scores, whitening, the tune)."""
-    return config.method == "osd" or config.whiten or config.tune_steps > 0
+    return config.method == "osd" or config.whiten or bool(config.tune_steps)
 
 
-def _tune(model: torch.nn.Module, raw: extract.RawDelta, layers: dict, config: DeltaConfig,
+def _tune(model: torch.nn.Module, raw: extract.RawDelta, layers: dict, config: DeltaConfig, steps: int,
           windows: list[list[int]], cache: dict) -> dict[str, Any]:
     """The kept values distilled toward the fine-tune (tune.py), and what the tune did for the metadata."""
     from edgepack.toolchain.delta import tune
@@ -172,10 +176,10 @@ def _tune(model: torch.nn.Module, raw: extract.RawDelta, layers: dict, config: D
     if key not in cache:
         cache[key] = tune.teacher_states(model, raw, windows)
     dense = {n: d for n, d in raw.dense.items()}
-    settings = tune.TuneSettings(steps=config.tune_steps, lr=config.tune_lr)
+    settings = tune.TuneSettings(steps=steps, lr=config.tune_lr)
     out, losses = tune.tune(model, layers, dense, windows, cache[key], settings)
     first, last = (sum(part) / len(part) for part in (losses[:4], losses[-4:]))
-    return {"layers": out, "tune": {"steps": config.tune_steps, "lr": config.tune_lr, "batch": settings.batch,
+    return {"layers": out, "tune": {"steps": steps, "lr": config.tune_lr, "batch": settings.batch,
                                     "positions": settings.positions, "kl_first_steps": round(first, 5),
                                     "kl_last_steps": round(last, 5)}}
 
