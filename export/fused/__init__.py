@@ -26,4 +26,5 @@ def weights_description(int4: bool, int8: bool = False) -> str:
     if not int4:
         return "float32 (tied embedding stored once)"
     return ("int4 (MatMulNBits, block 32, Q4_1 form: integer codes and scales, float block minimum added "
-            "through block sums); tied embedding and LM head one 8-bit block-32 copy")
+            "through block sums); ResSVD factors with integer zero points; tied embedding and LM head one 8-bit "
+            "block-32 copy")
