@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import folder_size, markdown_table, results_dir  # noqa: E402
+from edgepack.toolchain.delta.defaults import TUNE_LR, TUNE_STEPS  # noqa: E402
 
 
 def _osd(**options) -> dict:
@@ -74,6 +75,12 @@ VARIANTS = {
     "OSD, whitened": _osd(whiten=True),
     "OSD, whitened, global budget": _osd(whiten=True, allocation="global"),
 }
+# The distillation tune of the kept values (toolchain/delta/tune.py); steps and lr from --tune-steps / --tune-lr.
+TUNED = {"MagTruncSVD + tune": dict(method="magtruncsvd"),
+         "OSD (fisher at base, global) + tune": dict(method="osd")}
+VARIANTS.update({label: {**options, "tune_steps": "tuned"} for label, options in TUNED.items()})
+# A tuned OSD row is also compared with the same tune on magnitude's pattern: what the selection adds.
+SAME_TUNE = {"OSD (fisher at base, global) + tune": "MagTruncSVD + tune"}
 BASELINES = ("TruncSVD", "MagTruncSVD")
 PAPER = ("TruncSVD", "MagTruncSVD", "OSD (paper: taylor, per layer)")  # run at every rank; the rest at --extra-ranks
 
@@ -105,7 +112,7 @@ def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dic
     from edgepack.runtime import delta_file
     from edgepack.toolchain import sources
     from edgepack.toolchain.delta.extract import extract
-    from edgepack.toolchain.delta.make import DeltaConfig, compress
+    from edgepack.toolchain.delta.make import DeltaConfig, compress, needs_windows
     from edgepack.toolchain.ressvd.calibration import calibration_windows
 
     base_dir, ft_dir = finetune.base(), finetune.finetuned(domain)
@@ -125,15 +132,17 @@ def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dic
         for label in args.variants:
             if label not in PAPER and rank not in args.extra_ranks:
                 continue
-            config = DeltaConfig(rank=rank, windows=args.valid_windows, **VARIANTS[label])
+            options = dict(VARIANTS[label])
+            if options.get("tune_steps") == "tuned":
+                options.update(tune_steps=args.tune_steps, tune_lr=args.tune_lr)
+            config = DeltaConfig(rank=rank, windows=args.valid_windows, **options)
             start = time.perf_counter()
             if config.auto:
                 from edgepack.toolchain.delta.auto import auto
 
                 delta = auto(base.model, raw, config, valid, cache)
             else:
-                delta = compress(base.model, raw, config, valid if config.method == "osd" or config.whiten else [],
-                                 cache)
+                delta = compress(base.model, raw, config, valid if needs_windows(config) else [], cache)
             seconds = time.perf_counter() - start
             path = work / f"{domain}-{label.split()[0].lower()}-{len(rows)}-r{rank}.safetensors"
             size16 = delta_file.write(delta, path, "float16")
@@ -167,6 +176,10 @@ def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dic
         if diffs:
             mean, se, b = max(diffs)  # the least favourable comparison
             row["vs_best_baseline"] = f"{mean:+.4f} ± {se:.4f} nats vs {b}"
+        other = (SAME_TUNE.get(row["variant"]), row["rank"])
+        if other in per_window:
+            d = per_window[(row["variant"], row["rank"])] - per_window[other]
+            row["vs_same_tune"] = f"{d.mean():+.4f} ± {d.std(ddof=1) / math.sqrt(len(d)):.4f} nats vs {other[0]}"
     summary = {"domain": domain, "base_perplexity": round(ppl_base, 3), "finetune_perplexity": round(ppl_ft, 3),
                "finetune_size_MB": round(folder_size(ft_dir) / 1e6, 1), "windows": len(nll_base),
                "context": args.context}
@@ -233,11 +246,12 @@ def _timed(fn) -> float:
 def write_results(rows: list[dict], summaries: list[dict], runtime: dict, args: argparse.Namespace) -> None:
     out = results_dir(__file__)
     headers = ["domain", "r", "variant", "c", "perplexity", "gain kept", "accounted kB", "file kB (fp16)",
-               "file kB (int8)", "ppl, int8 file (Δ NLL vs float ± s.e.)", "vs best baseline (mean Δ NLL ± s.e.)", "s"]
+               "file kB (int8)", "ppl, int8 file (Δ NLL vs float ± s.e.)", "vs best baseline (mean Δ NLL ± s.e.)",
+               "vs the same tune on magnitude's pattern", "s"]
     table = [[r["domain"], r["rank"], r["variant"], r["relax"], f"{r['perplexity']:.3f}", f"{r['gain_kept']:.1%}",
               r["accounted_kB"], r["file_kB_fp16"], r.get("file_kB_int8", ""),
               f"{r['perplexity_int8']:.3f} ({r['int8_vs_float']})" if "perplexity_int8" in r else "",
-              r.get("vs_best_baseline", ""), r["seconds"]] for r in rows]
+              r.get("vs_best_baseline", ""), r.get("vs_same_tune", ""), r["seconds"]] for r in rows]
     lines = ["# Fine-tune deltas on SmolLM2-135M-Instruct", "",
              f"Command: `python benchmarks/deltas/run.py {args.command}`"
              + (" (other domains' rows kept from an earlier run)" if args.keep else ""), "",
@@ -290,6 +304,8 @@ def main() -> None:
     parser.add_argument("--valid-source", choices=("valid", "train"), default="valid",
                         help="split OSD's validation windows come from: the small valid split (default) or the "
                         "fine-tune's own training text (room for many more windows; a second, independent subset)")
+    parser.add_argument("--tune-steps", type=int, default=TUNE_STEPS, help="steps of the '+ tune' variants")
+    parser.add_argument("--tune-lr", type=float, default=TUNE_LR, help="learning rate of the '+ tune' variants")
     parser.add_argument("--tag", default="", help="write results/deltas-TAG.md/.json/.png (experiments) instead of "
                         "the main results")
     parser.add_argument("--int8-eval", action="store_true",
