@@ -128,3 +128,19 @@ def test_norm_changes_apply_too(tiny_slots_package, tiny_model_dir, tmp_path):
     assert len(delta.dense) == 5  # 2 layers x 2 norms + the final norm
     model = load(tiny_slots_package, delta=delta)
     np.testing.assert_allclose(_runtime_logits(model), _torch_logits(tiny_model_dir, delta), atol=1e-3)
+
+
+def test_a_tuned_sparse_delta_matches_merged_weights(tiny_slots_package, tiny_model_dir, tiny_finetune_dir, tmp_path):
+    # The tune (toolchain/delta/tune.py) only changes the kept values; the runtime must apply what it wrote.
+    from pydoc_data.topics import topics
+
+    valid = tmp_path / "valid.txt"
+    valid.write_text(" ".join(list(topics.values())[20:30]))
+    config = DeltaConfig(method="osd", rank=2, valid=str(valid), windows=2, window_tokens=48, tune_steps=4,
+                         tune_lr=1e-2)
+    path = tmp_path / "tuned.safetensors"
+    delta_file.write(make(str(tiny_model_dir), str(tiny_finetune_dir), config), path, "int8")
+    delta = delta_file.read(path)
+    assert delta.info["tune"]["steps"] == 4
+    model = load(tiny_slots_package, delta=path)
+    np.testing.assert_allclose(_runtime_logits(model), _torch_logits(tiny_model_dir, delta), atol=1e-3)
