@@ -55,3 +55,24 @@ def test_delta_errors_are_one_line(delta_cli_file, tiny_package, tiny_model_dir,
     bad.write_bytes(b"\x00" * 20)
     code, _, err = _cli(["inspect", str(bad)], capsys)
     assert code == 2 and "bad.safetensors" in err
+
+
+def test_delta_tune_flags(tiny_model_dir, tiny_finetune_dir, tmp_path, capsys):
+    from pydoc_data.topics import topics
+
+    valid = tmp_path / "valid.txt"
+    valid.write_text(" ".join(list(topics.values())[20:30]))
+    out_file = tmp_path / "tuned.safetensors"
+    code, _, _ = _cli(["delta", str(tiny_model_dir), str(tiny_finetune_dir), "--method", "magtruncsvd", "--rank", "1",
+                       "--valid", str(valid), "--windows", "2", "--tune-steps", "2", "--tune-lr", "0.01",
+                       "-o", str(out_file)], capsys)
+    assert code == 0
+    code, out, _ = _cli(["inspect", str(out_file), "--json"], capsys)
+    tune = json.loads(out)["info"]["tune"]
+    assert tune["steps"] == 2 and tune["lr"] == 0.01
+    code, _, err = _cli(["delta", str(tiny_model_dir), str(tiny_finetune_dir), "--tune-steps", "2",
+                         "-o", str(tmp_path / "x.safetensors")], capsys)
+    assert code == 2 and "--valid" in err.strip().splitlines()[-1] and "loading" not in err  # refused up front
+    code, _, err = _cli(["delta", str(tiny_model_dir), str(tiny_finetune_dir), "--tune-steps", "-1",
+                         "-o", str(tmp_path / "x.safetensors")], capsys)
+    assert code == 2 and "--tune-steps" in err
