@@ -69,8 +69,9 @@ def _compression_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--propagate", action=argparse.BooleanOptionalAction, default=True,
                    help="correct each layer for the error of the layers before it (default; --no-propagate: "
                         "the published recipe, k searched)")
-    g.add_argument("--tune-steps", type=int, default=0, help="after propagation, N steps of distillation to the "
-                   "dense model's logits on the calibration windows, training only the factors (default 0)")
+    g.add_argument("--tune-steps", type=int, default=None, help="after propagation, N steps of distillation to the "
+                   "dense model's logits on the calibration windows, training only the factors (default 64 with "
+                   "propagation; 0: none)")
 
 
 def _compression_config(args: argparse.Namespace):

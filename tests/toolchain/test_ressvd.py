@@ -3,6 +3,7 @@ import pytest
 import torch
 from edgepack.runtime.errors import UsageError
 from edgepack.toolchain.ressvd import ResSVDConfig, compress_, factorize, selection
+from edgepack.toolchain.ressvd.config import DEFAULT_TUNE_STEPS
 from edgepack.toolchain.ressvd.layers import factorized_linear, rank_for_ratio
 
 
@@ -94,8 +95,9 @@ def test_compress_auto_reports_search_and_shrinks(model):
 def test_auto_layers_with_propagation_take_half_of_each_layer(model):
     windows = [list(range(i, i + 32)) for i in range(0, 256, 32)]
     per_layer = selection.target_linears(model, ResSVDConfig().targets)
-    report = compress_(model, ResSVDConfig(ratio=0.2), windows)  # the default: propagation, layers "auto"
+    report = compress_(model, ResSVDConfig(ratio=0.2), windows)  # the default: propagation, layers "auto", tune
     assert not report.search and report.layers_compressed == 2 == selection.half_k(per_layer, 0.2)
+    assert len(report.tune_loss) == DEFAULT_TUNE_STEPS == report.config["tune_steps"]
     assert report.ranks == selection.last_k_ranks(per_layer, 0.2, 2)
     assert report.corrections and all(c["ridge"] in correction_grid() for c in report.corrections)
 
@@ -132,7 +134,8 @@ def test_package_of_compressed_folder_records_compression(tiny_model_dir, tmp_pa
     from edgepack.toolchain.compression import compress
 
     folder = tmp_path / "c"
-    compress(str(tiny_model_dir), ResSVDConfig(ratio=0.2, layers=2, calib_windows=4, calib_length=64), folder)
+    compress(str(tiny_model_dir), ResSVDConfig(ratio=0.2, layers=2, calib_windows=4, calib_length=64, tune_steps=0),
+             folder)
     manifest = build(BuildConfig(model=str(folder)), tmp_path / "pkg")
     assert manifest.plan["compression"]["layers_compressed"] == 2
     assert manifest.parity["float32"]["passed"]
@@ -171,8 +174,8 @@ def test_propagation_aware_compression_lowers_output_error():
         with torch.inference_mode():
             reference = model(torch.tensor(windows[:4])).logits, model(fresh).logits
         ridge = 0.0 if variant == "none" else variant
-        compress_(model, ResSVDConfig(ratio=0.3, layers=4, method="svd-llm", propagate=variant != "none", ridge=ridge),
-                  windows)
+        compress_(model, ResSVDConfig(ratio=0.3, layers=4, method="svd-llm", propagate=variant != "none", ridge=ridge,
+                                      tune_steps=0), windows)
         with torch.inference_mode():
             out = model(torch.tensor(windows[:4])).logits, model(fresh).logits
         errors[variant] = [float(((o - r) ** 2).mean() / (r ** 2).mean()) for o, r in zip(out, reference)]
@@ -252,10 +255,16 @@ def test_compress_with_tune_steps_records_the_loss(model):
 
 
 def test_tune_options_round_trip_and_are_validated():
-    config = ResSVDConfig(tune_steps=40, tune_lr=3e-4, tune_batch=2)
+    config = ResSVDConfig(tune_steps=40, tune_lr=3e-4, tune_batch=2, tune_bf16=False)
     assert ResSVDConfig.from_dict(config.to_dict()) == config
+    # The default tunes where it can (propagation) and nowhere else; an old record without tune_bf16 still loads.
+    assert ResSVDConfig().tune_steps == DEFAULT_TUNE_STEPS and ResSVDConfig().tune_bf16
+    assert ResSVDConfig(propagate=False).tune_steps == 0 == ResSVDConfig(method="svd").tune_steps
+    old = {k: v for k, v in ResSVDConfig(tune_steps=0).to_dict().items() if k != "tune_bf16"}
+    assert ResSVDConfig.from_dict(old).tune_steps == 0
     for bad in (dict(tune_steps=-1), dict(tune_steps=2.5), dict(tune_steps=True), dict(tune_lr=0.0),
-                dict(tune_batch=0), dict(tune_steps=4, propagate=False), dict(tune_steps=4, method="svd")):
+                dict(tune_batch=0), dict(tune_steps=4, propagate=False), dict(tune_steps=4, method="svd"),
+                dict(tune_bf16="yes")):
         with pytest.raises(UsageError):
             ResSVDConfig(**bad)
 

