@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgepack.runtime.errors import MissingExtraError
+from edgepack.runtime.errors import MissingExtraError, UsageError
 from edgepack.runtime.profiles import MB
 
 
@@ -69,6 +69,8 @@ def _compression_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--propagate", action=argparse.BooleanOptionalAction, default=True,
                    help="correct each layer for the error of the layers before it (default; --no-propagate: "
                         "the published recipe, k searched)")
+    g.add_argument("--ridge", default="auto", help="ridge of the propagation's correction, relative to mean diag(X̂ᵀX̂): "
+                   "auto (chosen per group on held-out windows; default) or a number, e.g. 0.1 (no search: faster)")
     g.add_argument("--tune-steps", type=int, default=None, help="after propagation, N steps of distillation to the "
                    "dense model's logits on the calibration windows, training only the factors (default 64 with "
                    "propagation; 0: none)")
@@ -77,8 +79,14 @@ def _compression_args(p: argparse.ArgumentParser, required: bool) -> None:
 def _compression_config(args: argparse.Namespace):
     from edgepack.toolchain.ressvd import ResSVDConfig
 
+    ridge = args.ridge
+    if ridge != "auto":
+        try:
+            ridge = float(ridge)
+        except ValueError:
+            raise UsageError(f"--ridge must be 'auto' or a number, got {ridge!r}") from None
     return ResSVDConfig(ratio=args.ratio, method=args.method, layers=args.layers, propagate=args.propagate,
-                        tune_steps=args.tune_steps)
+                        tune_steps=args.tune_steps, ridge=ridge)
 
 
 def require_toolchain() -> None:
