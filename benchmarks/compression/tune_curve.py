@@ -1,6 +1,6 @@
 """Perplexity against steps of the factor tune (tune.py) after the default propagated compression.
 
-    python benchmarks/compression/tune_curve.py [--ratio 0.2] [--steps 64] [--lrs 1e-4 3e-4]
+    python benchmarks/compression/tune_curve.py [--ratio 0.2] [--steps 64] [--lrs 1e-4 3e-4] [--fp32]
                                                 [--checkpoints 16 32 64] [--calib-windows 64] [--max-windows 20]
 
 Compresses the default model once (ResSVDConfig defaults, propagation with the ridge, last 2NR layers),
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=20)
     parser.add_argument("--tag", default="", help="a label for this run's rows (e.g. 'warm-up')")
     parser.add_argument("--skip-untuned", action="store_true", help="no perplexity before the tune")
+    parser.add_argument("--fp32", action="store_true", help="tune in float32 (default: bfloat16 autocast)")
     args = parser.parse_args()
 
     from edgepack.runtime import text
@@ -80,8 +81,12 @@ def main() -> None:
                 print(rows[-1], file=sys.stderr, flush=True)
                 _write(rows, args)
 
-        losses = tune.tune_(model, traces[0], tune.TuneSettings(args.steps, lr, args.batch), checkpoint)
-        print(f"lr {lr:g} losses {[round(v, 4) for v in losses]}", file=sys.stderr, flush=True)
+        cpu = time.process_time()
+        losses = tune.tune_(model, traces[0], tune.TuneSettings(args.steps, lr, args.batch, bf16=not args.fp32),
+                            checkpoint)
+        # CPU seconds include the checkpoints' perplexity runs; with --checkpoints equal to --steps only the last.
+        print(f"lr {lr:g} tune+checkpoints CPU {time.process_time() - cpu:.1f} s losses "
+              f"{[round(v, 4) for v in losses]}", file=sys.stderr, flush=True)
         del model
     _write(rows, args)
     print((results_dir(__file__) / "tune.md").read_text())
