@@ -115,7 +115,7 @@ def make(base: str, finetuned: str, config: DeltaConfig) -> Delta:
     ft_model = sources.load(finetuned)
     raw = extract.extract(base_model.model, ft_model.model)
     del ft_model
-    windows = (_validation_windows(base_model.tokenizer, config) if needs_windows(config) else [])
+    windows = _validation_windows(base_model.tokenizer, config) if needs_windows(config) else []
     if config.auto:
         from edgepack.toolchain.delta.auto import auto
 
@@ -177,13 +177,13 @@ def _tune(model: torch.nn.Module, raw: extract.RawDelta, layers: dict, config: D
     key = ("teacher", id(raw), id(windows))
     if key not in cache:
         cache[key] = tune.teacher_states(model, raw, windows)
-    dense = {n: d for n, d in raw.dense.items()}
     settings = tune.TuneSettings(steps=steps, lr=config.tune_lr)
-    out, losses = tune.tune(model, layers, dense, windows, cache[key], settings)
-    first, last = (sum(part) / len(part) for part in (losses[:4], losses[-4:]))
-    return {"layers": out, "tune": {"steps": steps, "lr": config.tune_lr, "batch": settings.batch,
-                                    "positions": settings.positions, "kl_first_steps": round(first, 5),
-                                    "kl_last_steps": round(last, 5)}}
+    out, losses = tune.tune(model, layers, raw.dense, windows, cache[key], settings)
+    record = {"steps": len(losses), "lr": config.tune_lr, "batch": settings.batch, "positions": settings.positions}
+    if losses:  # none when the delta kept no entries to train
+        record.update(kl_first_steps=round(sum(losses[:4]) / len(losses[:4]), 5),
+                      kl_last_steps=round(sum(losses[-4:]) / len(losses[-4:]), 5))
+    return {"layers": out, "tune": record}
 
 
 def _whitening(model: torch.nn.Module, changed: dict[str, torch.Tensor], windows: list[list[int]],
