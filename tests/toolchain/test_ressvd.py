@@ -281,3 +281,20 @@ def test_held_out_error_from_moments_equals_the_direct_error():
               / sum(float(((x @ a.T) ** 2).sum()) for a in w))
     held = correction.HeldOut(w, correction.Moments.of(x, x_hat, dense_gram=True))
     assert held.error(maps) == pytest.approx(direct, rel=1e-9)
+
+
+def test_compress_cli_ridge_and_default_tune(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from edgepack.runtime import cli
+
+    for bad in ("abc", "-1"):
+        code = cli.main(["compress", str(tiny_model_dir), "--ratio", "0.2", "--ridge", bad, "-o", str(tmp_path / "x")])
+        assert code == 2
+        assert "ridge" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    out = tmp_path / "c"
+    assert cli.main(["compress", str(tiny_model_dir), "--ratio", "0.2", "--layers", "2", "--ridge", "0.1",
+                     "-o", str(out)]) == 0
+    record = json.loads((out / "edgepack_compression.json").read_text())
+    assert record["config"]["ridge"] == 0.1 and all(c["ridge"] == 0.1 for c in record["corrections"])
+    assert record["config"]["tune_steps"] == DEFAULT_TUNE_STEPS == len(record["tune_loss"])
