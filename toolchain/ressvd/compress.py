@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from edgepack.toolchain.ressvd import factorize, selection, tune
+from edgepack.toolchain.ressvd.allocator import freed_memory_kept
 from edgepack.toolchain.ressvd.calibration import GramCollector
 from edgepack.toolchain.ressvd.config import ResSVDConfig
 from edgepack.toolchain.ressvd.layers import factorized_linear, set_module
@@ -51,6 +52,11 @@ class _Whitened:
 def compress_(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence[int]] = ()) -> CompressionReport:
     """Compress ``model`` in place following ``config``; ``windows`` are calibration token windows
     (needed by every method but plain ``svd``)."""
+    with freed_memory_kept():  # allocator.py: tens of seconds of page faults otherwise
+        return _compress(model, config, windows)
+
+
+def _compress(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence[int]]) -> CompressionReport:
     start = time.perf_counter()
     per_layer = selection.target_linears(model, config.targets)
     modules = {n: m for layer in per_layer for n, m in layer}
