@@ -106,8 +106,10 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
         if ressvd_storage.is_compressed(source.path):
             model = ressvd_storage.load(source.path, config)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+            # The config already read is passed on: for a GGUF file each read of it parses the whole
+            # header again (tokenizer arrays included), 3-4 s each on the default model.
+            model = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, config=config, **kwargs)
     except ModelSourceError:
         raise
     except Exception as e:
