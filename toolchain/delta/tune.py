@@ -15,7 +15,6 @@ the base weights are never touched, and U and V are scattered from the trainable
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -23,10 +22,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from edgepack.runtime.delta_file import FactorData, LayerDelta
+from edgepack.toolchain import distill
 from edgepack.toolchain.delta.extract import RawDelta, linear_layers
 from edgepack.toolchain.delta.merge import added
 from torch import nn
-from torch.nn import functional as F
 from tqdm import tqdm
 
 
@@ -92,28 +91,17 @@ def tune(model: nn.Module, layers: dict[str, LayerDelta], dense: dict[str, torch
     flags = {p: p.requires_grad for p in model.parameters()}
     hooks = [modules[n].register_forward_hook(b.hook) for n, b in branches.items()]
     head = model.get_output_embeddings()
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    # Warm-up: Adam's first steps move every value by about lr whatever its gradient's size.
-    warmup = max(1, settings.steps // 8)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * s / settings.steps)))
-    g = torch.Generator().manual_seed(settings.seed)
     ids = torch.tensor([list(w) for w in windows])
-    order, losses = torch.randperm(len(windows), generator=g), []
+
+    def batch_loss(batch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return _loss(model, head, ids[batch], teacher[batch], settings.positions, g)
+
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         with added(model, dense):
-            bar = tqdm(range(settings.steps), desc="tuning kept values", unit="step", file=sys.stderr)
-            for step in bar:
-                batch = order[(torch.arange(settings.batch) + step * settings.batch) % len(windows)]
-                loss = _loss(model, head, ids[batch], teacher[batch], settings.positions, g)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                losses.append(loss.item())
-                bar.set_postfix(kl=f"{losses[-1]:.4f}")
+            losses = distill.train(params, len(windows), settings.steps, settings.lr, settings.batch, settings.seed,
+                                   batch_loss, "tuning kept values")
     finally:
         for hook in hooks:
             hook.remove()
@@ -141,11 +129,4 @@ def distillation_loss(model: nn.Module, layers: dict[str, LayerDelta], dense: di
 
 def _loss(model: nn.Module, head: nn.Module, ids: torch.Tensor, teacher: torch.Tensor, positions: int | None,
           g: torch.Generator | None) -> torch.Tensor:
-    hidden = head_inputs(model, ids)
-    if positions is not None and positions < hidden.shape[1]:
-        idx = torch.randperm(hidden.shape[1], generator=g)[:positions]
-        hidden, teacher = hidden[:, idx], teacher[:, idx]
-    with torch.no_grad():
-        target = F.log_softmax(head(teacher).float(), dim=-1).flatten(0, 1)
-    student = F.log_softmax(head(hidden).float(), dim=-1).flatten(0, 1)
-    return F.kl_div(student, target, log_target=True, reduction="batchmean")
+    return distill.sampled_kl(head_inputs(model, ids), teacher, head, positions, g)

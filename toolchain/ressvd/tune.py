@@ -7,21 +7,18 @@ decoder output, recorded by the same pass, gives the teacher's logits through th
 (frozen) norm and head: no teacher model is kept, and no layer is run that the tune cannot change.
 
 The loss is KL(teacher ‖ student) of the next-token distributions on a random subset of positions
-per window: the head's 49152×576 product dominates a step's cost, while every position's gradient
-flows through the compressed layers anyway.
+per window, and the optimizer loop is the delta tune's (toolchain/distill.py).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from edgepack.toolchain import distill
 from edgepack.toolchain.ressvd import selection
 from torch import nn
-from torch.nn import functional as F
-from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -61,32 +58,16 @@ def tune_(model: nn.Module, trace: Trace, settings: TuneSettings,
         p.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
-    # Linear warm-up, then cosine to 0. Without the warm-up, Adam's first step (every parameter moved by
-    # about lr) lifted the KL from 0.51 to 3.38 on the default model, and 16 steps were not enough to recover.
-    warmup = max(1, settings.steps // 8)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * step / settings.steps)))
-    g = torch.Generator().manual_seed(settings.seed)
-    count, losses = trace.inputs.shape[0], []
-    order = torch.randperm(count, generator=g)
-    bar = tqdm(range(settings.steps), desc="tuning factors", unit="step")
+
+    def batch_loss(batch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return _step_loss(layers, norm, head, trace, batch, settings.positions, g, settings.bf16)
+
     try:
-        for step in bar:
-            batch = order[(torch.arange(settings.batch) + step * settings.batch) % count]
-            loss = _step_loss(layers, norm, head, trace, batch, settings.positions, g, settings.bf16)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            bar.set_postfix(kl=f"{losses[-1]:.4f}")
-            if callback is not None:
-                callback(step + 1)
+        return distill.train(trainable, trace.inputs.shape[0], settings.steps, settings.lr, settings.batch,
+                             settings.seed, batch_loss, "tuning factors", callback)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
-    return losses
 
 
 def distillation_loss(model: nn.Module, trace: Trace, windows: Sequence[int] | None = None) -> float:
@@ -105,16 +86,8 @@ def _step_loss(layers, norm, head, trace: Trace, batch: torch.Tensor, positions:
         for layer in layers:
             out = layer(hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-    hidden = hidden.float()
-    teacher = trace.teacher[batch]
-    if positions is not None and positions < hidden.shape[1]:
-        idx = torch.randperm(hidden.shape[1], generator=g)[:positions]
-        hidden, teacher = hidden[:, idx], teacher[:, idx]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        with torch.no_grad():
-            target = F.log_softmax(head(norm(teacher)).float(), dim=-1).flatten(0, 1)
-        student = F.log_softmax(head(norm(hidden)).float(), dim=-1).flatten(0, 1)
-    return F.kl_div(student, target, log_target=True, reduction="batchmean")
+        return distill.sampled_kl(hidden.float(), trace.teacher[batch], lambda h: head(norm(h)), positions, g)
 
 
 def _rows(value, batch: torch.Tensor, count: int):
