@@ -46,6 +46,19 @@ def make_model(seed: int = 0, layers: int = 2):
     return model
 
 
+def factorized(linear, rank: int):
+    """A ResSVD-style pair Linear(in, r) → Linear(r, out) from the truncated SVD of ``linear``."""
+    import torch
+
+    u, s, vh = torch.linalg.svd(linear.weight.detach(), full_matrices=False)
+    first = torch.nn.Linear(linear.in_features, rank, bias=False)
+    second = torch.nn.Linear(rank, linear.out_features, bias=False)
+    with torch.no_grad():
+        first.weight.copy_(vh[:rank] * s[:rank, None])
+        second.weight.copy_(u[:, :rank])
+    return torch.nn.Sequential(first, second)
+
+
 def save_tiny(folder: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     make_model(seed).save_pretrained(folder)

@@ -25,21 +25,11 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 RANKS = dict(zip(PROJECTIONS, (32, 20, 12, 40, 32, 24, 33)))
 
 
-def _factorize(linear: torch.nn.Linear, rank: int) -> torch.nn.Sequential:
-    u, s, vh = torch.linalg.svd(linear.weight.detach(), full_matrices=False)
-    first = torch.nn.Linear(linear.in_features, rank, bias=False)
-    second = torch.nn.Linear(rank, linear.out_features, bias=False)
-    with torch.no_grad():
-        first.weight.copy_(vh[:rank] * s[:rank, None])
-        second.weight.copy_(u[:, :rank])
-    return torch.nn.Sequential(first, second)
-
-
 def _compressed(only: tuple[str, ...] = PROJECTIONS) -> torch.nn.Module:
     """The tiny model with ``only`` these projections of its last layer factorized."""
     model = tiny.make_model()
     for name in only:
-        model.set_submodule(f"model.layers.1.{name}", _factorize(model.get_submodule(f"model.layers.1.{name}"),
+        model.set_submodule(f"model.layers.1.{name}", tiny.factorized(model.get_submodule(f"model.layers.1.{name}"),
                                                                  RANKS[name]))
     return model
 

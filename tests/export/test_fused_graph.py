@@ -33,17 +33,6 @@ def _torch_logits(model, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
-def _factorize(linear: torch.nn.Linear, rank: int) -> torch.nn.Sequential:
-    """A ResSVD-style pair Linear(in, r) → Linear(r, out) from a truncated SVD."""
-    u, s, vh = torch.linalg.svd(linear.weight.detach(), full_matrices=False)
-    first = torch.nn.Linear(linear.in_features, rank, bias=False)
-    second = torch.nn.Linear(rank, linear.out_features, bias=False)
-    with torch.no_grad():
-        first.weight.copy_(vh[:rank] * s[:rank, None])
-        second.weight.copy_(u[:, :rank])
-    return torch.nn.Sequential(first, second)
-
-
 def test_float_graph_matches_pytorch_prefill_and_decode(tmp_path):
     model = tiny.make_model()
     report = parity.compare(model, _graph(model, tmp_path, "f32"), PROMPTS, decode_steps=4,
@@ -185,8 +174,8 @@ def test_remainder_digits_are_close_to_the_remainders():
 def test_factorized_layers_become_two_matmuls(tmp_path):
     model = tiny.make_model()
     layer = model.model.layers[1]
-    layer.self_attn.q_proj = _factorize(layer.self_attn.q_proj, 24)
-    layer.mlp.down_proj = _factorize(layer.mlp.down_proj, 40)  # a rank that is not a whole block
+    layer.self_attn.q_proj = tiny.factorized(layer.self_attn.q_proj, 24)
+    layer.mlp.down_proj = tiny.factorized(layer.mlp.down_proj, 40)  # a rank that is not a whole block
     for int4, op in ((False, "MatMul"), (True, "MatMulNBits")):
         path = _graph(model, tmp_path, f"svd{int(int4)}", int4=int4)
         nodes = {n.name: n.op_type for n in onnx.load(str(path)).graph.node}
