@@ -15,6 +15,8 @@ import ctypes.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from edgepack.runtime.pages import trim_heap
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}  # glibc's
@@ -41,3 +43,4 @@ def freed_memory_kept() -> Iterator[bool]:
         if mallopt is not None:
             for k, v in _DEFAULTS.items():
                 mallopt(k, v)
+        trim_heap()  # what was kept goes back now (up to 1 GB), not at some later free
