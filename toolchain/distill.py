@@ -5,13 +5,28 @@ teacher's on calibration windows; they differ only in how a batch's hidden state
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` with no parameter requiring gradients (a tune turns on only what it trains); every
+    parameter's flag is restored on exit."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 def sampled_kl(student: torch.Tensor, teacher: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],

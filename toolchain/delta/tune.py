@@ -15,8 +15,9 @@ the base weights are never touched, and U and V are scattered from the trainable
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -84,29 +85,18 @@ def tune(model: nn.Module, layers: dict[str, LayerDelta], dense: dict[str, torch
     """``layers`` with their kept values trained toward ``teacher`` (teacher_states); the loss of every step.
     ``dense``: the delta's dense parameter changes, applied (not trained) during the tune."""
     branches = {n: _Branch(layer) for n, layer in layers.items()}
-    modules = linear_layers(model)
     params = [p for b in branches.values() for p in b.values if p.numel()]
     if not params or settings.steps < 1:
         return dict(layers), []
-    flags = {p: p.requires_grad for p in model.parameters()}
-    hooks = [modules[n].register_forward_hook(b.hook) for n, b in branches.items()]
     head = model.get_output_embeddings()
     ids = torch.tensor([list(w) for w in windows])
 
     def batch_loss(batch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return _loss(model, head, ids[batch], teacher[batch], settings.positions, g)
 
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        with added(model, dense):
-            losses = distill.train(params, len(windows), settings.steps, settings.lr, settings.batch, settings.seed,
-                                   batch_loss, "tuning kept values")
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
+    with distill.frozen(model), _with_delta(model, branches, dense):
+        losses = distill.train(params, len(windows), settings.steps, settings.lr, settings.batch, settings.seed,
+                               batch_loss, "tuning kept values")
     return {n: b.tuned() for n, b in branches.items()}, losses
 
 
@@ -114,17 +104,25 @@ def distillation_loss(model: nn.Module, layers: dict[str, LayerDelta], dense: di
                       windows: Sequence[Sequence[int]], teacher: torch.Tensor) -> float:
     """KL(teacher ‖ base + delta) at every position of ``windows``, without gradients."""
     branches = {n: _Branch(layer) for n, layer in layers.items()}
+    head = model.get_output_embeddings()
+    with _with_delta(model, branches, dense), torch.no_grad():
+        losses = [float(_loss(model, head, torch.tensor([list(w)]), teacher[i:i + 1], None, None))
+                  for i, w in enumerate(windows)]
+    return sum(losses) / len(losses)
+
+
+@contextlib.contextmanager
+def _with_delta(model: nn.Module, branches: dict[str, _Branch], dense: dict[str, torch.Tensor]) -> Iterator[None]:
+    """``model`` computing base + delta: each branch hooked onto its linear layer, ``dense`` added to the
+    weights; both undone on exit."""
     modules = linear_layers(model)
     hooks = [modules[n].register_forward_hook(b.hook) for n, b in branches.items()]
-    head = model.get_output_embeddings()
     try:
-        with added(model, dense), torch.no_grad():
-            losses = [float(_loss(model, head, torch.tensor([list(w)]), teacher[i:i + 1], None, None))
-                      for i, w in enumerate(windows)]
+        with added(model, dense):
+            yield
     finally:
         for hook in hooks:
             hook.remove()
-    return sum(losses) / len(losses)
 
 
 def _loss(model: nn.Module, head: nn.Module, ids: torch.Tensor, teacher: torch.Tensor, positions: int | None,

@@ -53,21 +53,15 @@ def tune_(model: nn.Module, trace: Trace, settings: TuneSettings,
                  for p in m.parameters()]
     if not trainable:
         return []
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in trainable:
-        p.requires_grad_(True)
 
     def batch_loss(batch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return _step_loss(layers, norm, head, trace, batch, settings.positions, g, settings.bf16)
 
-    try:
+    with distill.frozen(model):
+        for p in trainable:
+            p.requires_grad_(True)
         return distill.train(trainable, trace.inputs.shape[0], settings.steps, settings.lr, settings.batch,
                              settings.seed, batch_loss, "tuning factors", callback)
-    finally:
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
 
 
 def distillation_loss(model: nn.Module, trace: Trace, windows: Sequence[int] | None = None) -> float:
