@@ -157,7 +157,9 @@ def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dic
                          "gain_kept": round(kept, 3), "accounted_kB": round(delta.bits / 8e3, 1),
                          "budget_kB": round(delta.info["budget_bits"] / 8e3, 1),
                          "file_kB_fp16": round(size16 / 1e3, 1), "file_kB_int8": round(size8 / 1e3, 1),
-                         "seconds": round(seconds, 1), "path": str(path), "int8_path": str(int8_path)})
+                         "seconds": round(seconds, 1), "path": str(path), "int8_path": str(int8_path),
+                         # kept so that a later run's variant can be paired with this one's on the same windows
+                         "window_nll": [round(float(x), 6) for x in nll]})
             if args.int8_eval:  # what int8 values cost: the file read back, paired against float32 values
                 nll8 = merged_nll(base.model, delta_file.read(int8_path), test_ids, args.context, args.max_windows)
                 d = nll8 - nll
@@ -182,7 +184,8 @@ def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dic
             row["vs_same_tune"] = f"{d.mean():+.4f} ± {d.std(ddof=1) / math.sqrt(len(d)):.4f} nats vs {other[0]}"
     summary = {"domain": domain, "base_perplexity": round(ppl_base, 3), "finetune_perplexity": round(ppl_ft, 3),
                "finetune_size_MB": round(folder_size(ft_dir) / 1e6, 1), "windows": len(nll_base),
-               "context": args.context}
+               "context": args.context, "base_window_nll": [round(float(x), 6) for x in nll_base],
+               "finetune_window_nll": [round(float(x), 6) for x in nll_ft]}
     return rows, summary
 
 
