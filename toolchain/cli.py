@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from edgepack.runtime.errors import MissingExtraError, UsageError
+from edgepack.runtime.memory import DEFAULT_FACTOR_BITS
 from edgepack.runtime.profiles import MB
 
 
@@ -20,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     weights.add_argument("--int4", action="store_true", help="int4 weights (onnxruntime MatMulNBits, block 32)")
     weights.add_argument("--int8", action="store_true", help="int8 weights (onnxruntime MatMulNBits, block 32, "
                          "symmetric): twice int4's size, closer to float32")
+    p.add_argument("--factor-bits", type=int, choices=(4, 8), default=None, help="with --int4 on the fused "
+                   "graph: width of the ResSVD factor pairs' weights (default 4; 8: closer to the float "
+                   "compressed model, a larger package)")
     p.add_argument("--context", type=int, default=None, help="context length in tokens (default 2048; with "
                    "--device, 2048 halved until the plan fits)")
     p.add_argument("--graph", choices=("auto", "optimum", "fused"), default="auto",
@@ -74,6 +78,9 @@ def _compression_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--tune-steps", type=int, default=None, help="after propagation, N steps of distillation to the "
                    "dense model's logits on the calibration windows, training only the factors (default 64 with "
                    "propagation; 0: none)")
+    g.add_argument("--quant-aware", choices=("auto", "none", "int4", "int8"), default="auto", help="run the tune "
+                   "through the rounding a package applies to the factors, so they round to good codes (auto: "
+                   "the package's factor width when 'build --ratio' compresses inline, else none)")
 
 
 def _compression_config(args: argparse.Namespace):
@@ -86,7 +93,7 @@ def _compression_config(args: argparse.Namespace):
         except ValueError:
             raise UsageError(f"--ridge must be 'auto' or a number, got {ridge!r}") from None
     return ResSVDConfig(ratio=args.ratio, method=args.method, layers=args.layers, propagate=args.propagate,
-                        tune_steps=args.tune_steps, ridge=ridge)
+                        tune_steps=args.tune_steps, ridge=ridge, quant_aware=args.quant_aware)
 
 
 def require_toolchain() -> None:
@@ -109,8 +116,10 @@ def build(args: argparse.Namespace) -> int:
     from edgepack.toolchain.build import build as run_build
 
     compression = _compression_config(args) if args.ratio is not None else None
+    if args.factor_bits is not None and not args.int4:
+        raise UsageError("--factor-bits sets the width of ResSVD factors in an int4 package: add --int4")
     config = BuildConfig(model=args.model, int4=args.int4, int8=args.int8, context=args.context or 2048,
-                         compression=compression,
+                         compression=compression, factor_bits=args.factor_bits or DEFAULT_FACTOR_BITS,
                          calib=args.calib, graph=args.graph, delta_slots=args.delta_slots)
     manifest = run_build(config, args.output)
     parity = manifest.parity.get(manifest.dtype, {})

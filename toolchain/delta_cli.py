@@ -26,9 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--valid", help="validation text file or folder for OSD's importance (without it OSD falls "
                    "back to the data-free magnitude criterion and says so)")
     p.add_argument("--windows", type=int, default=8, help="validation windows of 256 tokens (default 8)")
-    p.add_argument("--importance", choices=("taylor", "fisher", "rms", "output"), default=None,
+    p.add_argument("--importance", choices=("taylor", "fisher", "fisher-kl", "rms", "output"), default=None,
                    help="OSD's entry score: fisher θ²·Σ_w g_w² (default: the best measured; one backward per "
-                   "validation window), taylor |θ·∂L/∂θ| (the paper's), rms |θ|·sqrt(Σ_w g_w²), or output "
+                   "validation window), fisher-kl (the same with the loss KL(fine-tune ‖ model) per window), taylor "
+                   "|θ·∂L/∂θ| (the paper's), rms |θ|·sqrt(Σ_w g_w²), or output "
                    "(layer-output error of removing the entry, from the validation inputs)")
     p.add_argument("--gradient-at", choices=("delta", "finetune", "base"), default=None,
                    help="OSD: take the gradient at the base (default: the best measured), at base + the rank-(R+C) "

@@ -98,3 +98,31 @@ def test_bad_gradient_options_are_usage_errors():
         DeltaConfig(method="osd", importance="fisher", shrink=-1.0)
     with pytest.raises(UsageError, match="global"):
         DeltaConfig(method="osd", importance="output", allocation="global")
+
+
+def test_kl_importance_uses_the_kl_to_the_finetune():
+    # The window loss is KL(fine-tune ‖ model): at the fine-tune itself it is at its minimum, so the
+    # gradient there vanishes, while at the base it does not (the NLL of the text has no such zero).
+    from edgepack.toolchain.delta import make
+
+    base, raw = _tiny_pair()
+    layers = {n: m for n, m in extract.linear_layers(base).items() if n in raw.linears}
+    windows = [list(range(3, 19)), list(range(40, 56))]
+    loss_fn = make._kl_to_finetune(base, raw, windows, {})
+    zero = {n: torch.zeros(()) for n in layers}
+    at_base = importance.weight_gradients(base, layers, zero, windows, loss_fn=loss_fn)
+    at_ft = importance.weight_gradients(base, layers, dict(raw.linears), windows, loss_fn=loss_fn)
+    nll_at_ft = importance.weight_gradients(base, layers, dict(raw.linears), windows)
+    big = max(float(g.abs().max()) for g in at_base.values())
+    assert big > 0
+    assert max(float(g.abs().max()) for g in at_ft.values()) < 1e-3 * big
+    assert max(float(g.abs().max()) for g in nll_at_ft.values()) > 1e-2 * big
+
+
+def test_kl_importance_stays_in_budget_and_says_so():
+    base, raw = _tiny_pair()
+    windows = [list(range(3, 35)), list(range(50, 82))]
+    delta = compress(base, raw, DeltaConfig(method="osd", rank=1, importance="fisher-kl", tune_steps=0), windows)
+    assert delta.info["allocation"] == "global"  # its scores estimate a loss change: comparable across layers
+    assert delta.bits <= delta.info["budget_bits"] + 32 * sum(a.size for a in raw.dense.values())
+    assert "KL(fine-tune" in delta.info["importance"]

@@ -19,12 +19,14 @@ from tqdm import tqdm
 
 def weight_gradients(model: nn.Module, layers: dict[str, nn.Linear], shifts: dict[str, torch.Tensor],
                      windows: Sequence[Sequence[int]], grams: dict[str, torch.Tensor] | None = None,
-                     per_window: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
+                     per_window: Callable[[str, torch.Tensor], None] | None = None,
+                     loss_fn: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """∂L/∂W of each layer in ``layers`` with its weight moved by ``shifts[name]``; mean token loss
     over ``windows``. The model's weights are restored afterwards. A ``grams`` dict is filled with
     each layer's input X·Xᵀ / tokens (for the output-error criterion) from the same forward passes.
     ``per_window(name, grad)``: called with each window's own gradient (of its mean token loss), which
-    is then cleared, so nothing is accumulated and an empty dict is returned."""
+    is then cleared, so nothing is accumulated and an empty dict is returned. ``loss_fn(window index, ids)``:
+    another loss than the next-token NLL of the window's own text (e.g. the KL to the fine-tune)."""
     saved = {}
     hooks = [] if grams is None else [layer.register_forward_hook(_gram_hook(grams, name, len(windows)))
                                       for name, layer in layers.items()]
@@ -39,9 +41,9 @@ def weight_gradients(model: nn.Module, layers: dict[str, nn.Linear], shifts: dic
         for layer in layers.values():
             layer.weight.requires_grad_(True)
             layer.weight.grad = None
-        for window in tqdm(windows, desc="importance (backward)", unit="window", file=sys.stderr):
+        for i, window in enumerate(tqdm(windows, desc="importance (backward)", unit="window", file=sys.stderr)):
             ids = torch.tensor([list(window)])
-            loss = model(ids, labels=ids, use_cache=False).loss
+            loss = loss_fn(i, ids) if loss_fn else model(ids, labels=ids, use_cache=False).loss
             (loss if per_window else loss / len(windows)).backward()
             if per_window:
                 for name, layer in layers.items():
@@ -102,7 +104,8 @@ def input_grams(model: nn.Module, layers: dict[str, nn.Linear], windows: Sequenc
 
 
 def factor_gradient_stats(model: nn.Module, layers: dict[str, nn.Linear], shifts: dict[str, torch.Tensor],
-                          factors: dict[str, tuple[torch.Tensor, torch.Tensor]], windows: Sequence[Sequence[int]]
+                          factors: dict[str, tuple[torch.Tensor, torch.Tensor]], windows: Sequence[Sequence[int]],
+                          loss_fn: Callable[[int, torch.Tensor], torch.Tensor] | None = None
                           ) -> dict[str, tuple[torch.Tensor, ...]]:
     """Per layer (mean ∂L/∂U, mean ∂L/∂V, Σ_w (∂L_w/∂U)², Σ_w (∂L_w/∂V)²) over the windows, with the
     weights moved by ``shifts``: one backward per window, each window's ΔW-gradient G_w projected onto
@@ -122,7 +125,7 @@ def factor_gradient_stats(model: nn.Module, layers: dict[str, nn.Linear], shifts
         else:
             stats[name] = [p.clone() for p in parts]
 
-    weight_gradients(model, layers, shifts, windows, per_window=accumulate)
+    weight_gradients(model, layers, shifts, windows, per_window=accumulate, loss_fn=loss_fn)
     return {name: tuple(parts) for name, parts in stats.items()}
 
 

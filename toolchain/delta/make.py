@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,9 +21,9 @@ from edgepack.toolchain.delta.defaults import TUNE_LR, TUNE_STEPS
 from tqdm import tqdm
 
 METHODS = ("osd", "truncsvd", "magtruncsvd")
-IMPORTANCE = ("taylor", "fisher", "rms", "output")
+IMPORTANCE = ("taylor", "fisher", "fisher-kl", "rms", "output")
 GRADIENT_AT = ("delta", "finetune", "base")
-_LOSS_SCALED = ("taylor", "fisher", "rms")  # scores that estimate a loss change, comparable across layers
+_LOSS_SCALED = ("taylor", "fisher", "fisher-kl", "rms")  # scores that estimate a loss change, comparable across layers
 ALLOCATION = ("layer", "global")
 
 
@@ -40,7 +41,9 @@ class DeltaConfig:
     windows: int = 8
     window_tokens: int = 256
     # OSD's entry score: "taylor" (|θ·∂L/∂θ|, the paper's), "fisher" (θ²·Σ_w g_w², one backward per
-    # validation window), "rms" (|θ|·sqrt(Σ_w g_w²)) or "output" (the layer-output error of removing
+    # validation window), "fisher-kl" (the same with each window's loss KL(fine-tune ‖ model) instead of the
+    # NLL of its text: only where the two models disagree counts), "rms" (|θ|·sqrt(Σ_w g_w²)) or "output"
+    # (the layer-output error of removing
     # the entry, from the validation inputs' X·Xᵀ; importance.output_scores).
     # None: the best measured for OSD (fisher at the base with a global budget, benchmarks/deltas).
     importance: str | None = None
@@ -134,7 +137,7 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
     whitening = _whitening(model, changed, windows, cache) if config.whiten else {}
     factors = {n: factorize.svd_factors(d, config.factor_rank, cache, whitening.get(n))
                for n, d in tqdm(changed.items(), desc="factorizing ΔW", unit="layer", file=sys.stderr)}
-    scores, how = _scores(model, factors, config, windows, {} if cache is None else cache, changed)
+    scores, how = _scores(model, raw, factors, config, windows, {} if cache is None else cache, changed)
     if config.normalize and config.method == "osd" and windows:
         scores, how = importance.normalized(scores), how + ", normalized per layer"
     allowed = {n: budget.dense_bits(*d.shape, min(config.rank, *d.shape)) for n, d in changed.items()}
@@ -174,16 +177,34 @@ def _tune(model: torch.nn.Module, raw: extract.RawDelta, layers: dict, config: D
 
     if not windows:
         raise UsageError("--tune-steps distils the delta toward the fine-tune on validation text: pass --valid FILE")
-    key = ("teacher", id(raw), id(windows))
-    if key not in cache:
-        cache[key] = tune.teacher_states(model, raw, windows)
     settings = tune.TuneSettings(steps=steps, lr=config.tune_lr)
-    out, losses = tune.tune(model, layers, raw.dense, windows, cache[key], settings)
+    out, losses = tune.tune(model, layers, raw.dense, windows, _teacher(model, raw, windows, cache), settings)
     record = {"steps": len(losses), "lr": config.tune_lr, "batch": settings.batch, "positions": settings.positions}
     if losses:  # none when the delta kept no entries to train
         record.update(kl_first_steps=round(sum(losses[:4]) / len(losses[:4]), 5),
                       kl_last_steps=round(sum(losses[-4:]) / len(losses[-4:]), 5))
     return {"layers": out, "tune": record}
+
+
+def _teacher(model: torch.nn.Module, raw: extract.RawDelta, windows: list[list[int]], cache: dict) -> torch.Tensor:
+    """The full fine-tune's head inputs on ``windows`` (tune.teacher_states), once per raw delta and windows."""
+    from edgepack.toolchain.delta import tune
+
+    key = ("teacher", id(raw), id(windows))
+    if key not in cache:
+        cache[key] = tune.teacher_states(model, raw, windows)
+    return cache[key]
+
+
+def _kl_to_finetune(model: torch.nn.Module, raw: extract.RawDelta, windows: list[list[int]], cache: dict
+                    ) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """A window's loss KL(fine-tune ‖ model) at every position: its gradient at the base is zero wherever
+    the fine-tune agrees with the base, so the text's own unpredictability adds no noise to the scores."""
+    from edgepack.toolchain import distill
+    from edgepack.toolchain.delta import tune
+
+    teacher, head = _teacher(model, raw, windows, cache), model.get_output_embeddings()
+    return lambda i, ids: distill.sampled_kl(tune.head_inputs(model, ids), teacher[i:i + 1], head, None, None)
 
 
 def _whitening(model: torch.nn.Module, changed: dict[str, torch.Tensor], windows: list[list[int]],
@@ -208,8 +229,8 @@ def _whitening(model: torch.nn.Module, changed: dict[str, torch.Tensor], windows
     return cache[key]
 
 
-def _scores(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], config: DeltaConfig,
-            windows: list[list[int]], cache: dict, changed: dict[str, torch.Tensor]
+def _scores(model: torch.nn.Module, raw: extract.RawDelta, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+            config: DeltaConfig, windows: list[list[int]], cache: dict, changed: dict[str, torch.Tensor]
             ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], str]:
     if config.method == "truncsvd":
         return {}, "none (dense factors)"
@@ -221,7 +242,7 @@ def _scores(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch
               "(pass --valid FILE for Taylor importance)", file=sys.stderr)
         return magnitude, "magnitude |θ| (data-free fallback: no validation text)"
     if config.importance != "output":
-        return _gradient_scores(model, factors, config, windows, cache, changed)
+        return _gradient_scores(model, raw, factors, config, windows, cache, changed)
     key = ("grams", id(windows))  # the output criterion needs only the layers' inputs: forward passes
     if key not in cache:
         cache[key] = importance.input_grams(model, {n: m for n, m in extract.linear_layers(model).items()
@@ -231,12 +252,15 @@ def _scores(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch
             "output error U²·VᵀCV / V²·|U|²·C_ll from validation inputs")
 
 
-def _gradient_scores(model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                     config: DeltaConfig, windows: list[list[int]], cache: dict, changed: dict[str, torch.Tensor]
+def _gradient_scores(model: torch.nn.Module, raw: extract.RawDelta,
+                     factors: dict[str, tuple[torch.Tensor, torch.Tensor]], config: DeltaConfig,
+                     windows: list[list[int]], cache: dict, changed: dict[str, torch.Tensor]
                      ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], str]:
     """Taylor / Fisher / rms scores from per-window gradients at ``config.gradient_at``."""
-    key = ("factor-gradients", config.factor_rank, id(windows), config.gradient_at, config.whiten)
+    kl = config.importance == "fisher-kl"
+    key = ("factor-gradients", config.factor_rank, id(windows), config.gradient_at, config.whiten, kl)
     if key not in cache:
+        loss_fn = _kl_to_finetune(model, raw, windows, cache) if kl else None
         layers = {n: m for n, m in extract.linear_layers(model).items() if n in factors}
         if config.gradient_at == "delta":
             shifts = {n: u @ v.T for n, (u, v) in factors.items()}
@@ -244,16 +268,17 @@ def _gradient_scores(model: torch.nn.Module, factors: dict[str, tuple[torch.Tens
             shifts = {n: changed[n] for n in factors}
         else:
             shifts = {n: torch.zeros(()) for n in factors}
-        cache[key] = importance.factor_gradient_stats(model, layers, shifts, factors, windows)
+        cache[key] = importance.factor_gradient_stats(model, layers, shifts, factors, windows, loss_fn)
     stats = cache[key]
     where = {"delta": "base + rank-k delta", "finetune": "the full fine-tune", "base": "the base"}[config.gradient_at]
     if config.importance == "taylor":
         return ({n: ((u * stats[n][0]).abs(), (v * stats[n][1]).abs()) for n, (u, v) in factors.items()},
                 f"taylor |θ·∂L/∂θ| at {where}")
-    if config.importance == "fisher":
+    if config.importance in ("fisher", "fisher-kl"):
+        loss = ", loss KL(fine-tune ‖ model)" if kl else ""
         shrunk = f", shrunk λ={config.shrink:g} toward each factor's mean" if config.shrink else ""
         return ({n: importance.fisher_scores(u, v, *stats[n][2:], config.shrink) for n, (u, v) in factors.items()},
-                f"fisher θ²·Σ_w g_w² over {len(windows)} windows at {where}{shrunk}")
+                f"fisher θ²·Σ_w g_w² over {len(windows)} windows at {where}{loss}{shrunk}")
     return ({n: importance.rms_scores(u, v, *stats[n][2:]) for n, (u, v) in factors.items()},
             f"rms |θ|·sqrt(Σ_w g_w²) over {len(windows)} windows at {where}")
 

@@ -97,8 +97,10 @@ def _compress(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
         corrections = compress_sequential_(model, ranks, windows, config.damping, truncate, config.ridge,
                                            traces if config.tune_steps else None)
         if config.tune_steps and traces:
+            quant = "none" if config.quant_aware == "auto" else config.quant_aware  # auto: see compress_loaded
             tuned = tune.tune_(model, traces[0], tune.TuneSettings(config.tune_steps, config.tune_lr,
-                                                                    config.tune_batch, bf16=config.tune_bf16))
+                                                                    config.tune_batch, bf16=config.tune_bf16,
+                                                                    quant=quant))
     else:
         for name, rank in tqdm(ranks.items(), desc="factorizing", unit="layer"):
             a, b = _factors(config, modules[name], rank, whitened.get(name))

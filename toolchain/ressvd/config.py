@@ -12,6 +12,7 @@ METHODS = ("svd", "svd-llm", "ressvd")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The factor tune's default length: on the default model at 20 % it takes perplexity 26.3 -> 21.9 (1.48x dense).
 DEFAULT_TUNE_STEPS = 64
+QUANT_MODES = ("auto", "none", "int4", "int8")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class ResSVDConfig:
     tune_lr: float = 1e-4
     tune_batch: int = 4
     tune_bf16: bool = True  # the tune's matrix products in bfloat16 (tune.py: 38 % less CPU, same perplexity)
+    # Tune the factors through the int4 / int8 rounding the package will apply to them (quant.py); "auto": the
+    # package's factor width when ``build`` compresses inline (compression.compress_loaded), else "none".
+    quant_aware: str = "auto"
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -80,6 +84,10 @@ class ResSVDConfig:
             raise UsageError(f"tune_bf16 must be true or false, got {self.tune_bf16!r}")
         if not (isinstance(self.tune_lr, (int, float)) and 0 < self.tune_lr < 1) or self.tune_batch < 1:
             raise UsageError(f"tune_lr must be in (0, 1) and tune_batch >= 1, got {self.tune_lr}, {self.tune_batch}")
+        if self.quant_aware not in QUANT_MODES:
+            raise UsageError(f"--quant-aware must be one of {', '.join(QUANT_MODES)}, got {self.quant_aware!r}")
+        if self.quant_aware in ("int4", "int8") and not self.tune_steps:
+            raise UsageError("--quant-aware trains the factors in the tune: it needs --tune-steps above 0")
         if self.calib_windows < 1 or self.calib_length < 2:
             raise UsageError("calibration needs at least 1 window of at least 2 tokens")
         object.__setattr__(self, "targets", tuple(self.targets))
