@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from edgepack.toolchain.ressvd import factorize, selection, tune
+from edgepack.toolchain.ressvd import factorize, joint, selection, tune
 from edgepack.toolchain.ressvd.allocator import freed_memory_kept
 from edgepack.toolchain.ressvd.calibration import GramCollector
 from edgepack.toolchain.ressvd.config import ResSVDConfig
@@ -26,6 +26,7 @@ class CompressionReport:
     removed_share: float  # of the decoder's target linear parameters
     params_before: int
     params_after: int
+    groups: list[list[str]] = field(default_factory=list)  # joint groups: one shared factor pair each (joint.py)
     search: list[dict[str, float]] = field(default_factory=list)  # k → final hidden-state error
     corrections: list[dict] = field(default_factory=list)  # propagation: per group, the ridge and its curve
     tune_loss: list[float] = field(default_factory=list)  # the factor tune's loss at every step
@@ -79,15 +80,18 @@ def _compress(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
     search: list[dict[str, float]] = []
     corrections: list[dict] = []
     tuned: list[float] = []
+    groups: list[list[str]] = []
     if config.rank_map:
         ranks = dict(config.rank_map)
     elif searching:
         ranks, search = _search_k(model, per_layer, config, whitened, windows)
-    elif config.layers == "auto":
-        ranks = selection.last_k_ranks(per_layer, config.ratio, selection.half_k(per_layer, config.ratio))
     else:
-        k = len(per_layer) if config.layers == "all" else int(config.layers)
-        ranks = selection.last_k_ranks(per_layer, config.ratio, k)
+        k = (selection.half_k(per_layer, config.ratio) if config.layers == "auto"
+             else len(per_layer) if config.layers == "all" else int(config.layers))
+        if config.joint:
+            ranks, groups = joint.last_k_ranks(per_layer, config.ratio, k)
+        else:
+            ranks = selection.last_k_ranks(per_layer, config.ratio, k)
     if propagating:
         truncate = None
         if config.method == "ressvd" and config.residual_share > 0:
@@ -95,7 +99,7 @@ def _compress(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
                 return factorize.residual(w, rank, s, config.residual_share)
         traces: list = []
         corrections = compress_sequential_(model, ranks, windows, config.damping, truncate, config.ridge,
-                                           traces if config.tune_steps else None)
+                                           traces if config.tune_steps else None, groups)
         if config.tune_steps and traces:
             quant = "none" if config.quant_aware == "auto" else config.quant_aware  # auto: see compress_loaded
             tuned = tune.tune_(model, traces[0], tune.TuneSettings(config.tune_steps, config.tune_lr,
@@ -106,9 +110,9 @@ def _compress(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
             a, b = _factors(config, modules[name], rank, whitened.get(name))
             set_module(model, name, factorized_linear(a, b, modules[name].bias, modules[name].weight.dtype))
     return CompressionReport(
-        config=config.to_dict(), ranks=ranks,
+        config=config.to_dict(), ranks=ranks, groups=groups,
         layers_compressed=len({n.rsplit(".", 2)[0] for n in ranks}),
-        removed_share=selection.removed_share(per_layer, ranks), params_before=before,
+        removed_share=joint.removed_share(per_layer, ranks, groups), params_before=before,
         params_after=sum(p.numel() for p in model.parameters()), search=search, corrections=corrections,
         tune_loss=[round(v, 5) for v in tuned],
         calibration_tokens=tokens,

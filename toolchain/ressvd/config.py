@@ -55,6 +55,9 @@ class ResSVDConfig:
     # Tune the factors through the int4 / int8 rounding the package will apply to them (quant.py); "auto": the
     # package's factor width when ``build`` compresses inline (compression.compress_loaded), else "none".
     quant_aware: str = "auto"
+    # One shared factor pair for the linears that read one input (q/k/v; gate/up: joint.py), rank r costing
+    # r·(in + Σout): fewer ops in the exported graph. Needs propagation and the last-k rule (no rank_map).
+    joint: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -84,6 +87,10 @@ class ResSVDConfig:
             raise UsageError(f"tune_bf16 must be true or false, got {self.tune_bf16!r}")
         if not (isinstance(self.tune_lr, (int, float)) and 0 < self.tune_lr < 1) or self.tune_batch < 1:
             raise UsageError(f"tune_lr must be in (0, 1) and tune_batch >= 1, got {self.tune_lr}, {self.tune_batch}")
+        if not isinstance(self.joint, bool):
+            raise UsageError(f"joint must be true or false, got {self.joint!r}")
+        if self.joint and (self.rank_map or not self.propagate or self.method == "svd"):
+            raise UsageError("--joint needs propagation and a ratio (not --no-propagate, --method svd or a rank map)")
         if self.quant_aware not in QUANT_MODES:
             raise UsageError(f"--quant-aware must be one of {', '.join(QUANT_MODES)}, got {self.quant_aware!r}")
         if self.quant_aware in ("int4", "int8") and not self.tune_steps:

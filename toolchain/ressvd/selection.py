@@ -50,22 +50,28 @@ def min_layers(per_layer: Sequence[Sequence[tuple[str, nn.Linear]]], ratio: floa
 
 def last_k_ranks(per_layer: Sequence[Sequence[tuple[str, nn.Linear]]], ratio: float, k: int) -> dict[str, int]:
     """Ranks for the last ``k`` layers at the raised per-layer ratio R·P_total / P_last_k."""
+    layer_ratio = last_k_ratio(per_layer, ratio, k)
+    ranks = {}
+    for layer in per_layer[len(per_layer) - k:]:
+        for name, m in layer:
+            ranks[name] = max(1, rank_for_ratio(m.out_features, m.in_features, layer_ratio))
+    return ranks
+
+
+def last_k_ratio(per_layer: Sequence[Sequence[tuple[str, nn.Linear]]], ratio: float, k: int) -> float:
+    """The per-layer ratio R·P_total / P_last_k that removes ``ratio`` of all target parameters from the
+    last ``k`` layers; refuses a k that cannot."""
     n = len(per_layer)
     if not 1 <= k <= n:
         raise UsageError(f"--layers {k} is out of range for a model with {n} decoder layers")
     total = sum(params(layer) for layer in per_layer)
-    chosen = per_layer[n - k:]
-    layer_ratio = ratio * total / sum(params(layer) for layer in chosen)
+    layer_ratio = ratio * total / sum(params(layer) for layer in per_layer[n - k:])
     if layer_ratio >= 0.95:
         need = min_layers(per_layer, ratio)
         raise UsageError(
             f"removing {ratio:.0%} of the parameters from the last {k} layers would remove {layer_ratio:.0%} of "
             f"each; use --layers {need} or more (or a smaller --ratio)")
-    ranks = {}
-    for layer in chosen:
-        for name, m in layer:
-            ranks[name] = max(1, rank_for_ratio(m.out_features, m.in_features, layer_ratio))
-    return ranks
+    return layer_ratio
 
 
 def half_k(per_layer: Sequence[Sequence[tuple[str, nn.Linear]]], ratio: float) -> int:

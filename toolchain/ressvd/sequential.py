@@ -17,7 +17,7 @@ import functools
 from collections.abc import Callable, Sequence
 
 import torch
-from edgepack.toolchain.ressvd import correction, factorize, selection
+from edgepack.toolchain.ressvd import correction, factorize, joint, selection
 from edgepack.toolchain.ressvd.layers import factorized_linear, set_module
 from edgepack.toolchain.ressvd.tune import Trace
 from torch import nn
@@ -96,7 +96,9 @@ def corrected_factors(weight: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor
 
 
 def _fit_group(weights: list[torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor, ranks: list[int], damping: float,
-               truncate: Callable | None, ridge: float | str):
+               truncate: Callable | None, ridge: float | str, stacked: bool = False):
+    """Per weight, the factors of its corrected map; ``stacked``: one pair (A, B) of the maps stacked at
+    ``ranks[0]`` (a joint group: the maps share the whitening S, so one truncation covers them all)."""
     if ridge == "auto" and x.dim() == 3 and x.shape[0] >= 2:
         lam, moments, curve = correction.choose_ridge(weights, x, x_hat, damping)
     else:
@@ -104,15 +106,18 @@ def _fit_group(weights: list[torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor
         moments, curve = correction.Moments.of(x, x_hat), {}
     maps, s = correction.corrected_map(weights, moments, lam, damping)
     cut = truncate or factorize.whitened
+    if stacked:
+        return [cut(torch.cat(maps), ranks[0], s)], lam, curve
     return [cut(w, r, s) for w, r in zip(maps, ranks)], lam, curve
 
 
 def compress_sequential_(model: nn.Module, ranks: dict[str, int], windows: Sequence[Sequence[int]],
                          damping: float = 1e-4, truncate: Callable | None = None,
-                         ridge: float | str = "auto", trace: list[Trace] | None = None) -> list[dict]:
+                         ridge: float | str = "auto", trace: list[Trace] | None = None,
+                         joint_groups: Sequence[Sequence[str]] = ()) -> list[dict]:
     """Replace every module in ``ranks`` by corrected factors, layer by layer, in place; returns, per
     group, the ridge chosen and its held-out curve. ``trace``, when given, receives the streams the
-    factor tune needs (tune.py)."""
+    factor tune needs (tune.py). Each of ``joint_groups`` (joint.py) gets one shared factor pair."""
     layers = selection.decoder_layers(model)
     per_layer = selection.target_linears(model, list({n.rsplit(".", 1)[-1] for n in ranks}))
     dense_h, kwargs = _capture_first_layer(model, layers, windows)
@@ -129,8 +134,13 @@ def compress_sequential_(model: nn.Module, ranks: dict[str, int], windows: Seque
             continue
         dense_h, dense_in = _dense_pass(layer, dense_h, kwargs, chosen)
         fit = functools.partial(_fit_group, damping=damping, truncate=truncate, ridge=ridge)
-        hooks = [chosen[g[0]].register_forward_hook(_replacing_hook(model, g, chosen, dense_in[g[0]], ranks, fit, log))
-                 for g in _groups(list(dense_in), dense_in)]
+        groups = [tuple(g) for g in _groups(list(dense_in), dense_in)]
+        shared = {tuple(g) for g in joint_groups if g[0] in chosen}
+        if shared - set(groups):  # a joint group must be exactly the modules fed one tensor
+            raise ValueError(f"joint groups {sorted(shared - set(groups))} do not each read one input alone")
+        hooks = [chosen[g[0]].register_forward_hook(
+                     _replacing_hook(model, list(g), chosen, dense_in[g[0]], ranks, fit, log, g in shared))
+                 for g in groups]
         comp_h = _run_hooked(layer, comp_h, kwargs, hooks)
     if trace is not None and first is not None:
         trace.append(Trace(first=first[0], inputs=first[1], kwargs=kwargs, teacher=dense_h))
@@ -138,14 +148,21 @@ def compress_sequential_(model: nn.Module, ranks: dict[str, int], windows: Seque
 
 
 def _replacing_hook(model: nn.Module, group: list[str], chosen: dict[str, nn.Module], x: torch.Tensor,
-                    ranks: dict[str, int], fit: Callable, log: list[dict]) -> Callable:
+                    ranks: dict[str, int], fit: Callable, log: list[dict], stacked: bool = False) -> Callable:
     """Runs when the group's first module is called in the compressed pass, whose input is X̂: the
     group is replaced and the first module's output recomputed within that call, so the modules after
     it see corrected outputs (one compressed pass per layer)."""
 
     def hook(module, args, output):
-        factors, lam, curve = fit([chosen[n].weight.detach() for n in group], x, args[0], [ranks[n] for n in group])
-        for name, (a, b) in zip(group, factors):
+        factors, lam, curve = fit([chosen[n].weight.detach() for n in group], x, args[0], [ranks[n] for n in group],
+                                  stacked=stacked)
+        if stacked:
+            members = [chosen[n] for n in group]
+            pairs = joint.shared_pairs(*factors[0], [m.out_features for m in members], [m.bias for m in members],
+                                       members[0].weight.dtype)
+            for name, pair in zip(group, pairs):
+                set_module(model, name, pair)
+        for name, (a, b) in ([] if stacked else zip(group, factors)):
             set_module(model, name, factorized_linear(a, b, chosen[name].bias, chosen[name].weight.dtype))
         log.append({"group": group, "ridge": lam, "holdout": {str(k): v for k, v in curve.items()}})
         return model.get_submodule(group[0])(args[0])

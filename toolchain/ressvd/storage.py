@@ -3,7 +3,8 @@
 The folder is a normal Hugging Face model folder (config.json, tokenizer files) whose weights file
 holds the factor pairs (``...q_proj.0.weight`` = B, ``...q_proj.1.weight`` = A), plus
 ``edgepack_compression.json`` recording every factorized layer's rank, from which ``load`` rebuilds
-the paired modules before loading the weights strictly (every key and shape must match).
+the paired modules before loading the weights strictly (every key and shape must match). Joint groups
+(joint.py), recorded under ``"groups"`` (absent in older folders), share one in→r factor, stored once.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def is_compressed(folder: Path | str) -> bool:
 def load(folder: Path | str, config: Any) -> Any:
     """Rebuild the compressed model described by ``folder`` (its ``config`` already read)."""
     import torch
+    from edgepack.toolchain.ressvd.joint import empty_shared_pairs
     from edgepack.toolchain.ressvd.layers import empty_factorized, set_module
     from edgepack.toolchain.safetensors_check import check_file, expected_from_state_dict
     from safetensors import SafetensorError
@@ -47,10 +49,20 @@ def load(folder: Path | str, config: Any) -> Any:
     try:
         report = json.loads((folder / COMPRESSION_NAME).read_text())
         ranks = {str(k): int(v) for k, v in report["ranks"].items()}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        groups = [[str(n) for n in g] for g in report.get("groups", [])]
+        if any(len(g) < 2 or len({ranks[n] for n in g}) != 1 for g in groups):
+            raise ValueError("a joint group needs 2 or more members of one rank")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ModelSourceError(f"{folder / COMPRESSION_NAME} is unreadable: {e}") from None
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for name, rank in ranks.items():
+    for group in groups:
+        dense = [model.get_submodule(n) for n in group]
+        pairs = empty_shared_pairs([(d.out_features, d.in_features) for d in dense], ranks[group[0]],
+                                   [d.bias is not None for d in dense], dense[0].weight.dtype)
+        for name, pair in zip(group, pairs):
+            set_module(model, name, pair)
+    grouped = {n for g in groups for n in g}
+    for name, rank in ((n, r) for n, r in ranks.items() if n not in grouped):
         dense = model.get_submodule(name)
         set_module(model, name, empty_factorized((dense.out_features, dense.in_features), rank,
                                                  dense.bias is not None, dense.weight.dtype))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from edgepack.toolchain import distill
-from edgepack.toolchain.ressvd import selection
+from edgepack.toolchain.ressvd import quant, selection
 from torch import nn
 
 
@@ -31,6 +31,8 @@ class TuneSettings:
     # bfloat16 autocast of the layers and the head (matrix products in bfloat16, the loss in float32). On the
     # default model: 2.12 against 3.40 CPU-s a step, perplexity after 64 steps 21.90 against 21.92 in float32.
     bf16: bool = True
+    # "int4" / "int8": train the factors through the package's rounding of them (quant.py); "none": float.
+    quant: str = "none"
 
 
 @dataclass
@@ -49,19 +51,26 @@ def tune_(model: nn.Module, trace: Trace, settings: TuneSettings,
     ``callback(steps_done)`` runs after each step (the benchmark's perplexity checkpoints)."""
     layers = selection.decoder_layers(model)[trace.first:]
     norm, head = _final_norm(model), model.get_output_embeddings()
-    trainable = [p for layer in layers for m in layer.modules() if isinstance(m, nn.Sequential)
-                 for p in m.parameters()]
-    if not trainable:
+    pairs = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Sequential)]
+    if not any(True for m in pairs for _ in m.parameters()):
         return []
 
     def batch_loss(batch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return _step_loss(layers, norm, head, trace, batch, settings.positions, g, settings.bf16)
 
-    with distill.frozen(model):
+    with distill.frozen(model), quant.fake_quantized(pairs, settings.quant):
+        # Collected inside (a parametrized weight is held by its parametrization), and by identity, once
+        # each: a joint group's members share their first factor (joint.py), and AdamW must see that
+        # parameter once, with the gradient of all its uses summed.
+        trainable = list({id(p): p for m in pairs for p in m.parameters()}.values())
         for p in trainable:
             p.requires_grad_(True)
         return distill.train(trainable, trace.inputs.shape[0], settings.steps, settings.lr, settings.batch,
-                             settings.seed, batch_loss, "tuning factors", callback)
+                             settings.seed, batch_loss, "tuning factors" + _QUANT_LABEL.get(settings.quant, ""),
+                             callback)
+
+
+_QUANT_LABEL = {"int4": " (int4-aware)", "int8": " (int8-aware)"}
 
 
 def distillation_loss(model: nn.Module, trace: Trace, windows: Sequence[int] | None = None) -> float:
