@@ -6,7 +6,8 @@ ResSVD compression leaves); the latter becomes two MatMuls (or two MatMulNBits),
 Factors are quantized with integer zero points, not in the exact Q4_1 form: they are new float matrices
 (there are no source Q4_1 codes to keep), and this way each factor is one MatMulNBits at any rank, with no
 block-sum MatMul, Concat or remainder Add (#4: the remainder path made the ResSVD package slower than the
-dense one). Factors that read the same input run their in→r halves as one MatMulNBits, then split.
+dense one). Factors that read the same input run their in→r halves as one MatMulNBits, then split; a joint
+group (toolchain/ressvd/joint.py: the pairs share one in→r module) is two ops, its B then its stacked A.
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ class LinearEmitter:
                                                 len(pairs), axis=-1)))
         return [self.weight(parts[i], _array(m[1].weight), _bias(m[1]), f"{n}.1", factor=True) if i in parts
                 else self.module(x, m, n) for i, (m, n) in enumerate(zip(modules, names))]
+
+    def joint(self, x: str, modules: list[Any], name: str) -> str:
+        """The concatenated outputs of a joint group (``is_joint``): x·Bᵀ once, then one op by the stacked
+        A (and biases), as a packed dense projection would be."""
+        low = self.weight(x, _array(modules[0][0].weight), None, f"{name}.0", factor=True)
+        biases = [m[1].bias for m in modules]
+        bias = None if all(t is None for t in biases) else np.concatenate(
+            [_array(t) if t is not None else np.zeros(m[1].out_features, np.float32) for t, m in zip(biases, modules)])
+        return self.weight(low, np.concatenate([_array(m[1].weight) for m in modules]), bias, f"{name}.1", factor=True)
 
     def delta(self, x: str, y: str, n_in: int, modules: list[Any], name: str) -> str:
         """``y`` plus the delta side branch of ``modules`` (linears reading ``x`` whose outputs are
@@ -207,6 +217,13 @@ def is_factorized(module: Any) -> bool:
     import torch.nn as nn
 
     return isinstance(module, nn.Sequential) and len(module) > 0 and all(isinstance(m, nn.Linear) for m in module)
+
+
+def is_joint(modules: list[Any]) -> bool:
+    """Factor pairs with one common in→r module (ResSVD's joint factorization)."""
+    first = modules[0][0] if is_factorized(modules[0]) and len(modules[0]) == 2 else None
+    return first is not None and len(modules) >= 2 and all(
+        is_factorized(m) and len(m) == 2 and m[0] is first and m[0].bias is None for m in modules)
 
 
 def _array(t: Any) -> np.ndarray:

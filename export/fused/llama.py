@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from edgepack.export.fused.builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
-from edgepack.export.fused.linear import LinearEmitter, embed_8bit, head_8bit, table_8bit
+from edgepack.export.fused.linear import LinearEmitter, embed_8bit, head_8bit, is_joint, table_8bit
 from edgepack.runtime.delta import DELTA_SLOTS_KEY  # JSON: each slot's inputs, input width, (module, width) parts
 from edgepack.runtime.errors import UnsupportedArchitecture
 
@@ -132,6 +132,9 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, cfg: Any,
             raise UnsupportedArchitecture("q/k/v projections with bias on only some of them")
         packed = lin.weight(x, weight, bias, f"{name}.qkv")
         qkv = [lin.delta(x, packed, cfg.hidden_size, list(projections), f"{name}.qkv"), "", ""]
+    elif is_joint(list(projections)):  # a joint pair's stacked output is packed QKV too
+        packed = lin.joint(x, list(projections), f"{name}.qkv")
+        qkv = [lin.delta(x, packed, cfg.hidden_size, list(projections), f"{name}.qkv"), "", ""]
     else:  # factorized projections stay separate (their in→r factors share one op)
         p_names = [f"{name}.{p_name}" for p_name in ("q", "k", "v")]
         outs = lin.modules(x, list(projections), p_names, f"{name}.qkv_low")
@@ -152,12 +155,14 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, name: str) -> st
     """down(silu(gate(x)) * up(x)), with gate and up as one packed projection when both are plain."""
     import torch.nn as nn
 
-    if isinstance(mlp.gate_proj, nn.Linear) and isinstance(mlp.up_proj, nn.Linear) and \
+    joint = is_joint([mlp.gate_proj, mlp.up_proj])
+    if joint or isinstance(mlp.gate_proj, nn.Linear) and isinstance(mlp.up_proj, nn.Linear) and \
             mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
-        both = lin.weight(x, np.concatenate([_array(mlp.gate_proj.weight), _array(mlp.up_proj.weight)]), None,
-                          f"{name}.gate_up")
+        both = lin.joint(x, [mlp.gate_proj, mlp.up_proj], f"{name}.gate_up") if joint else lin.weight(
+            x, np.concatenate([_array(mlp.gate_proj.weight), _array(mlp.up_proj.weight)]), None, f"{name}.gate_up")
         both = lin.delta(x, both, _in_features(mlp.gate_proj), [mlp.gate_proj, mlp.up_proj], f"{name}.gate_up")
-        gate, up = b.op("Split", [both, b.const([mlp.gate_proj.out_features] * 2)], f"{name}/split", 2, axis=-1)
+        widths = [int(m[-1].out_features if joint else m.out_features) for m in (mlp.gate_proj, mlp.up_proj)]
+        gate, up = b.op("Split", [both, b.const(widths)], f"{name}/split", 2, axis=-1)
     else:
         n_in = _in_features(mlp.gate_proj)
         gate, up = lin.modules(x, [mlp.gate_proj, mlp.up_proj], [f"{name}.gate", f"{name}.up"], f"{name}.gate_up_low")
