@@ -81,6 +81,8 @@ def _compression_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--quant-aware", choices=("auto", "none", "int4", "int8"), default="auto", help="run the tune "
                    "through the rounding a package applies to the factors, so they round to good codes (auto: "
                    "the package's factor width when 'build --ratio' compresses inline, else none)")
+    g.add_argument("--joint", action=argparse.BooleanOptionalAction, default=False,
+                   help="one shared factor pair for q/k/v and one for gate/up (fewer ops in the package)")
 
 
 def _compression_config(args: argparse.Namespace):
@@ -93,7 +95,8 @@ def _compression_config(args: argparse.Namespace):
         except ValueError:
             raise UsageError(f"--ridge must be 'auto' or a number, got {ridge!r}") from None
     return ResSVDConfig(ratio=args.ratio, method=args.method, layers=args.layers, propagate=args.propagate,
-                        tune_steps=args.tune_steps, ridge=ridge, quant_aware=args.quant_aware)
+                        tune_steps=args.tune_steps, ridge=ridge, quant_aware=args.quant_aware,
+                        joint=args.joint)
 
 
 def require_toolchain() -> None:
