@@ -89,9 +89,10 @@ def window_nll(model, ids: list[int], context: int, max_windows: int) -> np.ndar
     """Mean token NLL of each non-overlapping window (PyTorch)."""
     import torch
     from edgepack.runtime.perplexity import token_nll, windows
+    from tqdm import tqdm
 
     out = []
-    for w in windows(ids, context, max_windows):
+    for w in tqdm(windows(ids, context, max_windows), desc="test windows", unit="window", file=sys.stderr):
         with torch.inference_mode():
             logits = model(torch.tensor([w]), use_cache=False).logits[0].float().numpy()
         out.append(float(token_nll(logits[:-1], np.asarray(w[1:])).mean()))
@@ -106,7 +107,8 @@ def merged_nll(model, delta, ids, context, max_windows) -> np.ndarray:
         return window_nll(model, ids, context, max_windows)
 
 
-def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dict], dict]:
+def quality(domain: str, args: argparse.Namespace, work: Path, progress=None) -> tuple[list[dict], dict]:
+    """Rows of every variant at every rank, and the domain's summary; ``progress(rows, summary)`` after each."""
     import domains
     import finetune
     from edgepack.runtime import delta_file
@@ -127,6 +129,10 @@ def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dic
     del ft
     ppl_base, ppl_ft = math.exp(nll_base.mean()), math.exp(nll_ft.mean())
     print(f"[{domain}] base {ppl_base:.2f}  full fine-tune {ppl_ft:.2f}", file=sys.stderr, flush=True)
+    summary = {"domain": domain, "base_perplexity": round(ppl_base, 3), "finetune_perplexity": round(ppl_ft, 3),
+               "finetune_size_MB": round(folder_size(ft_dir) / 1e6, 1), "windows": len(nll_base),
+               "context": args.context, "base_window_nll": [round(float(x), 6) for x in nll_base],
+               "finetune_window_nll": [round(float(x), 6) for x in nll_ft]}
     rows, per_window, cache = [], {}, {}
     for rank in args.ranks:
         for label in args.variants:
@@ -167,7 +173,15 @@ def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dic
                 rows[-1]["int8_vs_float"] = f"{d.mean():+.2e} ± {d.std(ddof=1) / math.sqrt(len(d)):.1e}"
             print(f"[{domain}] r={rank} {label}: {ppl:.3f} (kept {kept:.1%}), {size16 / 1e3:.0f} kB, {seconds:.0f} s",
                   file=sys.stderr, flush=True)
-    for row in rows:  # paired difference against the better baseline at the same rank
+            _pair(rows, per_window)
+            if progress:
+                progress(rows, summary)
+    return rows, summary
+
+
+def _pair(rows: list[dict], per_window: dict) -> None:
+    """Each non-baseline row's paired per-window difference against the better baseline at its rank."""
+    for row in rows:
         if row["variant"] in BASELINES:
             continue
         diffs = []
@@ -182,11 +196,6 @@ def quality(domain: str, args: argparse.Namespace, work: Path) -> tuple[list[dic
         if other in per_window:
             d = per_window[(row["variant"], row["rank"])] - per_window[other]
             row["vs_same_tune"] = f"{d.mean():+.4f} ± {d.std(ddof=1) / math.sqrt(len(d)):.4f} nats vs {other[0]}"
-    summary = {"domain": domain, "base_perplexity": round(ppl_base, 3), "finetune_perplexity": round(ppl_ft, 3),
-               "finetune_size_MB": round(folder_size(ft_dir) / 1e6, 1), "windows": len(nll_base),
-               "context": args.context, "base_window_nll": [round(float(x), 6) for x in nll_base],
-               "finetune_window_nll": [round(float(x), 6) for x in nll_ft]}
-    return rows, summary
 
 
 def runtime_costs(rows: list[dict], work: Path) -> dict:
@@ -338,7 +347,8 @@ def main() -> None:
         summaries = [s for s in old["summaries"] if s["domain"] not in args.domains]
     work = Path(tempfile.mkdtemp(prefix="edgepack-deltas-"))
     for domain in args.domains:
-        r, s = quality(domain, args, work)
+        r, s = quality(domain, args, work,
+                       lambda r, s, done=rows, sums=summaries: write_results(done + r, sums + [s], {}, args))
         rows += r
         summaries.append(s)
         write_results(rows, summaries, {}, args)  # partial results survive an interruption
