@@ -44,6 +44,9 @@ FOLDED_LAYOUTS = ("float32", "int4-matmul", "int8-matmul")
 FUSED_LAYOUTS = ("fused-float32", "fused-int4", "int8")
 ARENA_FACTOR = 2.0
 ATTENTION_BUFFERS = 4  # scores, mask add, softmax, and the where/cast the export keeps, per head
+# Width of ResSVD factor pairs in a fused int4 package (``edgepack build --factor-bits``, export/fused/linear.py).
+FACTOR_BITS = (4, 8)
+DEFAULT_FACTOR_BITS = 4
 
 
 @dataclass(frozen=True)
@@ -128,19 +131,20 @@ def matrix_bytes(out: int, inner: int, dtype: str) -> int:
 
 
 def weight_bytes(shape: ModelShape, dtype: str, ranks: dict[str, int] | None = None,
-                 graph: str = "optimum") -> dict[str, int]:
+                 graph: str = "optimum", factor_bits: int = DEFAULT_FACTOR_BITS) -> dict[str, int]:
     """Bytes of each kind of weight a package of ``dtype`` holds (float32: the plain export; int4:
     the device layout, where embedding and LM head are int4 too, or with ``graph="fused"`` one 8-bit
     table for a tied embedding and LM head; int8: the fused graph, one 8-bit table likewise).
-    Factorized layers count as their two factors (in→r, r→out)."""
+    Factorized layers count as their two factors (in→r, r→out), in a fused int4 graph at ``factor_bits``."""
     norms = shape.hidden * (2 * shape.layers + 1) * F32
     vocab = shape.vocab * shape.hidden
     if graph == "fused" and dtype == "int4":
         # a tied table is one 8-bit copy for Gather and head; untied: float32 Gather, int4 head
         embedding = matrix_bytes(shape.vocab, shape.hidden, "int8") if shape.tied else vocab * F32
         lm_head = 0 if shape.tied else fused_int4_bytes(shape.vocab, shape.hidden)
-        # ResSVD factors take integer zero points there (export/fused/linear.py), not the Q4_1 form
-        return {"linear": _linear_bytes(shape, ranks, fused_int4_bytes, int4_bytes), "embedding": embedding,
+        # ResSVD factors take integer zero points there (export/fused/linear.py), not the Q4_1 form, or 8 bits
+        factor_size = int8_bytes if factor_bits == 8 else int4_bytes
+        return {"linear": _linear_bytes(shape, ranks, fused_int4_bytes, factor_size), "embedding": embedding,
                 "lm_head": lm_head, "norms": norms}
     linear = _linear_bytes(shape, ranks, lambda out, inner: matrix_bytes(out, inner, dtype))
     embedding = vocab * F32 if dtype == "float32" else matrix_bytes(shape.vocab, shape.hidden, dtype)
@@ -202,10 +206,10 @@ def estimate(shape: ModelShape, dtype: str, stored_weights: int, context: int, c
 
 
 def estimate_plan(shape: ModelShape, dtype: str, context: int, ranks: dict[str, int] | None = None,
-                  chunk: int = 256, graph: str = "optimum") -> MemoryEstimate:
+                  chunk: int = 256, graph: str = "optimum", factor_bits: int = DEFAULT_FACTOR_BITS) -> MemoryEstimate:
     """Peak for a package not built yet, from the model's shape alone (``graph``: "optimum" builds the
-    device layout of ``dtype``, "fused" edgepack's fused graph)."""
-    stored = sum(weight_bytes(shape, dtype, ranks, graph).values())
+    device layout of ``dtype``, "fused" edgepack's fused graph; ``factor_bits``: its ResSVD factors' width)."""
+    stored = sum(weight_bytes(shape, dtype, ranks, graph, factor_bits).values())
     return estimate(shape, plan_layout(dtype, graph), stored, context, chunk)
 
 

@@ -16,6 +16,7 @@ from edgepack.runtime import text
 from edgepack.runtime.errors import UsageError
 from edgepack.runtime.fused_decoder import decoder_class
 from edgepack.runtime.manifest import GenerationSettings, Manifest
+from edgepack.runtime.memory import DEFAULT_FACTOR_BITS, FACTOR_BITS
 from edgepack.toolchain import sources
 from edgepack.toolchain.delta.extract import fingerprint
 from edgepack.toolchain.ressvd import ResSVDConfig
@@ -43,6 +44,8 @@ class BuildConfig:
     delta_slots: bool = False  # fused graph: side branches that apply OSD deltas at load time (runtime/delta.py)
     device_plan: dict[str, Any] | None = None  # the planner's Plan, recorded in the manifest
     int8: bool = False  # 8-bit MatMulNBits weights (block 32, symmetric): twice int4's size, closer to float32
+    # fused int4: width of the ResSVD factor pairs' MatMulNBits (4: integer zero points; 8: symmetric, Q8_0 form)
+    factor_bits: int = DEFAULT_FACTOR_BITS
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -52,6 +55,8 @@ class BuildConfig:
             raise UsageError(f"--graph must be one of {', '.join(GRAPHS)}, got {self.graph!r}")
         if self.int8 and (self.int4 or self.int4_all):
             raise UsageError("choose one of --int4 and --int8")
+        if self.factor_bits not in FACTOR_BITS or isinstance(self.factor_bits, bool):
+            raise UsageError(f"--factor-bits must be 4 or 8, got {self.factor_bits!r}")
         if self.int4_all and self.graph == "fused":
             raise UsageError("the all-int4 device layout is built on optimum's graph: use --graph optimum")
         if self.delta_slots and self.graph == "optimum":
@@ -121,7 +126,7 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
             from edgepack.toolchain.compression import compress_loaded
 
             steps.set_postfix_str("compressing (ResSVD)")
-            compression = compress_loaded(loaded, config.compression, config.calib).to_dict()
+            compression = compress_loaded(loaded, config.compression, config.calib, _factor_rounding(config)).to_dict()
             steps.update()
         settings = generation_settings(loaded.model, loaded.tokenizer, config.context)
         prompts = parity_prompts(loaded.tokenizer)
@@ -212,6 +217,14 @@ def resolve_graph(config: BuildConfig, model_config: Any) -> BuildConfig:
     return dataclasses.replace(config, graph="optimum")
 
 
+def _factor_rounding(config: BuildConfig) -> str:
+    """How the package rounds ResSVD factors, for a quantization-aware tune ("none": float32, or optimum's
+    quantizer, whose rounding the tune does not reproduce)."""
+    if config.graph != "fused":
+        return "none"
+    return f"int{config.factor_bits}" if config.int4 else "int8" if config.int8 else "none"
+
+
 def _exportable_check(graph: str) -> Any:
     if graph == "fused":
         from edgepack.export import fused
@@ -230,7 +243,7 @@ def _export(config: BuildConfig, model: Any, out_dir: Path, context: int, quanti
         from edgepack.export import fused
 
         return fused.export(model, out_dir, context, quantized and config.int4, config.delta_slots,
-                            int8=quantized and config.int8)
+                            int8=quantized and config.int8, factor_bits=config.factor_bits)
     return onnx_export.export(model, out_dir)
 
 
@@ -238,7 +251,7 @@ def _weights_description(config: BuildConfig) -> str:
     if config.graph == "fused":
         from edgepack.export import fused
 
-        return fused.weights_description(config.int4, config.int8)
+        return fused.weights_description(config.int4, config.int8, config.factor_bits)
     if config.int8:
         return "int8 (MatMulNBits, block 32, symmetric)"
     return "int4 (MatMulNBits, block 32, asymmetric)" if config.int4 else "float32"

@@ -3,6 +3,7 @@ compressed model in memory for ``build``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from edgepack.runtime import text as texts
@@ -11,9 +12,13 @@ from edgepack.toolchain.ressvd import CompressionReport, ResSVDConfig, compress_
 from edgepack.toolchain.ressvd.calibration import calibration_windows
 
 
-def compress_loaded(loaded: sources.LoadedModel, config: ResSVDConfig, calib: str | None = None) -> CompressionReport:
+def compress_loaded(loaded: sources.LoadedModel, config: ResSVDConfig, calib: str | None = None,
+                    factors: str = "none") -> CompressionReport:
     """Compress an already loaded model in place. ``calib`` is a text file or folder (default: the
-    calibration split of pydoc_data.topics)."""
+    calibration split of pydoc_data.topics). ``factors``: how the package being built will round the
+    factors ("int4", "int8" or "none"), what ``quant_aware="auto"`` tunes them for."""
+    if config.quant_aware == "auto":
+        config = dataclasses.replace(config, quant_aware=factors if config.tune_steps else "none")
     windows = []
     if config.method != "svd":
         corpus = texts.read_text(calib) if calib else texts.calibration_text()

@@ -40,6 +40,8 @@ class LinearEmitter:
     slots: list[dict[str, Any]] = field(default_factory=list)  # what the runtime needs to fill each slot
     _block_sums: dict[str, str] = field(default_factory=dict)  # input name → its per-block sums
     int8: bool = False  # 8-bit MatMulNBits (ignored with int4)
+    # int4 graphs: width of the ResSVD factors' MatMulNBits, 4 (integer zero points) or 8 (symmetric, as ``int8``)
+    factor_bits: int = 4
 
     def module(self, x: str, module: Any, name: str) -> str:
         """An ``nn.Linear`` or ``nn.Sequential`` of them, applied to ``x``."""
@@ -105,8 +107,10 @@ class LinearEmitter:
 
     def weight(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str, factor: bool = False) -> str:
         """``x @ weight.T + bias`` for a [n_out, n_in] weight; a ``factor`` of a factorized pair takes int4
-        with integer zero points (one op: see the module docstring)."""
-        if self.int4:
+        with integer zero points (one op: see the module docstring), or 8 bits with ``factor_bits=8``."""
+        if self.int4 and factor and self.factor_bits == 8:
+            y = self._int8(x, weight, name)
+        elif self.int4:
             y = self._int4(x, weight, name, self.exact and not factor)
         elif self.int8:
             y = self._int8(x, weight, name)

@@ -51,10 +51,11 @@ def head_dim(config: Any) -> int:
 
 
 def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True, fold: bool = True,
-                delta_slots: bool = False, int8: bool = False) -> Any:
+                delta_slots: bool = False, int8: bool = False, factor_bits: int = 4) -> Any:
     """The fused graph (an ``onnx.ModelProto``) of a LlamaForCausalLM for ``context`` positions;
     ``delta_slots`` adds the low-rank side branches fine-tune deltas are applied through; ``int4`` or
-    ``int8`` quantizes the linear layers (and stores a tied embedding as one 8-bit table)."""
+    ``int8`` quantizes the linear layers (and stores a tied embedding as one 8-bit table); ``factor_bits``
+    is the width of ResSVD factor pairs in an int4 graph (4 or 8)."""
     cfg = model.config
     check_supported(cfg)
     b = GraphBuilder("edgepack_fused_llama")
@@ -62,7 +63,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     seqlens = b.add_input("seqlens_k", INT32, [1])
     total = b.add_input("total_sequence_length", INT32, [])
     names = {id(m): n for n, m in model.named_modules()} | {id(p): n for n, p in model.named_parameters()}
-    lin = LinearEmitter(b, int4, exact, fold, delta_slots, names, int8=int8)
+    lin = LinearEmitter(b, int4, exact, fold, delta_slots, names, int8=int8, factor_bits=factor_bits)
     cos, sin = _rotary_caches(b, model, context)
     embedding = _array(model.model.embed_tokens.weight)
     tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

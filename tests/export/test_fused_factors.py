@@ -39,14 +39,16 @@ def _graph(model, path, int4: bool, delta_slots: bool = False):
     return onnx.load(str(path), load_external_data=False).graph
 
 
-def _int4_reference(model: torch.nn.Module) -> torch.nn.Module:
-    """The weights the int4 graph computes with: dense layers in Q4_1 form, factors with integer zero points,
-    the tied embedding as 8-bit blocks."""
+def _int4_reference(model: torch.nn.Module, factor_bits: int = 4) -> torch.nn.Module:
+    """The weights the int4 graph computes with: dense layers in Q4_1 form, factors with integer zero points
+    (or 8-bit symmetric blocks), the tied embedding as 8-bit blocks."""
     reference = copy.deepcopy(model)
     parts = {id(part) for m in reference.modules() if is_factorized(m) for part in m}
     with torch.no_grad():
         for name, module in reference.named_modules():
-            if id(module) in parts:
+            if id(module) in parts and factor_bits == 8:
+                w = _dequantize_q8(blocks.quantize_q8(module.weight.numpy()))
+            elif id(module) in parts:
                 w = blocks.dequantize_q4_int(blocks.quantize_q4_int(module.weight.numpy()))
             elif isinstance(module, torch.nn.Linear) and name != "lm_head":
                 w = blocks.dequantize_q4(blocks.quantize_q4(module.weight.numpy()))
@@ -82,6 +84,31 @@ def test_int4_factor_pairs_are_one_matmulnbits_each_at_any_rank(tmp_path):
     assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max()
 
 
+def _dequantize_q8(q8) -> np.ndarray:
+    table = (q8.data.astype(np.float32) - 128) * q8.scales.reshape(q8.n_out, -1, 1)
+    return table.reshape(q8.n_out, -1)[:, : q8.n_in]
+
+
+def test_int4_graph_with_8bit_factors_matches_its_reference(tmp_path):
+    """``factor_bits=8``: every factor is one symmetric 8-bit MatMulNBits (no zero points), dense layers keep
+    the exact 4-bit Q4_1 form, and the graph computes what PyTorch does with those weights."""
+    model = _compressed()
+    save(build_llama(model, CONTEXT, True, factor_bits=8), tmp_path / "f8.onnx")
+    graph = onnx.load(str(tmp_path / "f8.onnx"), load_external_data=False).graph
+    nbits = {n.name: ({a.name: a.i for a in n.attribute}, len(n.input)) for n in graph.node
+             if n.op_type == "MatMulNBits"}
+    factors = {k: v for k, v in nbits.items() if k.startswith("layers.1.")}
+    assert len(factors) == 11 and all(a["bits"] == 8 and inputs == 3 for a, inputs in factors.values())
+    assert nbits["layers.0.attn.qkv/MatMulNBits"][0]["bits"] == 4
+    decoder = FusedDecoder(tmp_path / "f8.onnx")
+    ref = _torch_logits(_int4_reference(model, factor_bits=8), PROMPT)
+    got = decoder.forward(PROMPT, decoder.new_cache(), all_logits=True)
+    assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max()
+    # closer to the float model than 4-bit factors are
+    float_logits = _torch_logits(model, PROMPT)
+    assert np.abs(ref - float_logits).max() < np.abs(_torch_logits(_int4_reference(model), PROMPT) - float_logits).max()
+
+
 def _torch_logits(model, ids: list[int]) -> np.ndarray:
     with torch.inference_mode():
         return model(torch.tensor([ids])).logits[0].numpy()
@@ -109,15 +136,17 @@ def test_factor_pairs_keep_one_delta_slot_per_projection(tmp_path):
     assert np.isfinite(decoder.forward(PROMPT, decoder.new_cache())).all()
 
 
-def test_memory_model_counts_the_linear_bytes_the_int4_graph_stores(tmp_path):
-    """The planner's byte count of factorized layers (runtime/memory.py) is what the exporter writes."""
+@pytest.mark.parametrize("factor_bits", [4, 8])
+def test_memory_model_counts_the_linear_bytes_the_int4_graph_stores(tmp_path, factor_bits):
+    """The planner's byte count of factorized layers (runtime/memory.py) is what the exporter writes, at
+    either factor width."""
     from edgepack.runtime import memory
 
     model = _compressed()
-    save(build_llama(model, CONTEXT, True), tmp_path / "int4.onnx")
+    save(build_llama(model, CONTEXT, True, factor_bits=factor_bits), tmp_path / "int4.onnx")
     graph = onnx.load(str(tmp_path / "int4.onnx")).graph
     stored = sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer
                  if t.name.startswith("layers.") and not t.name.endswith("norm.weight"))
     shape = memory.ModelShape.from_config(model.config.to_dict())
     ranks = {f"model.layers.1.{name}": rank for name, rank in RANKS.items()}
-    assert stored == memory.weight_bytes(shape, "int4", ranks, graph="fused")["linear"]
+    assert stored == memory.weight_bytes(shape, "int4", ranks, graph="fused", factor_bits=factor_bits)["linear"]
