@@ -82,7 +82,8 @@ def joint_folder(tiny_model_dir, tmp_path_factory):
     return out, report
 
 
-def test_save_reload_rebuilds_the_shared_factors(joint_folder, tiny_model_dir):
+def test_save_reload_rebuilds_the_shared_factors(joint_folder, tiny_model_dir, tmp_path):
+    from edgepack.export import onnx_export, parity
     from edgepack.toolchain import sources
     from edgepack.toolchain.compression import compress_loaded
 
@@ -97,6 +98,8 @@ def test_save_reload_rebuilds_the_shared_factors(joint_folder, tiny_model_dir):
     ids = torch.tensor([PROMPT])
     with torch.inference_mode():
         np.testing.assert_allclose(reloaded(ids).logits.numpy(), fresh.model(ids).logits.numpy(), atol=1e-5)
+    files = onnx_export.export(reloaded, tmp_path / "onnx")  # optimum's graph handles the shared module too
+    assert parity.check(reloaded, files[0], [PROMPT]).passed
 
 
 def test_a_folder_without_groups_still_loads(tiny_model_dir, tmp_path):
