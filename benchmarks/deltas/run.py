@@ -65,6 +65,7 @@ VARIANTS = {
     "OSD, fisher shrunk 1e6, global": _osd(importance="fisher", shrink=1e6, allocation="global"),
     "OSD, fisher shrunk 1": _osd(importance="fisher", shrink=1.0),
     "OSD, fisher at base, global": _osd(importance="fisher", gradient_at="base", allocation="global"),
+    "OSD, fisher-kl at base, global": _osd(importance="fisher-kl", gradient_at="base", allocation="global"),
     "OSD, fisher at base, shrunk 1": _osd(importance="fisher", gradient_at="base", shrink=1.0),
     "OSD, fisher at base, shrunk 1, global": _osd(importance="fisher", gradient_at="base", shrink=1.0,
                                                   allocation="global"),
@@ -77,10 +78,12 @@ VARIANTS = {
 }
 # The distillation tune of the kept values (toolchain/delta/tune.py); steps and lr from --tune-steps / --tune-lr.
 TUNED = {"MagTruncSVD + tune": dict(method="magtruncsvd"),
-         "OSD (fisher at base, global) + tune": dict(method="osd")}
+         "OSD (fisher at base, global) + tune": dict(method="osd", importance="fisher"),
+         "OSD (fisher-kl at base, global) + tune": dict(method="osd", importance="fisher-kl")}
 VARIANTS.update({label: {**options, "tune_steps": "tuned"} for label, options in TUNED.items()})
 # A tuned OSD row is also compared with the same tune on magnitude's pattern: what the selection adds.
-SAME_TUNE = {"OSD (fisher at base, global) + tune": "MagTruncSVD + tune"}
+SAME_TUNE = {"OSD (fisher at base, global) + tune": "MagTruncSVD + tune",
+             "OSD (fisher-kl at base, global) + tune": "MagTruncSVD + tune"}
 BASELINES = ("TruncSVD", "MagTruncSVD")
 PAPER = ("TruncSVD", "MagTruncSVD", "OSD (paper: taylor, per layer)")  # run at every rank; the rest at --extra-ranks
 
@@ -124,8 +127,12 @@ def quality(domain: str, args: argparse.Namespace, work: Path, progress=None) ->
     tok = base.tokenizer
     test_ids = tok(domains.text(domain, "test"), add_special_tokens=False)["input_ids"]
     valid = calibration_windows(tok, domains.text(domain, args.valid_source), args.valid_windows, 256)
-    nll_base = window_nll(base.model, test_ids, args.context, args.max_windows)
-    nll_ft = window_nll(ft.model, test_ids, args.context, args.max_windows)
+    ref = _reference(args, domain)
+    if ref:  # the same windows, already scored by the reference run
+        nll_base, nll_ft = (np.asarray(ref["summary"][f"{k}_window_nll"]) for k in ("base", "finetune"))
+    else:
+        nll_base = window_nll(base.model, test_ids, args.context, args.max_windows)
+        nll_ft = window_nll(ft.model, test_ids, args.context, args.max_windows)
     del ft
     ppl_base, ppl_ft = math.exp(nll_base.mean()), math.exp(nll_ft.mean())
     print(f"[{domain}] base {ppl_base:.2f}  full fine-tune {ppl_ft:.2f}", file=sys.stderr, flush=True)
@@ -177,6 +184,30 @@ def quality(domain: str, args: argparse.Namespace, work: Path, progress=None) ->
             if progress:
                 progress(rows, summary)
     return rows, summary
+
+
+def _reference(args: argparse.Namespace, domain: str) -> dict | None:
+    """The saved run ``--reference TAG`` of ``domain`` (summary and rows), checked to be on the same windows."""
+    if not args.reference:
+        return None
+    saved = json.loads((results_dir(__file__) / f"deltas-{args.reference}.json").read_text())
+    summary = next(s for s in saved["summaries"] if s["domain"] == domain)
+    if (summary["windows"], summary["context"]) != (args.max_windows, args.context):
+        raise SystemExit(f"--reference {args.reference} scored {summary['windows']} x {summary['context']} windows")
+    return {"summary": summary, "rows": [r for r in saved["rows"] if r["domain"] == domain]}
+
+
+def _merged_reference(rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """``rows`` with the reference run's rows of other variants added (its latest results), all paired anew."""
+    out = list(rows)
+    for domain in dict.fromkeys(r["domain"] for r in rows):
+        ref = _reference(args, domain)
+        mine = {(r["variant"], r["rank"]) for r in rows if r["domain"] == domain}
+        out += [{**r, "from": args.reference} for r in ref["rows"] if (r["variant"], r["rank"]) not in mine]
+    for domain in dict.fromkeys(r["domain"] for r in out):
+        group = [r for r in out if r["domain"] == domain]
+        _pair(group, {(r["variant"], r["rank"]): np.asarray(r["window_nll"]) for r in group})
+    return out
 
 
 def _pair(rows: list[dict], per_window: dict) -> None:
@@ -255,12 +286,16 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def _label(row: dict) -> str:
+    return row["variant"] + (f" (from deltas-{row['from']})" if "from" in row else "")
+
+
 def write_results(rows: list[dict], summaries: list[dict], runtime: dict, args: argparse.Namespace) -> None:
     out = results_dir(__file__)
     headers = ["domain", "r", "variant", "c", "perplexity", "gain kept", "accounted kB", "file kB (fp16)",
                "file kB (int8)", "ppl, int8 file (Δ NLL vs float ± s.e.)", "vs best baseline (mean Δ NLL ± s.e.)",
                "vs the same tune on magnitude's pattern", "s"]
-    table = [[r["domain"], r["rank"], r["variant"], r["relax"], f"{r['perplexity']:.3f}", f"{r['gain_kept']:.1%}",
+    table = [[r["domain"], r["rank"], _label(r), r["relax"], f"{r['perplexity']:.3f}", f"{r['gain_kept']:.1%}",
               r["accounted_kB"], r["file_kB_fp16"], r.get("file_kB_int8", ""),
               f"{r['perplexity_int8']:.3f} ({r['int8_vs_float']})" if "perplexity_int8" in r else "",
               r.get("vs_best_baseline", ""), r.get("vs_same_tune", ""), r["seconds"]] for r in rows]
@@ -275,7 +310,7 @@ def write_results(rows: list[dict], summaries: list[dict], runtime: dict, args: 
         lines += ["Runtime (fused graph with delta slots, this machine):", "",
                   markdown_table(["measure", "value"], [[k, f"{v:.4g}"] for k, v in runtime.items()])]
     (out / f"deltas{args.suffix}.md").write_text("\n".join(lines))
-    saved = {"rows": rows, "summaries": summaries, "runtime": runtime}
+    saved = {"rows": rows, "summaries": summaries, "runtime": runtime, "command": args.command}
     (out / f"deltas{args.suffix}.json").write_text(json.dumps(saved, indent=2))
     _plot(rows, summaries, out / f"deltas{args.suffix}.png")
 
@@ -329,12 +364,17 @@ def main() -> None:
                         help="torch threads (default 1: on a shared 2-core machine two threads wait on each other)")
     parser.add_argument("--command", default=" ".join(f'"{a}"' if " " in a else a for a in sys.argv[1:]),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--reference", help="take the base and fine-tune scores from results/deltas-TAG.json (the "
+                        "same windows) and, with --report, pair this run's variants with that run's baselines")
     parser.add_argument("--report", action="store_true", help="only rewrite deltas.md / .png from deltas.json")
     args = parser.parse_args()
     args.suffix = f"-{args.tag}" if args.tag else ""
     if args.report:
         saved = json.loads((results_dir(__file__) / f"deltas{args.suffix}.json").read_text())
-        write_results(saved["rows"], saved["summaries"], saved["runtime"], args)
+        rows = [r for r in saved["rows"] if "from" not in r]
+        args.command = saved.get("command", args.command)
+        write_results(_merged_reference(rows, args) if args.reference else rows, saved["summaries"],
+                      saved["runtime"], args)
         return
     import torch
 
