@@ -186,24 +186,27 @@ def quality(domain: str, args: argparse.Namespace, work: Path, progress=None) ->
     return rows, summary
 
 
-def _reference(args: argparse.Namespace, domain: str) -> dict | None:
-    """The saved run ``--reference TAG`` of ``domain`` (summary and rows), checked to be on the same windows."""
+def _reference(args: argparse.Namespace, domain: str, tag: str | None = None) -> dict | None:
+    """The saved run ``--reference TAG`` (the first by default) of ``domain``: summary and rows, checked to
+    be on the same windows."""
     if not args.reference:
         return None
-    saved = json.loads((results_dir(__file__) / f"deltas-{args.reference}.json").read_text())
+    tag = tag or args.reference[0]
+    saved = json.loads((results_dir(__file__) / f"deltas-{tag}.json").read_text())
     summary = next(s for s in saved["summaries"] if s["domain"] == domain)
     if (summary["windows"], summary["context"]) != (args.max_windows, args.context):
-        raise SystemExit(f"--reference {args.reference} scored {summary['windows']} x {summary['context']} windows")
-    return {"summary": summary, "rows": [r for r in saved["rows"] if r["domain"] == domain]}
+        raise SystemExit(f"--reference {tag} scored {summary['windows']} x {summary['context']} windows")
+    return {"summary": summary, "rows": [{**r, "from": r.get("from", tag)} for r in saved["rows"]
+                                         if r["domain"] == domain]}
 
 
 def _merged_reference(rows: list[dict], args: argparse.Namespace) -> list[dict]:
-    """``rows`` with the reference run's rows of other variants added (its latest results), all paired anew."""
+    """``rows`` with the reference runs' rows of other variants added (their latest results), all paired anew."""
     out = list(rows)
     for domain in dict.fromkeys(r["domain"] for r in rows):
-        ref = _reference(args, domain)
-        mine = {(r["variant"], r["rank"]) for r in rows if r["domain"] == domain}
-        out += [{**r, "from": args.reference} for r in ref["rows"] if (r["variant"], r["rank"]) not in mine]
+        for tag in args.reference:
+            mine = {(r["variant"], r["rank"]) for r in out if r["domain"] == domain}
+            out += [r for r in _reference(args, domain, tag)["rows"] if (r["variant"], r["rank"]) not in mine]
     for domain in dict.fromkeys(r["domain"] for r in out):
         group = [r for r in out if r["domain"] == domain]
         _pair(group, {(r["variant"], r["rank"]): np.asarray(r["window_nll"]) for r in group})
@@ -364,8 +367,9 @@ def main() -> None:
                         help="torch threads (default 1: on a shared 2-core machine two threads wait on each other)")
     parser.add_argument("--command", default=" ".join(f'"{a}"' if " " in a else a for a in sys.argv[1:]),
                         help=argparse.SUPPRESS)
-    parser.add_argument("--reference", help="take the base and fine-tune scores from results/deltas-TAG.json (the "
-                        "same windows) and, with --report, pair this run's variants with that run's baselines")
+    parser.add_argument("--reference", nargs="+", help="take the base and fine-tune scores from "
+                        "results/deltas-TAG.json (the same windows; the first TAG) and, with --report, add those "
+                        "runs' other rows and pair them all")
     parser.add_argument("--report", action="store_true", help="only rewrite deltas.md / .png from deltas.json")
     args = parser.parse_args()
     args.suffix = f"-{args.tag}" if args.tag else ""
