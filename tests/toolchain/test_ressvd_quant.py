@@ -145,3 +145,41 @@ def test_factor_bits_is_validated(tiny_model_dir, tmp_path, capsys):
     assert cli.main(["compress", str(tiny_model_dir), "--ratio", "0.2", "--tune-steps", "0", "--quant-aware", "int4",
                      "-o", str(tmp_path / "y")]) == 2
     assert "--quant-aware" in capsys.readouterr().err
+
+
+def test_balancing_keeps_the_product_and_lowers_the_int4_error_of_a_skewed_split():
+    """A = U·Σ, B = Vᵀ (all the scale on one side, as whitening and the residual stage leave it): one block
+    scale of A serves columns of very different sizes. Balancing keeps A·B, makes each column of A as long
+    as its row of B, leaves B's int4 error as it was (B rounds per row) and lowers A's; an SVD's own √σ split
+    is already balanced and stays as it was."""
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(96, 64, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(160, 64, generator=g))
+    sigma = torch.logspace(0, -3, 64)[torch.randperm(64, generator=g)]
+
+    def pair_of(a, b) -> torch.nn.Sequential:
+        pair = torch.nn.Sequential(torch.nn.Linear(160, 64, bias=False), torch.nn.Linear(64, 96, bias=False))
+        with torch.no_grad():
+            pair[0].weight.copy_(b)
+            pair[1].weight.copy_(a)
+        return pair
+
+    def errors(pair) -> tuple[float, float, torch.Tensor]:
+        a, b = pair[1].weight.detach(), pair[0].weight.detach()
+        product = a @ b
+        err_a = float((quant.fake_int4(a) @ b - product).norm() / product.norm())
+        err_b = float((a @ quant.fake_int4(b) - product).norm() / product.norm())
+        return err_a, err_b, product
+
+    skewed = pair_of(u * sigma, v.T)
+    a_before, b_before, product = errors(skewed)
+    assert quant.balance_([skewed, skewed]) == 1  # a pair met twice (joint groups) is balanced once
+    a_after, b_after, balanced = errors(skewed)
+    assert torch.allclose(skewed[1].weight.norm(dim=0), skewed[0].weight.norm(dim=1), rtol=1e-4)
+    assert torch.allclose(balanced, product, atol=1e-6)
+    assert b_after == pytest.approx(b_before, rel=1e-3)
+    assert a_after < 0.7 * a_before
+    svd = pair_of(u * sigma.sqrt(), sigma.sqrt()[:, None] * v.T)
+    before = svd[1].weight.detach().clone()
+    quant.balance_([svd])
+    assert torch.allclose(svd[1].weight, before, rtol=1e-5)

