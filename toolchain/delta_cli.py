@@ -27,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "back to the data-free magnitude criterion and says so)")
     p.add_argument("--windows", type=int, default=8, help="validation windows of 256 tokens (default 8)")
     p.add_argument("--importance", choices=("taylor", "fisher", "fisher-kl", "rms", "output"), default=None,
-                   help="OSD's entry score: fisher θ²·Σ_w g_w² (default: the best measured; one backward per "
-                   "validation window), fisher-kl (the same with the loss KL(fine-tune ‖ model) per window), taylor "
-                   "|θ·∂L/∂θ| (the paper's), rms |θ|·sqrt(Σ_w g_w²), or output "
+                   help="OSD's entry score: fisher-kl θ²·Σ_w g_w² with each window's loss KL(fine-tune ‖ model) "
+                   "(default: the best measured; one backward per validation window), fisher (the same with the "
+                   "text's NLL), taylor |θ·∂L/∂θ| (the paper's), rms |θ|·sqrt(Σ_w g_w²), or output "
                    "(layer-output error of removing the entry, from the validation inputs)")
     p.add_argument("--gradient-at", choices=("delta", "finetune", "base"), default=None,
                    help="OSD: take the gradient at the base (default: the best measured), at base + the rank-(R+C) "

@@ -46,7 +46,7 @@ VARIANTS = {
     "TruncSVD": dict(method="truncsvd"),
     "MagTruncSVD": dict(method="magtruncsvd"),
     "OSD (paper: taylor, per layer)": _osd(),
-    "OSD (default: fisher at base, global budget)": dict(method="osd", tune_steps=0),
+    "OSD (default: fisher at base, global budget)": dict(method="osd", importance="fisher", tune_steps=0),
     "OSD, output-error score": _osd(importance="output"),
     "OSD, taylor, global budget": _osd(allocation="global"),
     "OSD --auto": _osd(auto=True),

@@ -107,8 +107,9 @@ def test_delta_file_round_trip(tiny_model_dir, tiny_finetune_dir, tmp_path, meth
         np.testing.assert_array_equal(back.layers[name].matrix(), layer.matrix())
         if method != "truncsvd":
             np.testing.assert_array_equal(back.layers[name].u.index, layer.u.index)
-    if method == "osd":  # OSD's default: Fisher from the gradient at the base, one global budget
+    if method == "osd":  # OSD's default: Fisher of the KL to the fine-tune, gradient at the base, one global budget
         assert "fisher" in back.info["importance"] and "at the base" in back.info["importance"]
+        assert "KL(fine-tune ‖ model)" in back.info["importance"]
         assert (back.info["gradient_at"], back.info["allocation"]) == ("base", "global")
 
 

@@ -3,7 +3,10 @@
 The paper's score is first-order Taylor |θ·∂L/∂θ| with the gradient taken at the model the delta
 will produce before sparsification (the base plus the rank-k reconstruction U·Vᵀ). Measured better
 here (benchmarks/deltas): the second-order score θ²·Σ_w g_w² from one backward per window (the
-empirical Fisher diagonal) with the gradient at the base. With G = ∂L/∂ΔW, the chain rule through
+empirical Fisher diagonal) with the gradient at the base, and best of all with each window's loss the
+KL from the fine-tune to the model rather than the NLL of its text (make.py's "fisher-kl"): at the base
+that gradient is zero wherever the two models already agree, so only what the fine-tune changed is
+scored. With G = ∂L/∂ΔW, the chain rule through
 ΔW = U·Vᵀ gives ∂L/∂U = G·V and ∂L/∂V = Gᵀ·U, so each window's G is projected onto the factors.
 """
 

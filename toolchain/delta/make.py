@@ -45,7 +45,8 @@ class DeltaConfig:
     # NLL of its text: only where the two models disagree counts), "rms" (|θ|·sqrt(Σ_w g_w²)) or "output"
     # (the layer-output error of removing
     # the entry, from the validation inputs' X·Xᵀ; importance.output_scores).
-    # None: the best measured for OSD (fisher at the base with a global budget, benchmarks/deltas).
+    # None: the best measured for OSD (fisher-kl at the base with a global budget: chosen on the valid
+    # splits of both benchmark domains, benchmarks/deltas/results/deltas-probe-*-kl.md).
     importance: str | None = None
     # Where the gradient is taken: base + the rank-(r+c) delta (the paper's), base + the full
     # fine-tune's ΔW, or the base alone.
@@ -71,7 +72,8 @@ class DeltaConfig:
 
     def __post_init__(self) -> None:
         osd = self.method == "osd"
-        for name, value in (("importance", "fisher" if osd else "taylor"), ("gradient_at", "base" if osd else "delta"),
+        for name, value in (("importance", "fisher-kl" if osd else "taylor"),
+                            ("gradient_at", "base" if osd else "delta"),
                             ("allocation", "global" if osd and self.importance in (None, *_LOSS_SCALED) else "layer")):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
