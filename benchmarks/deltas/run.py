@@ -12,7 +12,10 @@ its standard error (the run-to-run noise of the evaluation). Then in the runtime
 load time with and without a delta, switch time in a live model, and logit parity of the runtime
 with a delta against PyTorch with the same delta merged. Writes results/deltas.md and deltas.png
 (results/deltas-TAG.* with --tag). --valid-source train takes OSD's validation windows from the
-fine-tune's training text; --int8-eval also scores each delta's int8 file read back.
+fine-tune's training text; --int8-eval also scores each delta's int8 file read back. Each row keeps its
+per-window test NLL, so a later run with --reference TAG (same --max-windows) skips the base and fine-tune
+scoring and, with --report, pairs its variants with that run's baselines. Settings are chosen on the valid
+split with probe.py, never on these test windows.
 """
 
 from __future__ import annotations
