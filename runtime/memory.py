@@ -113,14 +113,21 @@ def fused_int4_bytes(out: int, inner: int, block: int = INT4_BLOCK) -> int:
     return out * blocks * (block // 2 + F32) + out * blocks * F32
 
 
-def _linear_bytes(shape: ModelShape, ranks: dict[str, int] | None, size: Any, factor_size: Any = None) -> int:
-    """Bytes of the decoder linears; ``factor_size`` (default ``size``) counts each factor of a factorized one."""
+def _linear_bytes(shape: ModelShape, ranks: dict[str, int] | None, size: Any, factor_size: Any = None,
+                  block_qkv: bool = False) -> int:
+    """Bytes of the decoder linears; ``factor_size`` (default ``size``) counts each factor of a factorized one.
+    ``block_qkv``: factorized q/k/v store their r→out factors as one block-diagonal matrix (the fused graph)."""
     ranks, factor_size = ranks or {}, factor_size or size
     total = 0
     for layer in shape.linears():
-        for name, out, inner in layer:
+        qkv = layer[:3]
+        packed = block_qkv and all(name in ranks for name, _, _ in qkv)
+        for name, out, inner in layer[3:] if packed else layer:
             r = ranks.get(name)
             total += size(out, inner) if r is None else factor_size(r, inner) + factor_size(out, r)
+        if packed:
+            r = sum(ranks[name] for name, _, _ in qkv)
+            total += factor_size(r, qkv[0][2]) + factor_size(sum(out for _, out, _ in qkv), r)
     return total
 
 
@@ -144,9 +151,9 @@ def weight_bytes(shape: ModelShape, dtype: str, ranks: dict[str, int] | None = N
         lm_head = 0 if shape.tied else fused_int4_bytes(shape.vocab, shape.hidden)
         # ResSVD factors take integer zero points there (export/fused/linear.py), not the Q4_1 form, or 8 bits
         factor_size = int8_bytes if factor_bits == 8 else int4_bytes
-        return {"linear": _linear_bytes(shape, ranks, fused_int4_bytes, factor_size), "embedding": embedding,
-                "lm_head": lm_head, "norms": norms}
-    linear = _linear_bytes(shape, ranks, lambda out, inner: matrix_bytes(out, inner, dtype))
+        return {"linear": _linear_bytes(shape, ranks, fused_int4_bytes, factor_size, block_qkv=True),
+                "embedding": embedding, "lm_head": lm_head, "norms": norms}
+    linear = _linear_bytes(shape, ranks, lambda out, inner: matrix_bytes(out, inner, dtype), block_qkv=graph == "fused")
     embedding = vocab * F32 if dtype == "float32" else matrix_bytes(shape.vocab, shape.hidden, dtype)
     shared = dtype in ("float32", "int8") and shape.tied  # the head reads the embedding's table
     lm_head = 0 if shared else matrix_bytes(shape.vocab, shape.hidden, dtype)

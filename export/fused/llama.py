@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from edgepack.export.fused.builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
-from edgepack.export.fused.linear import LinearEmitter, embed_8bit, head_8bit, is_joint, table_8bit
+from edgepack.export.fused.linear import LinearEmitter, embed_8bit, head_8bit, is_joint, is_pairs, table_8bit
 from edgepack.runtime.delta import DELTA_SLOTS_KEY  # JSON: each slot's inputs, input width, (module, width) parts
 from edgepack.runtime.errors import UnsupportedArchitecture
 
@@ -51,11 +51,12 @@ def head_dim(config: Any) -> int:
 
 
 def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True, fold: bool = True,
-                delta_slots: bool = False, int8: bool = False, factor_bits: int = 4) -> Any:
+                delta_slots: bool = False, int8: bool = False, factor_bits: int = 4, block_qkv: bool = True) -> Any:
     """The fused graph (an ``onnx.ModelProto``) of a LlamaForCausalLM for ``context`` positions;
     ``delta_slots`` adds the low-rank side branches fine-tune deltas are applied through; ``int4`` or
     ``int8`` quantizes the linear layers (and stores a tied embedding as one 8-bit table); ``factor_bits``
-    is the width of ResSVD factor pairs in an int4 graph (4 or 8)."""
+    is the width of ResSVD factor pairs in an int4 graph (4 or 8); ``block_qkv`` packs factorized q/k/v
+    projections as two ops (``LinearEmitter.block_qkv``)."""
     cfg = model.config
     check_supported(cfg)
     b = GraphBuilder("edgepack_fused_llama")
@@ -63,7 +64,8 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     seqlens = b.add_input("seqlens_k", INT32, [1])
     total = b.add_input("total_sequence_length", INT32, [])
     names = {id(m): n for n, m in model.named_modules()} | {id(p): n for n, p in model.named_parameters()}
-    lin = LinearEmitter(b, int4, exact, fold, delta_slots, names, int8=int8, factor_bits=factor_bits)
+    lin = LinearEmitter(b, int4, exact, fold, delta_slots, names, int8=int8, factor_bits=factor_bits,
+                        block_qkv=block_qkv)
     cos, sin = _rotary_caches(b, model, context)
     embedding = _array(model.model.embed_tokens.weight)
     tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -133,7 +135,7 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, cfg: Any,
             raise UnsupportedArchitecture("q/k/v projections with bias on only some of them")
         packed = lin.weight(x, weight, bias, f"{name}.qkv")
         qkv = [lin.delta(x, packed, cfg.hidden_size, list(projections), f"{name}.qkv"), "", ""]
-    elif is_joint(list(projections)):  # a joint pair's stacked output is packed QKV too
+    elif is_joint(list(projections)) or lin.block_qkv and is_pairs(list(projections)):  # packed QKV too
         packed = lin.joint(x, list(projections), f"{name}.qkv")
         qkv = [lin.delta(x, packed, cfg.hidden_size, list(projections), f"{name}.qkv"), "", ""]
     else:  # factorized projections stay separate (their in→r factors share one op)

@@ -1,5 +1,5 @@
 """Factorized (ResSVD) layers in the fused graph: one MatMulNBits per factor at any rank, in→r factors
-that share an input packed into one op, parity with PyTorch (#4)."""
+that share an input packed into one op, q/k/v pairs as two ops (r→out block-diagonal), parity with PyTorch (#4)."""
 
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def _compressed(only: tuple[str, ...] = PROJECTIONS) -> torch.nn.Module:
     return model
 
 
-def _graph(model, path, int4: bool, delta_slots: bool = False):
-    save(build_llama(model, CONTEXT, int4, delta_slots=delta_slots), path)
+def _graph(model, path, int4: bool, delta_slots: bool = False, block_qkv: bool = True):
+    save(build_llama(model, CONTEXT, int4, delta_slots=delta_slots, block_qkv=block_qkv), path)
     return onnx.load(str(path), load_external_data=False).graph
 
 
@@ -61,19 +61,24 @@ def _int4_reference(model: torch.nn.Module, factor_bits: int = 4) -> torch.nn.Mo
     return reference
 
 
-def test_int4_factor_pairs_are_one_matmulnbits_each_at_any_rank(tmp_path):
+@pytest.mark.parametrize("block_qkv", [True, False])
+def test_int4_factor_pairs_are_one_matmulnbits_each_at_any_rank(tmp_path, block_qkv):
     model = _compressed()
-    graph = _graph(model, tmp_path / "int4.onnx", int4=True)
+    graph = _graph(model, tmp_path / "int4.onnx", int4=True, block_qkv=block_qkv)
     layer = [n for n in graph.node if n.name.startswith("layers.1.")]
     ops = [n.op_type for n in layer]
-    # in→r: packed q/k/v, o, packed gate/up; r→out: q, k, v, o, gate, up; plus down's pair. Nothing else
-    # multiplies: no block sums, remainder MatMuls or Adds, whatever the rank.
-    assert ops.count("MatMulNBits") == 11
+    # in→r: packed q/k/v, o, packed gate/up; r→out: q/k/v block-diagonal as one op (or q, k, v), o, gate,
+    # up; plus down's pair. Nothing else multiplies: no block sums, remainder MatMuls or Adds, whatever the rank.
+    assert ops.count("MatMulNBits") == (9 if block_qkv else 11)
     assert "MatMul" not in ops and "Add" not in ops and "Concat" not in ops
-    assert {n.name for n in layer if n.op_type == "Split"} >= {"layers.1.attn.qkv_low/split",
-                                                              "layers.1.mlp.gate_up_low/split"}
+    splits = {"layers.1.mlp.gate_up_low/split"} | (set() if block_qkv else {"layers.1.attn.qkv_low/split"})
+    assert {n.name for n in layer if n.op_type == "Split"} == splits  # packed QKV goes to attention whole
     nbits = {n.name: {a.name: a.i for a in n.attribute} for n in layer if n.op_type == "MatMulNBits"}
-    assert nbits["layers.1.attn.qkv_low.0/MatMulNBits"]["N"] == 32 + 20 + 12
+    low = "layers.1.attn.qkv.0/MatMulNBits" if block_qkv else "layers.1.attn.qkv_low.0/MatMulNBits"
+    assert nbits[low]["N"] == 32 + 20 + 12
+    if block_qkv:
+        assert (nbits["layers.1.attn.qkv.1/MatMulNBits"]["K"], nbits["layers.1.attn.qkv.1/MatMulNBits"]["N"]) == (
+            32 + 20 + 12, 64 + 32 + 32)
     assert nbits["layers.1.mlp.down.1/MatMulNBits"]["K"] == 33  # not a whole block: still one op
     assert all(len(n.input) == 4 for n in layer if n.op_type == "MatMulNBits")  # integer zero points given
     # The dense layer keeps the exact Q4_1 form (its remainders folded into the packed projections).
@@ -93,7 +98,7 @@ def test_int4_graph_with_8bit_factors_matches_its_reference(tmp_path):
     """``factor_bits=8``: every factor is one symmetric 8-bit MatMulNBits (no zero points), dense layers keep
     the exact 4-bit Q4_1 form, and the graph computes what PyTorch does with those weights."""
     model = _compressed()
-    save(build_llama(model, CONTEXT, True, factor_bits=8), tmp_path / "f8.onnx")
+    save(build_llama(model, CONTEXT, True, factor_bits=8, block_qkv=False), tmp_path / "f8.onnx")  # one op a factor
     graph = onnx.load(str(tmp_path / "f8.onnx"), load_external_data=False).graph
     nbits = {n.name: ({a.name: a.i for a in n.attribute}, len(n.input)) for n in graph.node
              if n.op_type == "MatMulNBits"}
@@ -120,17 +125,20 @@ def test_float_graph_of_packed_factor_pairs_matches_pytorch(tmp_path, only):
     model = _compressed(only)
     graph = _graph(model, tmp_path / "f32.onnx", int4=False)
     names = {n.name for n in graph.node}
-    assert "layers.1.attn.qkv_low.0/MatMul" in names
+    # all three of q/k/v factorized: packed as two ops; two of them: their in→r halves packed
+    packed = len(only) == len(PROJECTIONS)
+    assert ("layers.1.attn.qkv.0/MatMul" if packed else "layers.1.attn.qkv_low.0/MatMul") in names
     assert ("layers.1.mlp.gate_up_low.0/MatMul" in names) == ("mlp.gate_proj" in only)  # one pair: nothing to pack
     report = parity.compare(model, tmp_path / "f32.onnx", [PROMPT], decode_steps=4, decoder_class=FusedDecoder)
     assert report.passed and report.max_abs_diff < 1e-4 and report.top1_agreement == 1.0
 
 
 def test_factor_pairs_keep_one_delta_slot_per_projection(tmp_path):
-    """Packing the in→r factors leaves each factorized projection its own delta side branch."""
+    """Packing the in→r factors leaves each factorized projection its own delta side branch; packed q/k/v
+    pairs take one packed slot, as a dense packed projection does."""
     graph = _graph(_compressed(), tmp_path / "slots.onnx", int4=True, delta_slots=True)
     inputs = {i.name for i in graph.input}
-    assert {f"delta.layers.1.attn.{p}.a" for p in "qkvo"} <= inputs
+    assert {"delta.layers.1.attn.qkv.a", "delta.layers.1.attn.o.a"} <= inputs
     assert {f"delta.layers.1.mlp.{p}.a" for p in ("gate", "up", "down")} <= inputs
     decoder = FusedDecoder(tmp_path / "slots.onnx")
     assert np.isfinite(decoder.forward(PROMPT, decoder.new_cache())).all()
