@@ -183,3 +183,20 @@ def test_balancing_keeps_the_product_and_lowers_the_int4_error_of_a_skewed_split
     before = svd[1].weight.detach().clone()
     quant.balance_([svd])
     assert torch.allclose(svd[1].weight, before, rtol=1e-5)
+
+
+def test_compression_leaves_balanced_factors_unless_a_quant_aware_tune_trained_their_codes():
+    import tiny
+    from edgepack.toolchain.ressvd import compress_
+
+    windows = [list(range(i, i + 32)) for i in range(0, 128, 32)]
+
+    def balanced(model) -> list[bool]:
+        return [torch.allclose(m[1].weight.norm(dim=0), m[0].weight.norm(dim=1), rtol=1e-3)
+                for m in model.modules() if isinstance(m, torch.nn.Sequential)]
+
+    for mode, steps in (("none", 0), ("none", 2), ("int4", 2)):
+        model = tiny.make_model(seed=5, layers=4)
+        compress_(model, ResSVDConfig(ratio=0.3, layers=2, tune_steps=steps, tune_batch=2, quant_aware=mode), windows)
+        flags = balanced(model)
+        assert flags and (all(flags) if mode == "none" else not all(flags))

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from edgepack.toolchain.ressvd import factorize, joint, selection, tune
+from edgepack.toolchain.ressvd import factorize, joint, quant, selection, tune
 from edgepack.toolchain.ressvd.allocator import freed_memory_kept
 from edgepack.toolchain.ressvd.calibration import GramCollector
 from edgepack.toolchain.ressvd.config import ResSVDConfig
@@ -80,6 +80,7 @@ def _compress(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
     search: list[dict[str, float]] = []
     corrections: list[dict] = []
     tuned: list[float] = []
+    mode = "none" if config.quant_aware == "auto" else config.quant_aware  # auto: see compress_loaded
     groups: list[list[str]] = []
     if config.rank_map:
         ranks = dict(config.rank_map)
@@ -101,14 +102,18 @@ def _compress(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
         corrections = compress_sequential_(model, ranks, windows, config.damping, truncate, config.ridge,
                                            traces if config.tune_steps else None, groups)
         if config.tune_steps and traces:
-            quant = "none" if config.quant_aware == "auto" else config.quant_aware  # auto: see compress_loaded
             tuned = tune.tune_(model, traces[0], tune.TuneSettings(config.tune_steps, config.tune_lr,
                                                                     config.tune_batch, bf16=config.tune_bf16,
-                                                                    quant=quant))
+                                                                    quant=mode))
     else:
         for name, rank in tqdm(ranks.items(), desc="factorizing", unit="layer"):
             a, b = _factors(config, modules[name], rank, whitened.get(name))
             set_module(model, name, factorized_linear(a, b, modules[name].bias, modules[name].weight.dtype))
+    if not (tuned and mode != "none"):
+        # Exact in float, and the package rounds balanced factors better (quant.balance_: on the default model at
+        # 20 %, int4 perplexity 28.88 -> 25.27 in PyTorch). Not after a quant-aware tune: it would move the block
+        # scales whose codes that tune trained (balancing before such a tune is not measured yet).
+        quant.balance_([m for m in model.modules() if isinstance(m, nn.Sequential)])
     return CompressionReport(
         config=config.to_dict(), ranks=ranks, groups=groups,
         layers_compressed=len({n.rsplit(".", 2)[0] for n in ranks}),
