@@ -29,18 +29,18 @@ from common import markdown_table, results_dir  # noqa: E402
 _TUNE = dict(tune_steps=16, tune_lr=3e-4)
 CANDIDATES = {
     "mag": dict(method="magtruncsvd"),
-    "osd": dict(method="osd", tune_steps=0),
+    "osd": dict(method="osd", importance="fisher", tune_steps=0),  # the NLL Fisher: OSD's default before fisher-kl
     "mag+tune": dict(method="magtruncsvd", **_TUNE),
-    "osd+tune": dict(method="osd", **_TUNE),
+    "osd+tune": dict(method="osd", importance="fisher", **_TUNE),
     "mag c2": dict(method="magtruncsvd", relax_times=2),
-    "osd c2": dict(method="osd", tune_steps=0, relax_times=2),
+    "osd c2": dict(method="osd", importance="fisher", tune_steps=0, relax_times=2),
     "mag c3": dict(method="magtruncsvd", relax_times=3),
-    "osd c3": dict(method="osd", tune_steps=0, relax_times=3),
+    "osd c3": dict(method="osd", importance="fisher", tune_steps=0, relax_times=3),
     "mag c2+tune": dict(method="magtruncsvd", relax_times=2, **_TUNE),
-    "osd c2+tune": dict(method="osd", relax_times=2, **_TUNE),
-    "osd c3+tune": dict(method="osd", relax_times=3, **_TUNE),
-    "osd layer": dict(method="osd", tune_steps=0, allocation="layer"),
-    "osd grad at ft": dict(method="osd", tune_steps=0, gradient_at="finetune"),
+    "osd c2+tune": dict(method="osd", importance="fisher", relax_times=2, **_TUNE),
+    "osd c3+tune": dict(method="osd", importance="fisher", relax_times=3, **_TUNE),
+    "osd layer": dict(method="osd", importance="fisher", tune_steps=0, allocation="layer"),
+    "osd grad at ft": dict(method="osd", importance="fisher", tune_steps=0, gradient_at="finetune"),
     "osd kl": dict(method="osd", tune_steps=0, importance="fisher-kl"),
     "osd kl+tune": dict(method="osd", importance="fisher-kl", **_TUNE),
 }
