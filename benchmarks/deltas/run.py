@@ -196,7 +196,9 @@ def _reference(args: argparse.Namespace, domain: str, tag: str | None = None) ->
         return None
     tag = tag or args.reference[0]
     saved = json.loads((results_dir(__file__) / f"deltas-{tag}.json").read_text())
-    summary = next(s for s in saved["summaries"] if s["domain"] == domain)
+    summary = next((s for s in saved["summaries"] if s["domain"] == domain), None)
+    if summary is None:
+        return None
     if (summary["windows"], summary["context"]) != (args.max_windows, args.context):
         raise SystemExit(f"--reference {tag} scored {summary['windows']} x {summary['context']} windows")
     return {"summary": summary, "rows": [{**r, "from": r.get("from", tag)} for r in saved["rows"]
@@ -206,10 +208,11 @@ def _reference(args: argparse.Namespace, domain: str, tag: str | None = None) ->
 def _merged_reference(rows: list[dict], args: argparse.Namespace) -> list[dict]:
     """``rows`` with the reference runs' rows of other variants added (their latest results), all paired anew."""
     out = list(rows)
-    for domain in dict.fromkeys(r["domain"] for r in rows):
+    for domain in dict.fromkeys([r["domain"] for r in rows] + args.domains):
         for tag in args.reference:
             mine = {(r["variant"], r["rank"]) for r in out if r["domain"] == domain}
-            out += [r for r in _reference(args, domain, tag)["rows"] if (r["variant"], r["rank"]) not in mine]
+            ref = _reference(args, domain, tag)
+            out += [r for r in (ref["rows"] if ref else []) if (r["variant"], r["rank"]) not in mine]
     for domain in dict.fromkeys(r["domain"] for r in out):
         group = [r for r in out if r["domain"] == domain]
         _pair(group, {(r["variant"], r["rank"]): np.asarray(r["window_nll"]) for r in group})
