@@ -86,7 +86,8 @@ def prepare(args: argparse.Namespace) -> tuple[list[System], dict[str, list[int]
     fused_int8 = w / "smollm2-fused-int8"
     if wanted(args, INT8):
         ensure_package(fused_int8, args.rebuild, graph="fused", int8=True)
-    # From a folder of `edgepack compress default --ratio 0.2` when given, else compressed inline: the same.
+    # From a folder of `edgepack compress default --ratio 0.2` when given, else compressed inline as
+    # `edgepack build default --ratio 0.2 --int4` does (its factor tune then runs through the int4 rounding).
     ressvd = w / "smollm2-fused-int4-ressvd20"
     if wanted(args, RESSVD):  # compressing takes minutes: not for a run that leaves it out
         ensure_package(ressvd, args.rebuild, graph="fused", int4=True,
