@@ -43,7 +43,7 @@ def test_joint_group_storage_is_rank_times_in_plus_all_outs():
         kept += ranks[group[0]] * (modules[group[0]].in_features + sum(modules[n].out_features for n in group))
     grouped = {n for g in groups for n in g}
     kept += sum(r * (modules[n].in_features + modules[n].out_features) for n, r in ranks.items() if n not in grouped)
-    share = joint.removed_share(per_layer, ranks, groups)
+    share = selection.removed_share(per_layer, ranks, groups)
     assert share == pytest.approx((total - kept) / total)
     # Flooring each rank removes at most one rank's worth more per group or lone module.
     slack = sum(modules[g[0]].in_features + sum(modules[n].out_features for n in g) for g in groups)

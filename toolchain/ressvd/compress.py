@@ -117,7 +117,7 @@ def _compress(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
     return CompressionReport(
         config=config.to_dict(), ranks=ranks, groups=groups,
         layers_compressed=len({n.rsplit(".", 2)[0] for n in ranks}),
-        removed_share=joint.removed_share(per_layer, ranks, groups), params_before=before,
+        removed_share=selection.removed_share(per_layer, ranks, groups), params_before=before,
         params_after=sum(p.numel() for p in model.parameters()), search=search, corrections=corrections,
         tune_loss=[round(v, 5) for v in tuned],
         calibration_tokens=tokens,

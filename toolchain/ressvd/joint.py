@@ -59,18 +59,6 @@ def last_k_ranks(per_layer: Linears, ratio: float, k: int) -> tuple[dict[str, in
     return ranks, groups
 
 
-def removed_share(per_layer: Linears, ranks: dict[str, int], groups: Sequence[Sequence[str]] = ()) -> float:
-    """Share of the target parameters removed; a joint group's shared factor is counted once."""
-    modules = {n: m for layer in per_layer for n, m in layer}
-    total = sum(m.weight.numel() for m in modules.values())
-    grouped = {n for g in groups for n in g}
-    kept = sum(m.weight.numel() for n, m in modules.items() if n not in ranks)
-    kept += sum(r * (modules[n].in_features + modules[n].out_features) for n, r in ranks.items() if n not in grouped)
-    for g in groups:
-        kept += ranks[g[0]] * (modules[g[0]].in_features + sum(modules[n].out_features for n in g))
-    return (total - kept) / total
-
-
 def shared_pairs(a: torch.Tensor, b: torch.Tensor, outs: Sequence[int], biases: Sequence[torch.Tensor | None],
                  dtype: torch.dtype) -> list[nn.Sequential]:
     """``Sequential(B, A_i)`` per member, A = [A_1; A_2; ...] split by ``outs``, B one shared module."""

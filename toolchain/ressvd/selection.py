@@ -80,11 +80,18 @@ def half_k(per_layer: Sequence[Sequence[tuple[str, nn.Linear]]], ratio: float) -
     return min(len(per_layer), max(min_layers(per_layer, ratio), math.ceil(2 * len(per_layer) * ratio)))
 
 
-def removed_share(per_layer: Sequence[Sequence[tuple[str, nn.Linear]]], ranks: dict[str, int]) -> float:
+def removed_share(per_layer: Sequence[Sequence[tuple[str, nn.Linear]]], ranks: dict[str, int],
+                  groups: Sequence[Sequence[str]] = ()) -> float:
+    """Share of the target parameters removed; each of ``groups`` (joint.py) shares one in→r factor,
+    counted once."""
     modules = {n: m for layer in per_layer for n, m in layer}
     total = sum(m.weight.numel() for m in modules.values())
+    grouped = {n for g in groups for n in g}
     removed = sum(modules[n].weight.numel() - r * (modules[n].in_features + modules[n].out_features)
-                  for n, r in ranks.items())
+                  for n, r in ranks.items() if n not in grouped)
+    for g in groups:
+        removed += sum(modules[n].weight.numel() for n in g)
+        removed -= ranks[g[0]] * (modules[g[0]].in_features + sum(modules[n].out_features for n in g))
     return removed / total
 
 
