@@ -49,6 +49,8 @@ CANDIDATES = {
 def held_out(model, raw, windows: list[list[int]]):
     """Per-window NLL scorer and KL-to-the-fine-tune scorer for deltas on ``windows``."""
     import torch
+    from edgepack.runtime.perplexity import token_nll
+    from edgepack.toolchain import distill
     from edgepack.toolchain.delta import tune
     from edgepack.toolchain.delta.merge import merged
 
@@ -59,12 +61,10 @@ def held_out(model, raw, windows: list[list[int]]):
         nll, kl = [], []
         with merged(model, delta), torch.inference_mode():
             for i, w in enumerate(windows):
-                ids = torch.tensor([w])
-                states = tune.head_inputs(model, ids)
-                logp = torch.log_softmax(head(states)[0].float(), -1)
-                nll.append(float(-logp[:-1].gather(1, ids[0, 1:, None]).mean()))
-                target = torch.log_softmax(head(teacher[i:i + 1])[0].float(), -1)
-                kl.append(float((target.exp() * (target - logp)).sum(-1).mean()))
+                states = tune.head_inputs(model, torch.tensor([w]))
+                logits = head(states)[0].float().numpy()
+                nll.append(float(token_nll(logits[:-1], np.asarray(w[1:])).mean()))
+                kl.append(float(distill.sampled_kl(states, teacher[i:i + 1], head, None, None)))
         return np.asarray(nll), np.asarray(kl)
 
     return score
