@@ -43,6 +43,14 @@ CANDIDATES = {
     "osd grad at ft": dict(method="osd", importance="fisher", tune_steps=0, gradient_at="finetune"),
     "osd kl": dict(method="osd", tune_steps=0, importance="fisher-kl"),
     "osd kl+tune": dict(method="osd", importance="fisher-kl", **_TUNE),
+    # Selection during the tune (toolchain/delta/prune.py): dense rank-2r factors pruned to the budget while tuned.
+    "osd prune": dict(method="osd", prune_during_tune=True, **_TUNE),
+    "mag prune": dict(method="magtruncsvd", prune_during_tune=True, **_TUNE),
+    "mag+tune32": dict(method="magtruncsvd", tune_steps=32, tune_lr=3e-4),
+    "osd kl+tune32": dict(method="osd", importance="fisher-kl", tune_steps=32, tune_lr=3e-4),
+    "osd prune32": dict(method="osd", prune_during_tune=True, tune_steps=32, tune_lr=3e-4),
+    "mag prune32": dict(method="magtruncsvd", prune_during_tune=True, tune_steps=32, tune_lr=3e-4),
+    "osd c2 prune32": dict(method="osd", prune_during_tune=True, tune_steps=32, tune_lr=3e-4, relax_times=2),
 }
 
 

@@ -69,6 +69,11 @@ class DeltaConfig:
     # validation text, else 0.
     tune_steps: int | None = None
     tune_lr: float = TUNE_LR
+    # Choose the kept entries during the tune instead of before it (prune.py): start from all entries of the
+    # rank-k factors and prune on a cubic schedule to the budget while distilling, by the Fisher θ²·Σg² along
+    # the tune (OSD) or by |θ| (MagTruncSVD, per layer). Needs validation text and tune steps.
+    prune_during_tune: bool = False
+    prune_until: float = 0.5  # share of the tune's steps after which the budget is reached
 
     def __post_init__(self) -> None:
         osd = self.method == "osd"
@@ -97,6 +102,10 @@ class DeltaConfig:
         if (self.tune_steps or 0) < 0 or not self.tune_lr > 0:
             raise UsageError(f"--tune-steps must be 0 or more and --tune-lr above 0, got {self.tune_steps} and "
                              f"{self.tune_lr}")
+        if self.prune_during_tune and (self.method == "truncsvd" or self.refit or self.tune_steps == 0):
+            raise UsageError("--prune-during-tune needs a sparse method (osd, magtruncsvd), tune steps and no --refit")
+        if not 0 < self.prune_until <= 1:
+            raise UsageError(f"--prune-until must be in (0, 1], got {self.prune_until}")
         if self.windows < 1 or self.window_tokens < 2:
             raise UsageError("validation needs at least one window of at least 2 tokens")
 
@@ -139,6 +148,8 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
     whitening = _whitening(model, changed, windows, cache) if config.whiten else {}
     factors = {n: factorize.svd_factors(d, config.factor_rank, cache, whitening.get(n))
                for n, d in tqdm(changed.items(), desc="factorizing ΔW", unit="layer", file=sys.stderr)}
+    if config.prune_during_tune:
+        return _pruned_during_tune(model, raw, factors, config, windows, {} if cache is None else cache, start)
     scores, how = _scores(model, raw, factors, config, windows, {} if cache is None else cache, changed)
     if config.normalize and config.method == "osd" and windows:
         scores, how = importance.normalized(scores), how + ", normalized per layer"
@@ -167,9 +178,40 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
     return Delta(raw.base_fingerprint, layers, dense, info)
 
 
+def _pruned_during_tune(model: torch.nn.Module, raw: extract.RawDelta,
+                        factors: dict[str, tuple[torch.Tensor, torch.Tensor]], config: DeltaConfig,
+                        windows: list[list[int]], cache: dict, start: float) -> Delta:
+    """The delta whose entries were chosen during the tune (prune.py), with the same metadata as ``compress``."""
+    from edgepack.toolchain.delta import prune
+
+    if not windows:
+        raise UsageError("--prune-during-tune distils the delta toward the fine-tune on validation text: "
+                         "pass --valid FILE")
+    osd = config.method == "osd"
+    settings = prune.PruneSettings(steps=config.tune_steps or TUNE_STEPS, lr=config.tune_lr,
+                                   score="fisher" if osd else "magnitude", allocation="global" if osd else "layer",
+                                   prune_until=config.prune_until)
+    allowed = {n: budget.dense_bits(u.shape[0], v.shape[0], min(config.rank, u.shape[0], v.shape[0]))
+               for n, (u, v) in factors.items()}
+    layers, losses, kept = prune.gradual(model, factors, allowed, raw.dense, windows,
+                                         _teacher(model, raw, windows, cache), settings)
+    how = ("fisher θ²·Σ_t g_t² along the tune, loss KL(fine-tune ‖ model), pruned during the tune" if osd
+           else "magnitude |θ|, pruned during the tune")
+    record = {"steps": len(losses), "lr": config.tune_lr, "batch": settings.batch, "positions": settings.positions,
+              "pruned_during_tune": True, "prune_until": config.prune_until, "kept_bits_by_step": kept,
+              "kl_first_steps": round(sum(losses[:4]) / len(losses[:4]), 5),
+              "kl_last_steps": round(sum(losses[-4:]) / len(losses[-4:]), 5)}
+    info = {"method": config.method, "rank": config.rank, "relax": config.factor_rank - config.rank,
+            "importance": how, "gradient_at": "the tuned delta" if osd else None, "allocation": settings.allocation,
+            "whitened": config.whiten, "refit": False, "budget_bits": sum(allowed.values()),
+            "validation_windows": len(windows), "window_tokens": config.window_tokens, "tune": record,
+            "seconds": round(time.perf_counter() - start, 1)}
+    return Delta(raw.base_fingerprint, layers, {n: d.numpy() for n, d in raw.dense.items()}, info)
+
+
 def needs_windows(config: DeltaConfig) -> bool:
     """Whether ``config`` uses validation text (OSD's scores, whitening, the tune)."""
-    return config.method == "osd" or config.whiten or bool(config.tune_steps)
+    return config.method == "osd" or config.whiten or bool(config.tune_steps) or config.prune_during_tune
 
 
 def _tune(model: torch.nn.Module, raw: extract.RawDelta, layers: dict, config: DeltaConfig, steps: int,
