@@ -69,6 +69,7 @@ class DeltaConfig:
     # validation text, else 0.
     tune_steps: int | None = None
     tune_lr: float = TUNE_LR
+    tune_positions: int | None = 64  # positions per window whose logits enter a step's loss; None: all
     # Choose the kept entries during the tune instead of before it (prune.py): start from all entries of the
     # rank-k factors and prune on a cubic schedule to the budget while distilling, by the Fisher θ²·Σg² along
     # the tune (OSD) or by |θ| (MagTruncSVD, per layer). Needs validation text and tune steps.
@@ -190,7 +191,7 @@ def _pruned_during_tune(model: torch.nn.Module, raw: extract.RawDelta,
     osd = config.method == "osd"
     settings = prune.PruneSettings(steps=config.tune_steps or TUNE_STEPS, lr=config.tune_lr,
                                    score="fisher" if osd else "magnitude", allocation="global" if osd else "layer",
-                                   prune_until=config.prune_until)
+                                   prune_until=config.prune_until, positions=config.tune_positions)
     allowed = {n: budget.dense_bits(u.shape[0], v.shape[0], min(config.rank, u.shape[0], v.shape[0]))
                for n, (u, v) in factors.items()}
     layers, losses, kept = prune.gradual(model, factors, allowed, raw.dense, windows,
@@ -221,7 +222,7 @@ def _tune(model: torch.nn.Module, raw: extract.RawDelta, layers: dict, config: D
 
     if not windows:
         raise UsageError("--tune-steps distils the delta toward the fine-tune on validation text: pass --valid FILE")
-    settings = tune.TuneSettings(steps=steps, lr=config.tune_lr)
+    settings = tune.TuneSettings(steps=steps, lr=config.tune_lr, positions=config.tune_positions)
     out, losses = tune.tune(model, layers, raw.dense, windows, _teacher(model, raw, windows, cache), settings)
     record = {"steps": len(losses), "lr": config.tune_lr, "batch": settings.batch, "positions": settings.positions}
     if losses:  # none when the delta kept no entries to train

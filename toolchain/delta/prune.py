@@ -36,7 +36,7 @@ class PruneSettings:
     prune_until: float = 0.5  # the budget is reached after this share of the steps
     every: int = 1  # steps between prunings
     batch: int = 2
-    positions: int = 64
+    positions: int | None = 64
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -35,7 +35,7 @@ class TuneSettings:
     steps: int
     lr: float = 1e-4
     batch: int = 2  # windows per step
-    positions: int = 64  # positions per window whose logits enter the loss
+    positions: int | None = 64  # positions per window whose logits enter the loss (None: all)
     seed: int = 0
 
 
