@@ -83,10 +83,17 @@ VARIANTS = {
 TUNED = {"MagTruncSVD + tune": dict(method="magtruncsvd"),
          "OSD (fisher at base, global) + tune": dict(method="osd", importance="fisher"),
          "OSD (fisher-kl at base, global) + tune": dict(method="osd", importance="fisher-kl")}
+# The same with the stronger tune of the run's --tune-steps / --tune-positions (e.g. 48 steps, every position,
+# --valid-windows 32), and the entries chosen during the tune (toolchain/delta/prune.py).
+TUNED.update({"MagTruncSVD + long tune": dict(method="magtruncsvd"),
+              "OSD (fisher-kl at base, global) + long tune": dict(method="osd", importance="fisher-kl"),
+              "OSD, pruned during the long tune": dict(method="osd", prune_during_tune=True)})
 VARIANTS.update({label: {**options, "tune_steps": "tuned"} for label, options in TUNED.items()})
 # A tuned OSD row is also compared with the same tune on magnitude's pattern: what the selection adds.
 SAME_TUNE = {"OSD (fisher at base, global) + tune": "MagTruncSVD + tune",
-             "OSD (fisher-kl at base, global) + tune": "MagTruncSVD + tune"}
+             "OSD (fisher-kl at base, global) + tune": "MagTruncSVD + tune",
+             "OSD (fisher-kl at base, global) + long tune": "MagTruncSVD + long tune",
+             "OSD, pruned during the long tune": "MagTruncSVD + long tune"}
 BASELINES = ("TruncSVD", "MagTruncSVD")
 PAPER = ("TruncSVD", "MagTruncSVD", "OSD (paper: taylor, per layer)")  # run at every rank; the rest at --extra-ranks
 
@@ -150,7 +157,8 @@ def quality(domain: str, args: argparse.Namespace, work: Path, progress=None) ->
                 continue
             options = dict(VARIANTS[label])
             if options.get("tune_steps") == "tuned":
-                options.update(tune_steps=args.tune_steps, tune_lr=args.tune_lr)
+                options.update(tune_steps=args.tune_steps, tune_lr=args.tune_lr,
+                               tune_positions=args.tune_positions or None)
             config = DeltaConfig(rank=rank, windows=args.valid_windows, **options)
             start = time.perf_counter()
             if config.auto:
@@ -362,6 +370,8 @@ def main() -> None:
                         "fine-tune's own training text (room for many more windows; a second, independent subset)")
     parser.add_argument("--tune-steps", type=int, default=TUNE_STEPS, help="steps of the '+ tune' variants")
     parser.add_argument("--tune-lr", type=float, default=TUNE_LR, help="learning rate of the '+ tune' variants")
+    parser.add_argument("--tune-positions", type=int, default=64,
+                        help="positions per window in a tune step's loss (0: all)")
     parser.add_argument("--tag", default="", help="write results/deltas-TAG.md/.json/.png (experiments) instead of "
                         "the main results")
     parser.add_argument("--int8-eval", action="store_true",
