@@ -53,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="distil the kept values toward the fine-tune for N steps on the --valid text (same entries, "
                    f"same bits, new values); default: {TUNE_STEPS} for --method osd with --valid, 0 otherwise")
     p.add_argument("--tune-lr", type=float, default=None, help=f"learning rate of the tune (default {TUNE_LR:g})")
+    p.add_argument("--prune-during-tune", action="store_true",
+                   help="sparse methods with --valid: choose the kept entries during the tune (start from all entries "
+                   "of the rank R+C factors, prune to the budget while distilling); measured no better than choosing "
+                   "them before the tune (README, #6)")
     # int8 is the default: at r = 1, 2 it moved held-out NLL by under 1e-4 nats (benchmarks/deltas, --int8-eval)
     # and keeps an r = 2 delta of the default model under 1 % of its int4 package (float16: 0.99 %).
     p.add_argument("--values", choices=("float32", "float16", "int8"), default="int8",
@@ -79,7 +83,8 @@ def delta(args: argparse.Namespace) -> int:
     config = DeltaConfig(method=args.method, rank=args.rank, relax=args.relax, valid=args.valid,
                          windows=args.windows, importance=args.importance, allocation=args.allocation,
                          auto=args.auto, whiten=args.whiten, refit=args.refit, gradient_at=args.gradient_at,
-                         shrink=args.shrink, normalize=args.normalize, **_tune_options(args))
+                         shrink=args.shrink, normalize=args.normalize, prune_during_tune=args.prune_during_tune,
+                         **_tune_options(args))
     result = make(args.base, args.finetuned, config)
     size = delta_file.write(result, args.output, args.values)
     info = result.info

@@ -70,6 +70,13 @@ def test_delta_tune_flags(tiny_model_dir, tiny_finetune_dir, tmp_path, capsys):
     code, out, _ = _cli(["inspect", str(out_file), "--json"], capsys)
     tune = json.loads(out)["info"]["tune"]
     assert tune["steps"] == 2 and tune["lr"] == 0.01
+    code, _, _ = _cli(["delta", str(tiny_model_dir), str(tiny_finetune_dir), "--method", "osd", "--rank", "1",
+                       "--valid", str(valid), "--windows", "2", "--tune-steps", "2", "--prune-during-tune",
+                       "-o", str(out_file)], capsys)
+    assert code == 0
+    code, out, _ = _cli(["inspect", str(out_file), "--json"], capsys)
+    info = json.loads(out)["info"]
+    assert info["tune"]["pruned_during_tune"] and info["tune"]["steps"] == 2
     code, _, err = _cli(["delta", str(tiny_model_dir), str(tiny_finetune_dir), "--tune-steps", "2",
                          "-o", str(tmp_path / "x.safetensors")], capsys)
     assert code == 2 and "--valid" in err.strip().splitlines()[-1] and "loading" not in err  # refused up front

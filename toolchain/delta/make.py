@@ -124,8 +124,9 @@ def make(base: str, finetuned: str, config: DeltaConfig) -> Delta:
     """Load ``base`` and ``finetuned`` (default / HF folder / GGUF) and compress their delta."""
     from edgepack.toolchain import sources
 
-    if config.tune_steps and config.valid is None:  # before minutes of loading and factorizing
-        raise UsageError("--tune-steps distils the delta toward the fine-tune on validation text: pass --valid FILE")
+    if (config.tune_steps or config.prune_during_tune) and config.valid is None:  # before minutes of loading
+        raise UsageError("--tune-steps / --prune-during-tune distil the delta toward the fine-tune on validation "
+                         "text: pass --valid FILE")
     base_model = sources.load(base)
     ft_model = sources.load(finetuned)
     raw = extract.extract(base_model.model, ft_model.model)
