@@ -53,6 +53,8 @@ CANDIDATES = {
     "osd c2 prune32": dict(method="osd", prune_during_tune=True, tune_steps=32, tune_lr=3e-4, relax_times=2),
     "osd kl c2+tune": dict(method="osd", importance="fisher-kl", relax_times=2, **_TUNE),
     "osd kl c3+tune": dict(method="osd", importance="fisher-kl", relax_times=3, **_TUNE),
+    "osd kl layer": dict(method="osd", importance="fisher-kl", allocation="layer", tune_steps=0),
+    "osd kl layer+tune": dict(method="osd", importance="fisher-kl", allocation="layer", **_TUNE),
     # A stronger tune: more steps, every position of each window (with --source-windows 32).
     "mag+tune48all": dict(method="magtruncsvd", tune_steps=48, tune_lr=3e-4, tune_positions=None),
     "osd kl+tune48all": dict(method="osd", importance="fisher-kl", tune_steps=48, tune_lr=3e-4, tune_positions=None),
