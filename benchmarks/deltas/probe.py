@@ -138,17 +138,22 @@ def main() -> None:
 
 def _write(rows: list[dict], args: argparse.Namespace, windows: int) -> None:
     out = results_dir(__file__)
-    table = [[r["rank"], r["candidate"], r["valid_ppl"], r["valid_nll"], r["nll_vs_first"], r["valid_kl"],
-              r["kl_vs_first"], r["tune_kl_last"] or "", r["seconds"]] for r in rows]
     command = " ".join(f'"{a}"' if " " in a else a for a in sys.argv[1:])
-    text = "\n".join([f"# Delta settings on validation text ({args.domain})", "",
+    (out / f"deltas-{args.tag}.md").write_text(probe_markdown(rows, args.domain, command, windows))
+    (out / f"deltas-{args.tag}.json").write_text(json.dumps(rows, indent=2))
+
+
+def probe_markdown(rows: list[dict], domain: str, command: str, windows: int) -> str:
+    """The results table (values to the digits the differences need; the shared table helper keeps one)."""
+    table = [[r["rank"], r["candidate"], f'{r["valid_ppl"]:.4f}', f'{r["valid_nll"]:.5f}', r["nll_vs_first"],
+              f'{r["valid_kl"]:.5f}', r["kl_vs_first"], "" if r["tune_kl_last"] is None else f'{r["tune_kl_last"]:.5f}',
+              r["seconds"]] for r in rows]
+    return "\n".join([f"# Delta settings on validation text ({domain})", "",
                       f"Command: `python benchmarks/deltas/probe.py {command}`",
                       f"Held out: {windows} windows x 256 tokens of the valid split; paired against the first "
                       "candidate (mean ± s.e.; negative = better).", "",
                       markdown_table(["r", "candidate", "valid ppl", "valid NLL", "Δ NLL vs first", "KL to fine-tune",
                                       "Δ KL vs first", "tune KL (train, last steps)", "s"], table)])
-    (out / f"deltas-{args.tag}.md").write_text(text)
-    (out / f"deltas-{args.tag}.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
