@@ -50,6 +50,7 @@ CANDIDATES = {
     "osd kl+tune32": dict(method="osd", importance="fisher-kl", tune_steps=32, tune_lr=3e-4),
     "osd prune32": dict(method="osd", prune_during_tune=True, tune_steps=32, tune_lr=3e-4),
     "mag prune32": dict(method="magtruncsvd", prune_during_tune=True, tune_steps=32, tune_lr=3e-4),
+    "osd prune32 early": dict(method="osd", prune_during_tune=True, prune_until=0.25, tune_steps=32, tune_lr=3e-4),
     "osd c2 prune32": dict(method="osd", prune_during_tune=True, tune_steps=32, tune_lr=3e-4, relax_times=2),
     "osd kl c2+tune": dict(method="osd", importance="fisher-kl", relax_times=2, **_TUNE),
     "osd kl c3+tune": dict(method="osd", importance="fisher-kl", relax_times=3, **_TUNE),
