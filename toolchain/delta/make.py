@@ -105,8 +105,9 @@ class DeltaConfig:
                              f"{self.tune_lr}")
         if self.prune_during_tune and (self.method == "truncsvd" or self.refit or self.tune_steps == 0):
             raise UsageError("--prune-during-tune needs a sparse method (osd, magtruncsvd), tune steps and no --refit")
-        if not 0 < self.prune_until <= 1:
-            raise UsageError(f"--prune-until must be in (0, 1], got {self.prune_until}")
+        if not 0 < self.prune_until <= 1 or (self.tune_positions is not None and self.tune_positions < 1):
+            raise UsageError(f"the share of the tune spent pruning must be in (0, 1] and the positions per window 1 or "
+                             f"more, got {self.prune_until} and {self.tune_positions}")
         if self.windows < 1 or self.window_tokens < 2:
             raise UsageError("validation needs at least one window of at least 2 tokens")
 
@@ -191,7 +192,7 @@ def _pruned_during_tune(model: torch.nn.Module, raw: extract.RawDelta,
                          "pass --valid FILE")
     osd = config.method == "osd"
     settings = prune.PruneSettings(steps=config.tune_steps or TUNE_STEPS, lr=config.tune_lr,
-                                   score="fisher" if osd else "magnitude", allocation="global" if osd else "layer",
+                                   score="fisher" if osd else "magnitude", allocation=config.allocation,
                                    prune_until=config.prune_until, positions=config.tune_positions)
     allowed = {n: budget.dense_bits(u.shape[0], v.shape[0], min(config.rank, u.shape[0], v.shape[0]))
                for n, (u, v) in factors.items()}
