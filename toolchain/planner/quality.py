@@ -1,16 +1,16 @@
 """Expected quality cost of a plan: held-out perplexity relative to the float32 package.
 
-Measured with the runtime on the first 20 evaluation windows of the default model (``edgepack eval PKG --max-
-windows 20``): float32 14.78. Fused graph: int4 14.85 (×1.005: the source weights are Q4_1, which the fused
-int4 layout holds exactly); ResSVD at the planner's k (⌈2·N·ratio⌉ last layers) built as the planner builds it
-(``edgepack build default --ratio R --int4``: propagation, then the 64-step factor tune through the package's
-int4 rounding) 18.90 / 22.97 / 26.68 / 31.19 at 10 / 20 / 30 / 40 % (a further ×1.273 / 1.546 / 1.796 /
-2.100). optimum's all-int4 device layout (int4 embedding too): 19.49 (×1.32), and with ResSVD 20 % 38.42 (a
-further ×1.97, measured before the factor tune existed). Ratios between measured points are interpolated log-
-linearly in the compression ratio and extrapolated past the last one; dtype and compression costs multiply
-(the ratio costs are measured on int4 packages, so slightly pessimistic for float32 ones). These are estimates
-for ranking plans, recorded as such in the plan. (Stop 14; the fused 20 % point was ×2.07 before the factor
-tune existed.)
+Measured with the runtime on the first 20 evaluation windows of the default model (``edgepack eval PKG
+--max-windows 20``): float32 14.78. Fused graph: int4 14.85 (×1.005: the source weights are Q4_1, which the
+fused int4 layout holds exactly); ResSVD at the planner's k (⌈2·N·ratio⌉ last layers) built as the planner
+builds it (``edgepack build default --ratio R --int4``: propagation, then the 64-step factor tune through the
+package's int4 rounding) 18.90 / 22.97 / 26.68 / 31.19 at 10 / 20 / 30 / 40 % (a further ×1.273 / 1.546 /
+1.796 / 2.100). optimum's all-int4 device layout (int4 embedding too): 19.49 (×1.32), and with ResSVD 20 %
+38.42 (a further ×1.97, measured before the factor tune existed). Ratios between measured points are
+interpolated log-linearly in the compression ratio and extrapolated past the last one; dtype and compression
+costs multiply (the ratio costs are measured on int4 packages, so slightly pessimistic for float32 ones).
+These are estimates for ranking plans, recorded as such in the plan. (Stop 14; the fused 20 % point was ×2.07
+before the factor tune existed.)
 """
 
 from __future__ import annotations
