@@ -12,7 +12,9 @@ block-diagonal q/k/v factors). Their calls and the packages' decode steps altern
 load changes hit all of them alike. The report: the linears' speed-up against their byte ratio, their share
 of the dense package's step, and the whole-package speed-up that share allows when everything else is
 unchanged (T_dense / (T_dense − saved)), against the measured one and the packages' byte ratio. Never
-asserts anything about time.
+asserts anything about time. Use one thread: with more, the four sessions' idle pools spin on the same cores
+and every figure is distorted (2 threads on 2 cores, quiet: the dense step no faster than with one); the peers
+benchmark (one system a process) measures multi-threaded decode.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def main() -> None:
     p.add_argument("compressed", type=Path)
     p.add_argument("dense_package", type=Path)
     p.add_argument("ressvd_package", type=Path)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads of every session (keep 1: see above)")
     p.add_argument("--rounds", type=int, default=60, help="rounds of 10 linear calls and 10 decode steps each")
     args = p.parse_args()
     compressed = sources.load(str(args.compressed)).model
