@@ -58,3 +58,20 @@ def tiny_slots_package(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("packages") / "tiny-slots"
     build(BuildConfig(model=str(tiny_model_dir), graph="fused", delta_slots=True), out)
     return out
+
+
+@pytest.fixture(scope="module")
+def delta_setup(tiny_model_dir, tiny_finetune_dir):
+    """The tiny base model and its fine-tune, their ΔW and four 48-token windows of validation text, loaded once
+    per test module (the delta tune and pruning tests)."""
+    from pydoc_data.topics import topics
+
+    from edgepack.toolchain import sources
+    from edgepack.toolchain.delta import extract
+
+    base = sources.load(str(tiny_model_dir))
+    ft = sources.load(str(tiny_finetune_dir)).model
+    raw = extract.extract(base.model, ft)
+    ids = base.tokenizer(" ".join(list(topics.values())[20:30]), add_special_tokens=False)["input_ids"]
+    windows = [ids[i * 48:(i + 1) * 48] for i in range(4)]
+    return base.model, ft, raw, windows

@@ -9,22 +9,14 @@ import pytest
 import torch
 from edgepack.runtime import delta_file
 from edgepack.runtime.errors import UsageError
-from edgepack.toolchain import sources
-from edgepack.toolchain.delta import extract, tune
+from edgepack.toolchain.delta import tune
 from edgepack.toolchain.delta.make import DeltaConfig, compress, make
 from edgepack.toolchain.delta.merge import merged
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir, tiny_finetune_dir):
-    from pydoc_data.topics import topics
-
-    base = sources.load(str(tiny_model_dir))
-    ft = sources.load(str(tiny_finetune_dir)).model
-    raw = extract.extract(base.model, ft)
-    ids = base.tokenizer(" ".join(list(topics.values())[20:30]), add_special_tokens=False)["input_ids"]
-    windows = [ids[i * 48:(i + 1) * 48] for i in range(4)]
-    return base.model, ft, raw, windows
+def setup(delta_setup):
+    return delta_setup
 
 
 @pytest.mark.parametrize("method", ["osd", "magtruncsvd", "truncsvd"])
