@@ -34,10 +34,11 @@ VARIANTS = {
     "svd-llm, all layers": dict(method="svd-llm", layers="all", propagate=False),
     "svd-llm, last k (searched)": dict(method="svd-llm", layers="auto", propagate=False),
     "ressvd as published, last k": dict(method="ressvd", layers="auto", propagate=False),
-    "ressvd + propagation (ridge), last 2NR": dict(method="ressvd", layers="half", propagate=True),
+    "ressvd + propagation (ridge), last 2NR": dict(method="ressvd", layer_share=0.5, propagate=True),
+    "ressvd + propagation (ridge), last 2.5NR": dict(method="ressvd", layer_share=0.4, propagate=True),
     "ressvd + propagation (ridge), last k searched": dict(method="ressvd", layers="auto", propagate=True),
     "ressvd + propagation (ridge), all layers": dict(method="ressvd", layers="all", propagate=True),
-    "ressvd + propagation (ridge), last 2NR, 32 windows": dict(method="ressvd", layers="half", propagate=True,
+    "ressvd + propagation (ridge), last 2NR, 32 windows": dict(method="ressvd", layer_share=0.5, propagate=True,
                                                               calib_windows=32),
 }
 HEADERS = ["variant", "removed", "perplexity", "× dense", "int4 ppl", "layers", "compress s", "peak RSS MB"]
@@ -79,8 +80,10 @@ def main() -> None:
     for ratio in args.ratios:
         for name in args.variants:
             options = dict(VARIANTS[name])
-            if options["layers"] == "half":  # each compressed layer loses half its parameters
-                options["layers"] = max(selection.min_layers(per_layer, ratio), math.ceil(2 * len(per_layer) * ratio))
+            share = options.pop("layer_share", None)
+            if share:  # the last ⌈N·R/share⌉ layers, each losing about ``share`` of its parameters
+                k = math.ceil(len(per_layer) * ratio / share)
+                options["layers"] = max(selection.min_layers(per_layer, ratio), k)
             model = copy.deepcopy(loaded.model)
             start = time.perf_counter()
             config = ResSVDConfig(ratio=ratio, **options)
