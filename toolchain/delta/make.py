@@ -151,12 +151,13 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
     whitening = _whitening(model, changed, windows, cache) if config.whiten else {}
     factors = {n: factorize.svd_factors(d, config.factor_rank, cache, whitening.get(n))
                for n, d in tqdm(changed.items(), desc="factorizing ΔW", unit="layer", file=sys.stderr)}
+    allowed = {n: budget.dense_bits(*d.shape, min(config.rank, *d.shape)) for n, d in changed.items()}
     if config.prune_during_tune:
-        return _pruned_during_tune(model, raw, factors, config, windows, {} if cache is None else cache, start)
+        return _pruned_during_tune(model, raw, factors, allowed, config, windows, {} if cache is None else cache,
+                                   start)
     scores, how = _scores(model, raw, factors, config, windows, {} if cache is None else cache, changed)
     if config.normalize and config.method == "osd" and windows:
         scores, how = importance.normalized(scores), how + ", normalized per layer"
-    allowed = {n: budget.dense_bits(*d.shape, min(config.rank, *d.shape)) for n, d in changed.items()}
     total_budget = sum(allowed.values())
     osd_with_text = config.method == "osd" and bool(windows)
     if config.method == "truncsvd":
@@ -182,9 +183,10 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
 
 
 def _pruned_during_tune(model: torch.nn.Module, raw: extract.RawDelta,
-                        factors: dict[str, tuple[torch.Tensor, torch.Tensor]], config: DeltaConfig,
-                        windows: list[list[int]], cache: dict, start: float) -> Delta:
-    """The delta whose entries were chosen during the tune (prune.py), with the same metadata as ``compress``."""
+                        factors: dict[str, tuple[torch.Tensor, torch.Tensor]], allowed: dict[str, int],
+                        config: DeltaConfig, windows: list[list[int]], cache: dict, start: float) -> Delta:
+    """The delta whose entries were chosen during the tune (prune.py) within ``allowed`` (name → bits), with the
+    same metadata as ``compress``."""
     from edgepack.toolchain.delta import prune
 
     if not windows:
@@ -194,16 +196,12 @@ def _pruned_during_tune(model: torch.nn.Module, raw: extract.RawDelta,
     settings = prune.PruneSettings(steps=config.tune_steps or TUNE_STEPS, lr=config.tune_lr,
                                    score="fisher" if osd else "magnitude", allocation=config.allocation,
                                    prune_until=config.prune_until, positions=config.tune_positions)
-    allowed = {n: budget.dense_bits(u.shape[0], v.shape[0], min(config.rank, u.shape[0], v.shape[0]))
-               for n, (u, v) in factors.items()}
     layers, losses, kept = prune.gradual(model, factors, allowed, raw.dense, windows,
                                          _teacher(model, raw, windows, cache), settings)
     how = ("fisher θ²·Σ_t g_t² along the tune, loss KL(fine-tune ‖ model), pruned during the tune" if osd
            else "magnitude |θ|, pruned during the tune")
-    record = {"steps": len(losses), "lr": config.tune_lr, "batch": settings.batch, "positions": settings.positions,
-              "pruned_during_tune": True, "prune_until": config.prune_until, "kept_bits_by_step": kept,
-              "kl_first_steps": round(sum(losses[:4]) / len(losses[:4]), 5),
-              "kl_last_steps": round(sum(losses[-4:]) / len(losses[-4:]), 5)}
+    record = {**_tune_record(losses, config.tune_lr, settings.batch, settings.positions), "pruned_during_tune": True,
+              "prune_until": config.prune_until, "kept_bits_by_step": kept}
     info = {"method": config.method, "rank": config.rank, "relax": config.factor_rank - config.rank,
             "importance": how, "gradient_at": "the tuned delta" if osd else None, "allocation": settings.allocation,
             "whitened": config.whiten, "refit": False, "budget_bits": sum(allowed.values()),
@@ -226,11 +224,16 @@ def _tune(model: torch.nn.Module, raw: extract.RawDelta, layers: dict, config: D
         raise UsageError("--tune-steps distils the delta toward the fine-tune on validation text: pass --valid FILE")
     settings = tune.TuneSettings(steps=steps, lr=config.tune_lr, positions=config.tune_positions)
     out, losses = tune.tune(model, layers, raw.dense, windows, _teacher(model, raw, windows, cache), settings)
-    record = {"steps": len(losses), "lr": config.tune_lr, "batch": settings.batch, "positions": settings.positions}
+    return {"layers": out, "tune": _tune_record(losses, config.tune_lr, settings.batch, settings.positions)}
+
+
+def _tune_record(losses: list[float], lr: float, batch: int, positions: int | None) -> dict[str, Any]:
+    """What a tune did, for the delta's metadata: its settings and the mean loss of its first and last steps."""
+    record = {"steps": len(losses), "lr": lr, "batch": batch, "positions": positions}
     if losses:  # none when the delta kept no entries to train
         record.update(kl_first_steps=round(sum(losses[:4]) / len(losses[:4]), 5),
                       kl_last_steps=round(sum(losses[-4:]) / len(losses[-4:]), 5))
-    return {"layers": out, "tune": record}
+    return record
 
 
 def _teacher(model: torch.nn.Module, raw: extract.RawDelta, windows: list[list[int]], cache: dict) -> torch.Tensor:
