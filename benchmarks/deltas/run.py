@@ -83,17 +83,14 @@ VARIANTS = {
 TUNED = {"MagTruncSVD + tune": dict(method="magtruncsvd"),
          "OSD (fisher at base, global) + tune": dict(method="osd", importance="fisher"),
          "OSD (fisher-kl at base, global) + tune": dict(method="osd", importance="fisher-kl")}
-# The same with the stronger tune of the run's --tune-steps / --tune-positions (e.g. 48 steps, every position,
-# --valid-windows 32), and the entries chosen during the tune (toolchain/delta/prune.py).
-TUNED.update({"MagTruncSVD + long tune": dict(method="magtruncsvd"),
-              "OSD (fisher-kl at base, global) + long tune": dict(method="osd", importance="fisher-kl"),
-              "OSD, pruned during the long tune": dict(method="osd", prune_during_tune=True)})
+# The entries chosen during the tune (toolchain/delta/prune.py). Every tuned row takes the run's --tune-steps /
+# --tune-positions (a stronger tune: e.g. 48 steps, --tune-positions 0, --valid-windows 32).
+TUNED["OSD, pruned during the tune"] = dict(method="osd", prune_during_tune=True)
 VARIANTS.update({label: {**options, "tune_steps": "tuned"} for label, options in TUNED.items()})
 # A tuned OSD row is also compared with the same tune on magnitude's pattern: what the selection adds.
 SAME_TUNE = {"OSD (fisher at base, global) + tune": "MagTruncSVD + tune",
              "OSD (fisher-kl at base, global) + tune": "MagTruncSVD + tune",
-             "OSD (fisher-kl at base, global) + long tune": "MagTruncSVD + long tune",
-             "OSD, pruned during the long tune": "MagTruncSVD + long tune"}
+             "OSD, pruned during the tune": "MagTruncSVD + tune"}
 BASELINES = ("TruncSVD", "MagTruncSVD")
 PAPER = ("TruncSVD", "MagTruncSVD", "OSD (paper: taylor, per layer)")  # run at every rank; the rest at --extra-ranks
 
