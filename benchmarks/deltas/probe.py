@@ -60,6 +60,9 @@ CANDIDATES = {
     "mag+tune48all": dict(method="magtruncsvd", tune_steps=48, tune_lr=3e-4, tune_positions=None),
     "osd kl+tune48all": dict(method="osd", importance="fisher-kl", tune_steps=48, tune_lr=3e-4, tune_positions=None),
     "osd prune48all": dict(method="osd", prune_during_tune=True, tune_steps=48, tune_lr=3e-4, tune_positions=None),
+    # One re-selection at the tuned point (toolchain/delta/reselect.py): 16 steps, re-score, 16 more steps; its
+    # equal-budget controls are "osd kl+tune32" and "mag+tune32".
+    "osd kl reselect": dict(method="osd", importance="fisher-kl", reselect=True, **_TUNE),
 }
 
 

@@ -75,6 +75,9 @@ class DeltaConfig:
     # the tune (OSD) or by |θ| (MagTruncSVD, per layer). Needs validation text and tune steps.
     prune_during_tune: bool = False
     prune_until: float = 0.5  # share of the tune's steps after which the budget is reached
+    # After the tune, score the entries again at the tuned point (OSD's Fisher), choose the pattern anew at the
+    # same budget and tune it again (reselect.py): twice the tune steps in all.
+    reselect: bool = False
 
     def __post_init__(self) -> None:
         osd = self.method == "osd"
@@ -108,6 +111,10 @@ class DeltaConfig:
         if not 0 < self.prune_until <= 1 or (self.tune_positions is not None and self.tune_positions < 1):
             raise UsageError(f"the share of the tune spent pruning must be in (0, 1] and the positions per window 1 or "
                              f"more, got {self.prune_until} and {self.tune_positions}")
+        if self.reselect and (self.method != "osd" or self.importance not in ("fisher", "fisher-kl")
+                              or self.allocation != "global" or self.tune_steps == 0 or self.prune_during_tune):
+            raise UsageError("--reselect re-scores OSD's fisher / fisher-kl selection (global budget) after its tune: "
+                             "it needs --method osd, tune steps and no --prune-during-tune")
         if self.windows < 1 or self.window_tokens < 2:
             raise UsageError("validation needs at least one window of at least 2 tokens")
 
@@ -172,6 +179,9 @@ def compress(model: torch.nn.Module, raw: extract.RawDelta, config: DeltaConfig,
     tuned = _tune(model, raw, layers, config, steps, windows, {} if cache is None else cache) if steps else {}
     if tuned:
         layers = tuned.pop("layers")
+    if tuned and config.reselect and windows:
+        layers, tuned = _reselected(model, raw, factors, layers, tuned, total_budget, config, steps, windows,
+                                    {} if cache is None else cache)
     info = {"method": config.method, "rank": config.rank, "relax": config.factor_rank - config.rank,
             "importance": how, "gradient_at": config.gradient_at if config.method == "osd" else None,
             "allocation": config.allocation if config.method == "osd" else "layer",
@@ -225,6 +235,19 @@ def _tune(model: torch.nn.Module, raw: extract.RawDelta, layers: dict, config: D
     settings = tune.TuneSettings(steps=steps, lr=config.tune_lr, positions=config.tune_positions)
     out, losses = tune.tune(model, layers, raw.dense, windows, _teacher(model, raw, windows, cache), settings)
     return {"layers": out, "tune": _tune_record(losses, config.tune_lr, settings.batch, settings.positions)}
+
+
+def _reselected(model: torch.nn.Module, raw: extract.RawDelta, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                layers: dict, first: dict[str, Any], budget_bits: int, config: DeltaConfig, steps: int,
+                windows: list[list[int]], cache: dict) -> tuple[dict, dict[str, Any]]:
+    """The pattern chosen again at the tuned point (reselect.py) and tuned again; both tunes in the metadata."""
+    from edgepack.toolchain.delta import reselect
+
+    loss_fn = _kl_to_finetune(model, raw, windows, cache) if config.importance == "fisher-kl" else None
+    chosen = reselect.reselect(model, factors, layers, raw.dense, windows, budget_bits, loss_fn)
+    second = _tune(model, raw, chosen, config, steps, windows, cache)
+    record = {"tune": second["tune"], "first_tune": first["tune"], "reselect": reselect.overlap(layers, chosen)}
+    return second.pop("layers"), record
 
 
 def _tune_record(losses: list[float], lr: float, batch: int, positions: int | None) -> dict[str, Any]:
