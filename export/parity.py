@@ -25,6 +25,8 @@ from edgepack.runtime.errors import ParityError
 RTOL = 1e-3
 
 
+DECODE_STEPS = 3  # single-token steps after each prompt's prefill
+
 @dataclass(frozen=True)
 class ParityReport:
     max_abs_diff: float
@@ -60,7 +62,7 @@ def _torch_steps(model: Any, prompt: Sequence[int], decode_steps: int) -> tuple[
     return logits, fed
 
 
-def compare(model: Any, onnx_path: Path, prompts: Sequence[Sequence[int]], decode_steps: int = 3,
+def compare(model: Any, onnx_path: Path, prompts: Sequence[Sequence[int]], decode_steps: int = DECODE_STEPS,
             rtol: float = RTOL, decoder_class: type = Decoder) -> ParityReport:
     """``decoder_class`` is the runtime decoder of the graph's kind (``fused_decoder.decoder_class``)."""
     decoder = decoder_class(onnx_path)
@@ -82,7 +84,7 @@ def compare(model: Any, onnx_path: Path, prompts: Sequence[Sequence[int]], decod
     )
 
 
-def check(model: Any, onnx_path: Path, prompts: Sequence[Sequence[int]], decode_steps: int = 3,
+def check(model: Any, onnx_path: Path, prompts: Sequence[Sequence[int]], decode_steps: int = DECODE_STEPS,
           decoder_class: type = Decoder) -> ParityReport:
     """Compare and raise ``ParityError`` past the tolerance."""
     report = compare(model, onnx_path, prompts, decode_steps, decoder_class=decoder_class)

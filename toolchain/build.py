@@ -92,8 +92,9 @@ def generation_settings(model: Any, tokenizer: Any, context: int) -> GenerationS
     )
 
 
-def parity_prompts(tokenizer: Any) -> list[list[int]]:
-    """Real prompts: a chat question (when there is a template) and two passages of prose."""
+def parity_prompts(tokenizer: Any, context: int | None = None) -> list[list[int]]:
+    """Real prompts: a chat question (when there is a template) and two passages of prose; each kept to
+    ``context`` minus the parity check's decode steps, so a short-context package is checked too."""
     prompts = []
     if tokenizer.chat_template:
         prompts.append(tokenizer.apply_chat_template(
@@ -103,7 +104,8 @@ def parity_prompts(tokenizer: Any) -> list[list[int]]:
     prose = text.evaluation_text()
     for start in (0, len(prose) // 2):
         prompts.append(tokenizer(prose[start:start + 400])["input_ids"][:64])
-    return [list(map(int, p)) for p in prompts]
+    room = None if context is None else max(1, context - parity.DECODE_STEPS)
+    return [list(map(int, p[:room])) for p in prompts]
 
 
 def build(config: BuildConfig, output: Path | str) -> Manifest:
@@ -116,7 +118,7 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
                  file=sys.stderr)
     with steps:
         steps.set_postfix_str("loading model")
-        loaded = sources.load(config.model, check=_exportable_check(config.graph))
+        loaded = sources.load(config.model, check=_exportable_check(config))
         config = resolve_graph(config, loaded.model.config)
         steps.update()
         compression = _recorded_compression(loaded.source.path)
@@ -129,7 +131,7 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
             compression = compress_loaded(loaded, config.compression, config.calib, _factor_rounding(config)).to_dict()
             steps.update()
         settings = generation_settings(loaded.model, loaded.tokenizer, config.context)
-        prompts = parity_prompts(loaded.tokenizer)
+        prompts = parity_prompts(loaded.tokenizer, settings.context_length)
         with atomic_dir(output) as staging, work_dir(output) as work:
             steps.set_postfix_str("exporting to ONNX")
             t0 = time.perf_counter()
@@ -207,7 +209,7 @@ def resolve_graph(config: BuildConfig, model_config: Any) -> BuildConfig:
     reason = "the all-int4 layout is made on it" if config.int4_all else ""
     if not reason:
         try:
-            fused.check_supported(model_config)
+            fused.check_supported(model_config, _context(config, model_config))
             return dataclasses.replace(config, graph="fused")
         except UnsupportedArchitecture as e:
             reason = f"no fused graph: {str(e).split(';')[0]}"
@@ -225,12 +227,17 @@ def _factor_rounding(config: BuildConfig) -> str:
     return f"int{config.factor_bits}" if config.int4 else "int8" if config.int8 else "none"
 
 
-def _exportable_check(graph: str) -> Any:
-    if graph == "fused":
+def _exportable_check(config: BuildConfig) -> Any:
+    if config.graph == "fused":
         from edgepack.export import fused
 
-        return fused.check_supported
+        return lambda model_config: fused.check_supported(model_config, _context(config, model_config))
     return onnx_export.check_exportable
+
+
+def _context(config: BuildConfig, model_config: Any) -> int:
+    """The package's context length: the requested cap, or the model's own maximum if smaller."""
+    return min(config.context, getattr(model_config, "max_position_embeddings", None) or config.context)
 
 
 def _dtype(config: BuildConfig) -> str:

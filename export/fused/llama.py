@@ -28,22 +28,29 @@ from edgepack.export.fused.linear import LinearEmitter, embed_8bit, head_8bit, i
 from edgepack.runtime.delta import DELTA_SLOTS_KEY  # JSON: each slot's inputs, input width, (module, width) parts
 from edgepack.runtime.errors import UnsupportedArchitecture
 
-SUPPORTED_TYPES = ("llama", "mistral")
+# Llama's decoder layout; Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm of q and k before the rotary.
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 GRAPH_NAME = "fused"
 CONTEXT_KEY = "edgepack.context_length"
 LOGITS_KEEP = "logits_to_keep"  # input: logits for the last k positions only
 
 
-def check_supported(config: Any) -> None:
-    """Refuse, by name, models the fused layout does not describe."""
+def check_supported(config: Any, context: int | None = None) -> None:
+    """Refuse, by name, models the fused layout does not describe. A sliding window at least as long as
+    the package's ``context`` never slides, so such a model is plain causal attention there."""
     model_type = getattr(config, "model_type", "?")
     if model_type not in SUPPORTED_TYPES:
         raise UnsupportedArchitecture(f"model type '{model_type}' has no fused graph yet "
                                       f"(supported: {', '.join(SUPPORTED_TYPES)}); build without --graph fused")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise UnsupportedArchitecture(f"the fused graph needs a SiLU MLP, this model uses {config.hidden_act}")
-    if getattr(config, "sliding_window", None):
-        raise UnsupportedArchitecture("the fused graph does not implement sliding-window attention yet")
+    window = getattr(config, "sliding_window", None)
+    if window and (context is None or context > window):
+        raise UnsupportedArchitecture(f"the fused graph does not implement sliding-window attention yet (window "
+                                      f"{window}); a package with --context {window} or less can use it")
+    kinds = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    if kinds:  # sliding layers are full attention within the window (checked above); others are not
+        raise UnsupportedArchitecture(f"the fused graph has full attention only, this model has {sorted(kinds)} layers")
 
 
 def head_dim(config: Any) -> int:
@@ -58,7 +65,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     is the width of ResSVD factor pairs in an int4 graph (4 or 8); ``block_qkv`` packs factorized q/k/v
     projections as two ops (``LinearEmitter.block_qkv``)."""
     cfg = model.config
-    check_supported(cfg)
+    check_supported(cfg, context)
     b = GraphBuilder("edgepack_fused_llama")
     ids = b.add_input("input_ids", INT64, [1, "sequence_length"])
     seqlens = b.add_input("seqlens_k", INT32, [1])
@@ -142,6 +149,8 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, cfg: Any,
         p_names = [f"{name}.{p_name}" for p_name in ("q", "k", "v")]
         outs = lin.modules(x, list(projections), p_names, f"{name}.qkv_low")
         qkv = [lin.delta(x, y, cfg.hidden_size, [p], n) for y, p, n in zip(outs, projections, p_names)]
+    if getattr(attn, "q_norm", None) is not None:
+        qkv = _qk_norms(b, lin, qkv, attn, cfg, name)
     seqlens, total, cos, sin = shared
     out = b.unique(f"{name}/out")
     present = [f"present.{i}.key", f"present.{i}.value"]
@@ -152,6 +161,27 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, cfg: Any,
         b.outputs.append(_value_info(p, kv_shape))
     o_in = cfg.num_attention_heads * head_dim(cfg)
     return lin.delta(out, lin.module(out, attn.o_proj, f"{name}.o"), o_in, [attn.o_proj], f"{name}.o")
+
+
+def _qk_norms(b: GraphBuilder, lin: LinearEmitter, qkv: list[str], attn: Any, cfg: Any, name: str) -> list[str]:
+    """Qwen3: RMSNorm over each head of q and of k (before the rotary, which GroupQueryAttention applies),
+    so q, k and v go to it unpacked."""
+    dim = head_dim(cfg)
+    q, k, v = qkv
+    if not k:  # packed: split by the widths GroupQueryAttention would have used
+        widths = [cfg.num_attention_heads * dim, cfg.num_key_value_heads * dim, cfg.num_key_value_heads * dim]
+        q, k, v = b.op("Split", [q, b.const(widths)], f"{name}/split_qkv", 3, axis=-1)
+    eps = float(cfg.rms_norm_eps)
+    normed = []
+    for x, norm, heads, kind in ((q, attn.q_norm, cfg.num_attention_heads, "q"),
+                                 (k, attn.k_norm, cfg.num_key_value_heads, "k")):
+        per_head = b.op1("Reshape", [x, b.const([0, 0, heads, dim])], f"{name}/{kind}_heads")
+        gamma = lin.dense_delta(b.weight(f"{name}.{kind}_norm.weight", _array(norm.weight)), norm.weight)
+        out = b.unique(f"{name}/{kind}_norm/out")
+        b.op_named("SimplifiedLayerNormalization", [per_head, gamma], [out], f"{name}/{kind}_norm", axis=-1,
+                   epsilon=eps, stash_type=1)
+        normed.append(b.op1("Reshape", [out, b.const([0, 0, heads * dim])], f"{name}/{kind}_flat"))
+    return [*normed, v]
 
 
 def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, name: str) -> str:

@@ -48,3 +48,14 @@ def test_auto_graph_is_fused_for_llama_and_optimum_otherwise(capsys):
 
 def test_default_build_of_a_llama_is_the_fused_graph(tiny_package):
     assert open_package(tiny_package).manifest.plan["graph"] == "fused"
+
+
+def test_parity_prompts_leave_room_for_the_decode_steps_in_a_short_context():
+    import tiny
+    from edgepack.export.parity import DECODE_STEPS
+
+    tokenizer = tiny.make_tokenizer()
+    full = build_mod.parity_prompts(tokenizer)
+    assert max(map(len, full)) > 16  # the prose passages are long: clipping is what is under test
+    short = build_mod.parity_prompts(tokenizer, context=16)
+    assert [p[:16 - DECODE_STEPS] for p in full] == short

@@ -1,0 +1,121 @@
+"""The fused graph on the Llama-family variants it describes besides Llama itself (Qwen2's q/k/v biases,
+Qwen3's per-head q/k norms, a head width other than hidden / heads, untied heads, Mistral's window), and
+the end-to-end path for one of them: build with delta slots, a fine-tune's delta applied in the runtime."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tiny
+import torch
+from edgepack.export import parity
+from edgepack.export.fused.builder import save
+from edgepack.export.fused.llama import build_llama, check_supported
+from edgepack.runtime.errors import UnsupportedArchitecture
+from edgepack.runtime.fused_decoder import FusedDecoder
+
+CONTEXT = 64
+PROMPTS = [[5, 17, 33, 101, 7, 250, 3, 99], list(range(40, 70))]
+VARIANTS = {
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": 32}),  # 4 heads x 32 != hidden 64
+    "qwen2-untied": ("qwen2", {"tie_word_embeddings": False}),
+    "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
+    "mistral-window": ("mistral", {"sliding_window": 4096}),  # never slides within CONTEXT
+}
+
+
+def make_model(model_type: str, seed: int = 0, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                    eos_token_id=2, pad_token_id=0, tie_word_embeddings=True) | overrides
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings)).eval()
+    with torch.no_grad():  # decisive logits (as tiny.make_model), and norms / biases away from their init
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+            else:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_float_graph_matches_pytorch(variant, tmp_path):
+    model_type, overrides = VARIANTS[variant]
+    model = make_model(model_type, **overrides)
+    save(build_llama(model, CONTEXT), tmp_path / "f32.onnx")
+    report = parity.compare(model, tmp_path / "f32.onnx", PROMPTS, decode_steps=4, decoder_class=FusedDecoder)
+    assert report.passed and report.max_abs_diff < 1e-4 and report.top1_agreement == 1.0
+
+
+def test_qwen3_norms_are_per_head_and_int4_graph_runs(tmp_path):
+    import onnx
+
+    model = make_model("qwen3", head_dim=32)
+    save(build_llama(model, CONTEXT, int4=True), tmp_path / "int4.onnx")
+    nodes = [n.name for n in onnx.load(str(tmp_path / "int4.onnx")).graph.node]
+    assert sum(n.endswith(("/q_norm", "/k_norm")) for n in nodes) == 2 * 2
+    decoder = FusedDecoder(tmp_path / "int4.onnx")
+    logits = decoder.forward(PROMPTS[1], decoder.new_cache(), all_logits=True)
+    with torch.inference_mode():
+        ref = model(torch.tensor([PROMPTS[1]])).logits[0].numpy()
+    # int4 rounding of random weights moves logits, but they stay the model's: strongly correlated
+    assert np.corrcoef(logits.ravel(), ref.ravel())[0, 1] > 0.9
+
+
+def _config(**fields):
+    return SimpleNamespace(model_type="mistral", hidden_act="silu", **fields)
+
+
+def test_a_sliding_window_is_accepted_only_where_it_never_slides():
+    check_supported(_config(sliding_window=4096), context=2048)
+    with pytest.raises(UnsupportedArchitecture, match="sliding-window.*--context 1024 or less"):
+        check_supported(_config(sliding_window=1024), context=2048)
+    with pytest.raises(UnsupportedArchitecture, match="sliding-window"):
+        check_supported(_config(sliding_window=1024))  # context unknown: it might slide
+
+
+def test_other_attention_kinds_are_refused_by_name():
+    with pytest.raises(UnsupportedArchitecture, match="chunked_attention"):
+        check_supported(_config(layer_types=["full_attention", "chunked_attention"]))
+
+
+def test_qwen3_package_with_a_delta_matches_merged_weights(tmp_path):
+    """build --delta-slots on Qwen3, a fine-tune that also moves the q/k norms, its delta applied at load."""
+    from edgepack.runtime import delta_file, load
+    from edgepack.toolchain.build import BuildConfig, build
+    from edgepack.toolchain.delta.make import DeltaConfig, make
+
+    base = make_model("qwen3", head_dim=32)
+    base.save_pretrained(tmp_path / "base")
+    tiny.make_tokenizer().save_pretrained(tmp_path / "base")
+    tuned = make_model("qwen3", head_dim=32)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "layers" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen) * p.abs().mean())
+    tuned.save_pretrained(tmp_path / "tuned")
+    tiny.make_tokenizer().save_pretrained(tmp_path / "tuned")
+
+    build(BuildConfig(model=str(tmp_path / "base"), graph="auto", delta_slots=True, context=CONTEXT), tmp_path / "pkg")
+    delta = make(str(tmp_path / "base"), str(tmp_path / "tuned"), DeltaConfig(method="truncsvd", rank=8))
+    assert any(name.endswith("q_norm.weight") for name in delta.dense)
+    delta_file.write(delta, tmp_path / "d.safetensors")
+    model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
+    got = model.decoder.forward(PROMPTS[0], model.decoder.new_cache(), all_logits=True)
+
+    merged = make_model("qwen3", head_dim=32)
+    modules, params = dict(merged.named_modules()), dict(merged.named_parameters())
+    with torch.no_grad():
+        for name, layer in delta.layers.items():
+            modules[name].weight.add_(torch.from_numpy(layer.matrix()))
+        for name, change in delta.dense.items():
+            params[name].add_(torch.from_numpy(change))
+        want = merged(torch.tensor([PROMPTS[0]])).logits[0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-3)
