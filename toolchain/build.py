@@ -118,7 +118,7 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
                  file=sys.stderr)
     with steps:
         steps.set_postfix_str("loading model")
-        loaded = sources.load(config.model, check=_exportable_check(config))
+        loaded = sources.load(config.model, check=_exportable_check(config.graph))
         config = resolve_graph(config, loaded.model.config)
         steps.update()
         compression = _recorded_compression(loaded.source.path)
@@ -209,7 +209,7 @@ def resolve_graph(config: BuildConfig, model_config: Any) -> BuildConfig:
     reason = "the all-int4 layout is made on it" if config.int4_all else ""
     if not reason:
         try:
-            fused.check_supported(model_config, _context(config, model_config))
+            fused.check_supported(model_config)
             return dataclasses.replace(config, graph="fused")
         except UnsupportedArchitecture as e:
             reason = f"no fused graph: {str(e).split(';')[0]}"
@@ -227,17 +227,12 @@ def _factor_rounding(config: BuildConfig) -> str:
     return f"int{config.factor_bits}" if config.int4 else "int8" if config.int8 else "none"
 
 
-def _exportable_check(config: BuildConfig) -> Any:
-    if config.graph == "fused":
+def _exportable_check(graph: str) -> Any:
+    if graph == "fused":
         from edgepack.export import fused
 
-        return lambda model_config: fused.check_supported(model_config, _context(config, model_config))
+        return fused.check_supported
     return onnx_export.check_exportable
-
-
-def _context(config: BuildConfig, model_config: Any) -> int:
-    """The package's context length: the requested cap, or the model's own maximum if smaller."""
-    return min(config.context, getattr(model_config, "max_position_embeddings", None) or config.context)
 
 
 def _dtype(config: BuildConfig) -> str:

@@ -1,5 +1,5 @@
 """The fused graph on the Llama-family variants it describes besides Llama itself (Qwen2's q/k/v biases,
-Qwen3's per-head q/k norms, a head width other than hidden / heads, untied heads, Mistral's window), and
+Qwen3's per-head q/k norms, a head width other than hidden / heads, untied heads, sliding windows), and
 the end-to-end path for one of them: build with delta slots, a fine-tune's delta applied in the runtime."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ VARIANTS = {
     "qwen3": ("qwen3", {"head_dim": 32}),  # 4 heads x 32 != hidden 64
     "qwen2-untied": ("qwen2", {"tie_word_embeddings": False}),
     "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
-    "mistral-window": ("mistral", {"sliding_window": 4096}),  # never slides within CONTEXT
+    "mistral-window": ("mistral", {"sliding_window": 5}),  # slides: the prompts are longer
+    "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),
 }
 
 
@@ -72,12 +73,17 @@ def _config(**fields):
     return SimpleNamespace(model_type="mistral", hidden_act="silu", **fields)
 
 
-def test_a_sliding_window_is_accepted_only_where_it_never_slides():
-    check_supported(_config(sliding_window=4096), context=2048)
-    with pytest.raises(UnsupportedArchitecture, match="sliding-window.*--context 1024 or less"):
-        check_supported(_config(sliding_window=1024), context=2048)
-    with pytest.raises(UnsupportedArchitecture, match="sliding-window"):
-        check_supported(_config(sliding_window=1024))  # context unknown: it might slide
+def test_qwen2_slides_only_its_upper_layers():
+    model_type, overrides = VARIANTS["qwen2-window"]
+    graph = build_llama(make_model(model_type, **overrides), CONTEXT).graph
+    windows = [next(a.i for a in n.attribute if a.name == "local_window_size")
+               for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert windows == [-1, 7]  # layer 0 below max_window_layers: full attention
+
+
+def test_a_window_of_one_is_refused():
+    with pytest.raises(UnsupportedArchitecture, match="sliding window of at least 2"):
+        check_supported(_config(sliding_window=1))
 
 
 def test_other_attention_kinds_are_refused_by_name():
