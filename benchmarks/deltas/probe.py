@@ -63,6 +63,11 @@ CANDIDATES = {
     # One re-selection at the tuned point (toolchain/delta/reselect.py): 16 steps, re-score, 16 more steps; its
     # equal-budget controls are "osd kl+tune32" and "mag+tune32".
     "osd kl reselect": dict(method="osd", importance="fisher-kl", reselect=True, **_TUNE),
+    # OBD with the true Fisher (labels drawn from the model) at the fine-tune / at base + the rank-k delta.
+    "osd tf@ft": dict(method="osd", importance="fisher-true", gradient_at="finetune", tune_steps=0),
+    "osd tf@delta": dict(method="osd", importance="fisher-true", gradient_at="delta", tune_steps=0),
+    "osd tf@ft+tune": dict(method="osd", importance="fisher-true", gradient_at="finetune", **_TUNE),
+    "osd tf@delta+tune": dict(method="osd", importance="fisher-true", gradient_at="delta", **_TUNE),
 }
 
 

@@ -126,3 +126,35 @@ def test_kl_importance_stays_in_budget_and_says_so():
     assert delta.info["allocation"] == "global"  # its scores estimate a loss change: comparable across layers
     assert delta.bits <= delta.info["budget_bits"] + 32 * sum(a.size for a in raw.dense.values())
     assert "KL(fine-tune" in delta.info["importance"]
+
+
+def test_true_fisher_labels_are_drawn_from_the_model_and_its_gradient_has_zero_mean():
+    # The sampled-label loss is seeded per window (repeatable scores), and E[∇log p(y)] = 0 under the
+    # model's own distribution: the mean gradient over many draws is far smaller than one draw's.
+    base, _ = _tiny_pair()
+    ids = torch.tensor([list(range(3, 35))])
+    one = importance.sampled_nll(base, samples=1)
+    assert float(one(0, ids)) == float(one(0, ids)) and float(one(0, ids)) != float(one(1, ids))
+    layer = extract.linear_layers(base)["model.layers.0.mlp.down_proj"]
+    grads = []
+    for draws in (1, 512):
+        layer.weight.requires_grad_(True)
+        importance.sampled_nll(base, samples=draws)(0, ids).backward()
+        grads.append(float(layer.weight.grad.norm()))
+        layer.weight.grad = None
+        layer.weight.requires_grad_(False)
+    assert grads[1] < 0.25 * grads[0]
+
+
+@pytest.mark.parametrize("gradient_at", ["finetune", "delta"])
+def test_true_fisher_stays_in_budget_and_says_so(gradient_at):
+    base, raw = _tiny_pair()
+    windows = [list(range(3, 35)), list(range(50, 82))]
+    config = DeltaConfig(method="osd", rank=1, importance="fisher-true", gradient_at=gradient_at, tune_steps=0)
+    delta = compress(base, raw, config, windows)
+    assert delta.info["allocation"] == "global"
+    assert delta.bits <= delta.info["budget_bits"] + 32 * sum(a.size for a in raw.dense.values())
+    assert "true Fisher" in delta.info["importance"]
+    weights = {n: p.detach().clone() for n, p in base.named_parameters()}
+    compress(base, raw, config, windows)
+    assert all(torch.equal(p, weights[n]) for n, p in base.named_parameters())

@@ -76,6 +76,22 @@ def _gram_hook(grams: dict[str, torch.Tensor], name: str, count: int):
     return hook
 
 
+def sampled_nll(model: nn.Module, samples: int = 4, seed: int = 0) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """A window's loss as the NLL of ``samples`` labels per position drawn from the model's own next-token
+    distribution (seeded per window). Its per-window squared gradients estimate the true Fisher, the Hessian
+    of KL(model ‖ ·) at the model itself: at the full fine-tune, OBD's second-order cost of moving away from
+    it, where the gradient is zero. The empirical Fisher of the text's own labels is not that Hessian."""
+    def loss(i: int, ids: torch.Tensor) -> torch.Tensor:
+        logits = model(ids, use_cache=False).logits[0].float()
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        with torch.no_grad():
+            labels = torch.multinomial(torch.softmax(logits, -1), samples, replacement=True, generator=g)
+        log_p = torch.log_softmax(logits, -1)
+        return -log_p.gather(1, labels).mean()
+
+    return loss
+
+
 def taylor_scores(u: torch.Tensor, v: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """|θ·∂L/∂θ| for every entry of U [n_out, k] and V [n_in, k], given G = ∂L/∂ΔW [n_out, n_in]."""
     g = grad.float()

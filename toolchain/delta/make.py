@@ -21,9 +21,10 @@ from edgepack.toolchain.delta.defaults import TUNE_LR, TUNE_STEPS
 from tqdm import tqdm
 
 METHODS = ("osd", "truncsvd", "magtruncsvd")
-IMPORTANCE = ("taylor", "fisher", "fisher-kl", "rms", "output")
+IMPORTANCE = ("taylor", "fisher", "fisher-kl", "fisher-true", "rms", "output")
 GRADIENT_AT = ("delta", "finetune", "base")
-_LOSS_SCALED = ("taylor", "fisher", "fisher-kl", "rms")  # scores that estimate a loss change, comparable across layers
+# Scores that estimate a loss change, comparable across layers.
+_LOSS_SCALED = ("taylor", "fisher", "fisher-kl", "fisher-true", "rms")
 ALLOCATION = ("layer", "global")
 
 
@@ -42,7 +43,9 @@ class DeltaConfig:
     window_tokens: int = 256
     # OSD's entry score: "taylor" (|θ·∂L/∂θ|, the paper's), "fisher" (θ²·Σ_w g_w², one backward per
     # validation window), "fisher-kl" (the same with each window's loss KL(fine-tune ‖ model) instead of the
-    # NLL of its text: only where the two models disagree counts), "rms" (|θ|·sqrt(Σ_w g_w²)) or "output"
+    # NLL of its text: only where the two models disagree counts), "fisher-true" (the same with labels drawn
+    # from the model's own distribution: the true Fisher, OBD's Hessian at --gradient-at finetune), "rms"
+    # (|θ|·sqrt(Σ_w g_w²)) or "output"
     # (the layer-output error of removing
     # the entry, from the validation inputs' X·Xᵀ; importance.output_scores).
     # None: the best measured for OSD (fisher-kl at the base with a global budget: chosen on the valid
@@ -331,9 +334,11 @@ def _gradient_scores(model: torch.nn.Module, raw: extract.RawDelta,
                      ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], str]:
     """Taylor / Fisher / rms scores from per-window gradients at ``config.gradient_at``."""
     kl = config.importance == "fisher-kl"
-    key = ("factor-gradients", config.factor_rank, id(windows), config.gradient_at, config.whiten, kl)
+    sampled = config.importance == "fisher-true"
+    key = ("factor-gradients", config.factor_rank, id(windows), config.gradient_at, config.whiten, kl, sampled)
     if key not in cache:
-        loss_fn = _kl_to_finetune(model, raw, windows, cache) if kl else None
+        loss_fn = (_kl_to_finetune(model, raw, windows, cache) if kl
+                   else importance.sampled_nll(model) if sampled else None)
         layers = {n: m for n, m in extract.linear_layers(model).items() if n in factors}
         if config.gradient_at == "delta":
             shifts = {n: u @ v.T for n, (u, v) in factors.items()}
@@ -347,8 +352,9 @@ def _gradient_scores(model: torch.nn.Module, raw: extract.RawDelta,
     if config.importance == "taylor":
         return ({n: ((u * stats[n][0]).abs(), (v * stats[n][1]).abs()) for n, (u, v) in factors.items()},
                 f"taylor |θ·∂L/∂θ| at {where}")
-    if config.importance in ("fisher", "fisher-kl"):
-        loss = ", loss KL(fine-tune ‖ model)" if kl else ""
+    if config.importance in ("fisher", "fisher-kl", "fisher-true"):
+        loss = (", loss KL(fine-tune ‖ model)" if kl else
+                ", labels drawn from the model (true Fisher)" if sampled else "")
         shrunk = f", shrunk λ={config.shrink:g} toward each factor's mean" if config.shrink else ""
         return ({n: importance.fisher_scores(u, v, *stats[n][2:], config.shrink) for n, (u, v) in factors.items()},
                 f"fisher θ²·Σ_w g_w² over {len(windows)} windows at {where}{loss}{shrunk}")
