@@ -50,7 +50,7 @@ class DeltaSlots:
         for name, array in delta.dense.items():
             if name not in self._dense:
                 raise PackageError(f"the delta changes {name}, which this package cannot change at load time (it "
-                                   "applies linear layers and norm weights); fine-tune with it frozen")
+                                   "applies linear layers, their biases and norm weights); fine-tune with it frozen")
             if list(array.shape) != self._dense[name]["shape"]:
                 raise PackageError(f"delta parameter {name} is {list(array.shape)}, the package's is "
                                    f"{self._dense[name]['shape']}")

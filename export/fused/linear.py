@@ -103,7 +103,25 @@ class LinearEmitter:
         self.slots.append({"a": a_in, "b": b_in, "n_in": n_in,
                            "parts": [[self.module_names[id(m)], _out_features(m)] for m in modules]})
         low = b.op1("MatMul", [x, a_in], f"{name}/delta_a")
-        return b.op1("Add", [y, b.op1("MatMul", [low, b_in], f"{name}/delta_b")], f"{name}/add_delta")
+        y = b.op1("Add", [y, b.op1("MatMul", [low, b_in], f"{name}/delta_b")], f"{name}/add_delta")
+        return self._bias_deltas(y, modules, name)
+
+    def _bias_deltas(self, y: str, modules: list[Any], name: str) -> str:
+        """``y`` plus dense slots for the modules' biases (a fine-tune moves Qwen2's q/k/v biases too): the
+        biases themselves are baked into the projection's op, so their changes are added after it."""
+        if all(_last(m).bias is None for m in modules):
+            return y
+        b, parts = self.builder, []
+        for m in modules:
+            width = _out_features(m)
+            if _last(m).bias is None:
+                parts.append(b.const(np.zeros(width, np.float32), np.float32))
+                continue
+            path = f"{self.module_names[id(m)]}.bias"  # the source model's name, factorized or not
+            parts.append(b.add_input(f"delta.{path}", FLOAT, [width]))
+            self.slots.append({"dense": path, "input": parts[-1], "shape": [width]})
+        change = parts[0] if len(parts) == 1 else b.op1("Concat", parts, f"{name}/bias_delta", axis=0)
+        return b.op1("Add", [y, change], f"{name}/add_bias_delta")
 
     def dense_delta(self, value: str, param: Any) -> str:
         """``value`` (the initializer of ``param``, e.g. a norm's weight) plus a delta input of the same
@@ -260,6 +278,11 @@ def _array(t: Any) -> np.ndarray:
 
 def _bias(m: Any) -> np.ndarray | None:
     return None if m.bias is None else _array(m.bias)
+
+
+def _last(module: Any) -> Any:
+    """The ``nn.Linear`` that writes the output (the second of a factorized pair), which holds the bias."""
+    return module[-1] if hasattr(module, "__getitem__") else module
 
 
 def _out_features(module: Any) -> int:

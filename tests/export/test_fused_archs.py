@@ -91,16 +91,18 @@ def test_other_attention_kinds_are_refused_by_name():
         check_supported(_config(layer_types=["full_attention", "chunked_attention"]))
 
 
-def test_qwen3_package_with_a_delta_matches_merged_weights(tmp_path):
-    """build --delta-slots on Qwen3, a fine-tune that also moves the q/k norms, its delta applied at load."""
+@pytest.mark.parametrize("variant", ["qwen3", "qwen2"])
+def test_a_delta_package_matches_merged_weights(variant, tmp_path):
+    """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
+    q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
     from edgepack.runtime import delta_file, load
     from edgepack.toolchain.build import BuildConfig, build
     from edgepack.toolchain.delta.make import DeltaConfig, make
 
-    base = make_model("qwen3", head_dim=32)
-    base.save_pretrained(tmp_path / "base")
+    model_type, overrides = VARIANTS[variant]
+    make_model(model_type, **overrides).save_pretrained(tmp_path / "base")
     tiny.make_tokenizer().save_pretrained(tmp_path / "base")
-    tuned = make_model("qwen3", head_dim=32)
+    tuned = make_model(model_type, **overrides)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in tuned.named_parameters():
@@ -111,12 +113,13 @@ def test_qwen3_package_with_a_delta_matches_merged_weights(tmp_path):
 
     build(BuildConfig(model=str(tmp_path / "base"), graph="auto", delta_slots=True, context=CONTEXT), tmp_path / "pkg")
     delta = make(str(tmp_path / "base"), str(tmp_path / "tuned"), DeltaConfig(method="truncsvd", rank=8))
-    assert any(name.endswith("q_norm.weight") for name in delta.dense)
+    moved = "q_norm.weight" if variant == "qwen3" else "q_proj.bias"
+    assert any(name.endswith(moved) for name in delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
     got = model.decoder.forward(PROMPTS[0], model.decoder.new_cache(), all_logits=True)
 
-    merged = make_model("qwen3", head_dim=32)
+    merged = make_model(model_type, **overrides)
     modules, params = dict(merged.named_modules()), dict(merged.named_parameters())
     with torch.no_grad():
         for name, layer in delta.layers.items():
@@ -125,3 +128,6 @@ def test_qwen3_package_with_a_delta_matches_merged_weights(tmp_path):
             params[name].add_(torch.from_numpy(change))
         want = merged(torch.tensor([PROMPTS[0]])).logits[0].numpy()
     np.testing.assert_allclose(got, want, atol=1e-3)
+    model.apply_delta(None)  # and removing it gives the base back
+    base = model.decoder.forward(PROMPTS[0], model.decoder.new_cache(), all_logits=True)
+    assert np.abs(base - got).max() > 1e-2
