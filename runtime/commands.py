@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "--text. A package is scored in the runtime (no torch), so the figure is what ships; "
                        "a model source ('default', folder, .gguf) is scored in PyTorch (toolchain extra).")
     p.add_argument("target", help="package folder or .edgepack archive, or 'default' / model folder / .gguf")
-    p.add_argument("--text", help="a text file, or a folder of .txt/.md files (default: evaluation split)")
+    p.add_argument("--text", help="a UTF-8 text file, or a folder of text files (.txt, .md, .py, ...); "
+                   "default: the evaluation split")
     p.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = its default)")

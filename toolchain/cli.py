@@ -111,6 +111,14 @@ def require_toolchain() -> None:
         ) from None
 
 
+def check_text(path: str | None) -> None:
+    """Read a text option once before the model loads (a minute for large models), so a bad file fails fast."""
+    if path:
+        from edgepack.runtime.text import read_text
+
+        read_text(path)
+
+
 def build(args: argparse.Namespace) -> int:
     require_toolchain()
     if getattr(args, "device", None):
@@ -119,6 +127,7 @@ def build(args: argparse.Namespace) -> int:
     from edgepack.toolchain.build import build as run_build
 
     compression = _compression_config(args) if args.ratio is not None else None
+    check_text(args.calib)
     if args.factor_bits is not None and not args.int4:
         raise UsageError("--factor-bits sets the width of ResSVD factors in an int4 package: add --int4")
     config = BuildConfig(model=args.model, int4=args.int4, int8=args.int8, context=args.context or 2048,
@@ -137,6 +146,7 @@ def compress(args: argparse.Namespace) -> int:
     require_toolchain()
     from edgepack.toolchain.compression import compress as run_compress
 
+    check_text(args.calib)
     report = run_compress(args.model, _compression_config(args), args.output, args.calib)
     print(f"compressed {args.model} -> {args.output}: {report.layers_compressed} layers factorized, "
           f"{report.removed_share:.1%} of decoder linear parameters removed, "

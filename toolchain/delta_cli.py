@@ -72,7 +72,7 @@ def _tune_options(args: argparse.Namespace) -> dict:
 
 
 def delta(args: argparse.Namespace) -> int:
-    from edgepack.toolchain.cli import require_toolchain
+    from edgepack.toolchain.cli import check_text, require_toolchain
 
     require_toolchain()
     from edgepack.runtime import delta_file
@@ -85,6 +85,7 @@ def delta(args: argparse.Namespace) -> int:
                          auto=args.auto, whiten=args.whiten, refit=args.refit, gradient_at=args.gradient_at,
                          shrink=args.shrink, normalize=args.normalize, prune_during_tune=args.prune_during_tune,
                          **_tune_options(args))
+    check_text(args.valid)
     result = make(args.base, args.finetuned, config)
     size = delta_file.write(result, args.output, args.values)
     info = result.info

@@ -38,7 +38,8 @@ def calibration_windows(tokenizer, text: str, count: int, length: int) -> list[l
 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < length:
-        raise UsageError(f"calibration text has {len(ids)} tokens; at least {length} are needed")
+        raise UsageError(f"the text (--calib / --valid) has {len(ids)} tokens; one window needs at least {length}: "
+                         "pass a longer text")
     starts = torch.linspace(0, len(ids) - length, steps=count).long().unique().tolist()
     return [ids[s:s + length] for s in starts]
 
