@@ -14,6 +14,8 @@ from edgepack.runtime.model import Model, load
 from edgepack.runtime.package import open_package, read_manifest
 from edgepack.runtime.sampling import SamplingConfig
 
+EVAL_CONTEXT = 512  # the evaluation windows the benchmarks and issue targets use
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="generate an answer to one prompt", description="Generate an answer "
@@ -56,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target", help="package folder or .edgepack archive, or 'default' / model folder / .gguf")
     p.add_argument("--text", help="a UTF-8 text file, or a folder of text files (.txt, .md, .py, ...); "
                    "default: the evaluation split")
-    p.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--context", type=int, default=None,
+                   help=f"window length in tokens (default {EVAL_CONTEXT}, or a package's context if shorter)")
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = its default)")
     p.add_argument("--delta", help="package only: apply this fine-tune delta file first")
@@ -213,6 +216,16 @@ def pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _window_length(requested: int | None, package_context: int) -> int:
+    """The eval window: as asked (at most the package's context), or the default capped by it."""
+    if requested is None:
+        return min(EVAL_CONTEXT, package_context)
+    if requested > package_context:
+        raise UsageError(f"--context {requested} is longer than this package's context of {package_context} "
+                         f"tokens; pass --context {package_context} or less")
+    return requested
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from edgepack.runtime import text as texts
     from edgepack.runtime.manifest import MANIFEST_NAME
@@ -226,9 +239,10 @@ def evaluate(args: argparse.Namespace) -> int:
             model = load(target, settings=SessionSettings(threads=args.threads), delta=args.delta,
                          check_memory=not args.no_memory_check)
             ids = model.tokenizer.encode(corpus, add_special_tokens=False)
-            bar.total = len(windows(ids, args.context, args.max_windows))
             dec = model.decoder
-            result = perplexity(lambda w: dec.forward(w, dec.new_cache(), all_logits=True), ids, args.context,
+            context = _window_length(args.context, dec.context_length)
+            bar.total = len(windows(ids, context, args.max_windows))
+            result = perplexity(lambda w: dec.forward(w, dec.new_cache(), all_logits=True), ids, context,
                                 args.max_windows, bar.update)
         else:
             from edgepack.toolchain.cli import require_toolchain
@@ -238,7 +252,7 @@ def evaluate(args: argparse.Namespace) -> int:
             require_toolchain()
             from edgepack.toolchain.evaluate import evaluate_model
 
-            result = evaluate_model(args.target, corpus, args.context, args.max_windows, bar.update)
+            result = evaluate_model(args.target, corpus, args.context or EVAL_CONTEXT, args.max_windows, bar.update)
     print(f"perplexity {result.perplexity:.3f} over {result.tokens} tokens "
           f"({result.windows} windows of {result.context})")
     return 0
