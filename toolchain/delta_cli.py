@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from edgepack.runtime.errors import UsageError
 
@@ -90,6 +91,16 @@ def delta(args: argparse.Namespace) -> int:
     size = delta_file.write(result, args.output, args.values)
     info = result.info
     print(f"wrote {args.output}: {args.method}, r={info['rank']}, c={info['relax']}, {len(result.layers)} layers, "
-          f"{result.bits / 8e3:.1f} kB accounted of {info['budget_bits'] / 8e3:.1f} kB budget, "
+          f"{result.bits / 8e3:.1f} kB accounted (factors {_factor_bits(result) / 8e3:.1f} kB of the "
+          f"{info['budget_bits'] / 8e3:.1f} kB budget, changed norms/biases {_dense_bits(result) / 8e3:.1f} kB), "
           f"{size / 1e3:.1f} kB on disk; importance: {info['importance']}; {info['seconds']} s", file=sys.stderr)
     return 0
+
+
+def _factor_bits(delta: Any) -> int:
+    return sum(layer.bits for layer in delta.layers.values())
+
+
+def _dense_bits(delta: Any) -> int:
+    """Changed norms and biases, stored densely at 32 bits a value: counted in the size, outside the budget."""
+    return delta.bits - _factor_bits(delta)
