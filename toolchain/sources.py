@@ -102,13 +102,18 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
     _check_causal_lm(config, source)
     if check is not None:
         check(config)
+    model_kwargs = dict(kwargs)
+    if getattr(config, "attn_logit_softcapping", None):
+        # transformers' SDPA path skips the attention softcap (Gemma 2): only eager computes the model as defined
+        config._attn_implementation = model_kwargs["attn_implementation"] = "eager"
     try:
         if ressvd_storage.is_compressed(source.path):
             model = ressvd_storage.load(source.path, config)
         else:
             # The config already read is passed on: for a GGUF file each read of it parses the whole
             # header again (tokenizer arrays included), 3-4 s each on the default model.
-            model = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=torch.float32, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=torch.float32,
+                                                         **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source.path, config=config, **kwargs)
     except ModelSourceError:
         raise

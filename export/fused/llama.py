@@ -20,36 +20,19 @@ The cache capacity is the runtime's choice (up to the context length): it can st
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from edgepack.export.fused.builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
+from edgepack.export.fused.family import Family, check_supported, family_of
 from edgepack.export.fused.linear import LinearEmitter, embed_8bit, head_8bit, is_joint, is_pairs, table_8bit
 from edgepack.runtime.delta import DELTA_SLOTS_KEY  # JSON: each slot's inputs, input width, (module, width) parts
 from edgepack.runtime.errors import UnsupportedArchitecture
 
-# Llama's decoder layout; Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm of q and k before the rotary.
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 GRAPH_NAME = "fused"
 CONTEXT_KEY = "edgepack.context_length"
 LOGITS_KEEP = "logits_to_keep"  # input: logits for the last k positions only
-
-
-def check_supported(config: Any) -> None:
-    """Refuse, by name, models the fused layout does not describe."""
-    model_type = getattr(config, "model_type", "?")
-    if model_type not in SUPPORTED_TYPES:
-        raise UnsupportedArchitecture(f"model type '{model_type}' has no fused graph yet "
-                                      f"(supported: {', '.join(SUPPORTED_TYPES)}); build without --graph fused")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise UnsupportedArchitecture(f"the fused graph needs a SiLU MLP, this model uses {config.hidden_act}")
-    window = getattr(config, "sliding_window", None)
-    if window is not None and window < 2:  # onnxruntime's window of 1 does not match transformers' (self only)
-        raise UnsupportedArchitecture(f"the fused graph needs a sliding window of at least 2, this model has {window}")
-    kinds = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
-    if kinds:
-        raise UnsupportedArchitecture(f"the fused graph has full and sliding-window attention only, this model "
-                                      f"has {sorted(kinds)} layers")
 
 
 def head_dim(config: Any) -> int:
@@ -65,6 +48,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     projections as two ops (``LinearEmitter.block_qkv``)."""
     cfg = model.config
     check_supported(cfg)
+    family = family_of(cfg, head_dim(cfg))
     b = GraphBuilder("edgepack_fused_llama")
     ids = b.add_input("input_ids", INT64, [1, "sequence_length"])
     seqlens = b.add_input("seqlens_k", INT32, [1])
@@ -72,7 +56,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     names = {id(m): n for n, m in model.named_modules()} | {id(p): n for n, p in model.named_parameters()}
     lin = LinearEmitter(b, int4, exact, fold, delta_slots, names, int8=int8, factor_bits=factor_bits,
                         block_qkv=block_qkv)
-    cos, sin = _rotary_caches(b, model, context)
+    rotary = {kind: _rotary_caches(b, module, context, kind) for kind, module in _rotaries(model).items()}
     embedding = _array(model.model.embed_tokens.weight)
     tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     table = table_8bit(b, embedding) if (int4 or int8) and tied else None
@@ -80,16 +64,25 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
         hidden = embed_8bit(b, ids, table)
     else:
         hidden = b.op1("Gather", [b.weight("embed.weight", embedding), ids], "embed/gather")
-    eps = float(cfg.rms_norm_eps)
+    if family.embed_scale is not None:
+        hidden = b.op1("Mul", [hidden, b.const(np.float32(family.embed_scale), np.float32)], "embed/scale")
+    norm = _Norms(lin, float(cfg.rms_norm_eps), family.norm_offset)
     residual, pending = hidden, None  # pending: a block output not yet added to the residual
     kv_shape = [1, cfg.num_key_value_heads, "capacity", head_dim(cfg)]
     for i, layer in enumerate(model.model.layers):
-        x, residual = _norm(lin, pending, residual, layer.input_layernorm.weight, eps, f"layers.{i}.input_norm")
+        x, residual = norm.add(pending, residual, layer.input_layernorm.weight, f"layers.{i}.input_norm")
         past = [b.add_input(f"past_key_values.{i}.{kind}", FLOAT, kv_shape) for kind in ("key", "value")]
-        attn = _attention(b, lin, x, layer.self_attn, cfg, past, (seqlens, total, cos, sin), i, kv_shape)
-        x, residual = _norm(lin, attn, residual, layer.post_attention_layernorm.weight, eps, f"layers.{i}.post_norm")
-        pending = _mlp(b, lin, x, layer.mlp, f"layers.{i}.mlp")
-    x, _ = _norm(lin, pending, residual, model.model.norm.weight, eps, "final_norm")
+        cos, sin = rotary["local" if "local" in rotary and _window(cfg, i) > 0 else "global"]
+        attn = _attention(b, lin, x, layer.self_attn, (cfg, family, norm), past, (seqlens, total, cos, sin), i,
+                          kv_shape)
+        if family.sandwich:  # Gemma 2 / 3: the block's output is normed before the residual add
+            attn = norm.alone(attn, layer.post_attention_layernorm.weight, f"layers.{i}.attn_out_norm")
+        mlp_norm = layer.pre_feedforward_layernorm if family.sandwich else layer.post_attention_layernorm
+        x, residual = norm.add(attn, residual, mlp_norm.weight, f"layers.{i}.post_norm")
+        pending = _mlp(b, lin, x, layer.mlp, family.activation, f"layers.{i}.mlp")
+        if family.sandwich:
+            pending = norm.alone(pending, layer.post_feedforward_layernorm.weight, f"layers.{i}.mlp_out_norm")
+    x, _ = norm.add(pending, residual, model.model.norm.weight, "final_norm")
     x = _last_positions(b, x, b.add_input(LOGITS_KEEP, INT64, [1]))
     if table is not None:
         logits = head_8bit(b, x, table)
@@ -97,6 +90,8 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
         logits = b.op1("FusedMatMul", [x, "embed.weight"], "lm_head/FusedMatMul", domain=MS_DOMAIN, transB=1)
     else:
         logits = lin.module(x, model.lm_head, "lm_head")
+    if family.logit_softcap:
+        logits = _softcap(b, logits, family.logit_softcap, "lm_head")
     b.add_output(logits, "logits", FLOAT, [1, "kept_positions", cfg.vocab_size])
     metadata = {"edgepack.graph": GRAPH_NAME, CONTEXT_KEY: str(context)}
     if delta_slots:
@@ -111,26 +106,48 @@ def _last_positions(b: GraphBuilder, x: str, keep: str) -> str:
     return b.op1("Slice", [x, start, b.const([2**62]), b.const([1])], "lm_head/keep")
 
 
-def _norm(lin: LinearEmitter, block_out: str | None, residual: str, weight: Any, eps: float,
-          name: str) -> tuple[str, str]:
-    """RMSNorm of residual + block_out; returns (normed, new residual). The first has nothing to add."""
-    b = lin.builder
-    gamma = lin.dense_delta(b.weight(f"{name}.weight", _array(weight)), weight)
-    out = b.unique(f"{name}/out")
-    if block_out is None:
-        b.op_named("SimplifiedLayerNormalization", [residual, gamma], [out], name, axis=-1, epsilon=eps,
-                   stash_type=1)
-        return out, residual
-    total = b.unique(f"{name}/residual")
-    b.op_named("SkipSimplifiedLayerNormalization", [block_out, residual, gamma], [out, "", "", total], name,
-               domain=MS_DOMAIN, epsilon=eps)
-    return out, total
+def _softcap(b: GraphBuilder, x: str, cap: float, name: str) -> str:
+    """cap · tanh(x / cap) (Gemma 2's final logits)."""
+    c = b.const(np.float32(cap), np.float32)
+    return b.op1("Mul", [b.op1("Tanh", [b.op1("Div", [x, c], f"{name}/cap_div")], f"{name}/cap_tanh"), c],
+                 f"{name}/cap_mul")
 
 
-def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, cfg: Any, past: list[str],
-               shared: tuple[str, str, str, str], i: int, kv_shape: list[int | str]) -> str:
+@dataclass(frozen=True)
+class _Norms:
+    """RMSNorms of one model: epsilon, and the offset its weights scale by (offset + w)."""
+
+    lin: LinearEmitter
+    eps: float
+    offset: float
+
+    def _gamma(self, weight: Any, name: str) -> str:
+        # The offset is folded into the stored weight; a delta's change of w adds to it unchanged.
+        return self.lin.dense_delta(self.lin.builder.weight(f"{name}.weight", _array(weight) + self.offset), weight)
+
+    def alone(self, x: str, weight: Any, name: str) -> str:
+        """RMSNorm of ``x`` over its last axis."""
+        out = self.lin.builder.unique(f"{name}/out")
+        self.lin.builder.op_named("SimplifiedLayerNormalization", [x, self._gamma(weight, name)], [out], name,
+                                  axis=-1, epsilon=self.eps, stash_type=1)
+        return out
+
+    def add(self, block_out: str | None, residual: str, weight: Any, name: str) -> tuple[str, str]:
+        """RMSNorm of residual + block_out; returns (normed, new residual). The first has nothing to add."""
+        if block_out is None:
+            return self.alone(residual, weight, name), residual
+        b = self.lin.builder
+        out, total = b.unique(f"{name}/out"), b.unique(f"{name}/residual")
+        b.op_named("SkipSimplifiedLayerNormalization", [block_out, residual, self._gamma(weight, name)],
+                   [out, "", "", total], name, domain=MS_DOMAIN, epsilon=self.eps)
+        return out, total
+
+
+def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tuple[Any, Family, _Norms],
+               past: list[str], shared: tuple[str, str, str, str], i: int, kv_shape: list[int | str]) -> str:
     import torch.nn as nn
 
+    cfg, family, norm = model
     name = f"layers.{i}.attn"
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
     if all(isinstance(p, nn.Linear) for p in projections):  # one packed projection, GQA splits it
@@ -149,13 +166,13 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, cfg: Any,
         outs = lin.modules(x, list(projections), p_names, f"{name}.qkv_low")
         qkv = [lin.delta(x, y, cfg.hidden_size, [p], n) for y, p, n in zip(outs, projections, p_names)]
     if getattr(attn, "q_norm", None) is not None:
-        qkv = _qk_norms(b, lin, qkv, attn, cfg, name)
+        qkv = _qk_norms(b, norm, qkv, attn, cfg, name)
     seqlens, total, cos, sin = shared
     out = b.unique(f"{name}/out")
     present = [f"present.{i}.key", f"present.{i}.value"]
     b.op_named("GroupQueryAttention", [*qkv, *past, seqlens, total, cos, sin], [out, *present], f"{name}/gqa",
                domain=MS_DOMAIN, num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
-               do_rotary=1, rotary_interleaved=0, scale=float(head_dim(cfg)) ** -0.5,
+               do_rotary=1, rotary_interleaved=0, scale=family.attention_scale, softcap=family.attention_softcap,
                local_window_size=_window(cfg, i))
     for p in present:
         b.outputs.append(_value_info(p, kv_shape))
@@ -175,29 +192,25 @@ def _window(cfg: Any, i: int) -> int:
     return int(window)
 
 
-def _qk_norms(b: GraphBuilder, lin: LinearEmitter, qkv: list[str], attn: Any, cfg: Any, name: str) -> list[str]:
-    """Qwen3: RMSNorm over each head of q and of k (before the rotary, which GroupQueryAttention applies),
-    so q, k and v go to it unpacked."""
+def _qk_norms(b: GraphBuilder, norm: _Norms, qkv: list[str], attn: Any, cfg: Any, name: str) -> list[str]:
+    """Qwen3 / Gemma 3: RMSNorm over each head of q and of k (before the rotary, which
+    GroupQueryAttention applies), so q, k and v go to it unpacked."""
     dim = head_dim(cfg)
     q, k, v = qkv
     if not k:  # packed: split by the widths GroupQueryAttention would have used
         widths = [cfg.num_attention_heads * dim, cfg.num_key_value_heads * dim, cfg.num_key_value_heads * dim]
         q, k, v = b.op("Split", [q, b.const(widths)], f"{name}/split_qkv", 3, axis=-1)
-    eps = float(cfg.rms_norm_eps)
     normed = []
-    for x, norm, heads, kind in ((q, attn.q_norm, cfg.num_attention_heads, "q"),
-                                 (k, attn.k_norm, cfg.num_key_value_heads, "k")):
+    for x, module, heads, kind in ((q, attn.q_norm, cfg.num_attention_heads, "q"),
+                                   (k, attn.k_norm, cfg.num_key_value_heads, "k")):
         per_head = b.op1("Reshape", [x, b.const([0, 0, heads, dim])], f"{name}/{kind}_heads")
-        gamma = lin.dense_delta(b.weight(f"{name}.{kind}_norm.weight", _array(norm.weight)), norm.weight)
-        out = b.unique(f"{name}/{kind}_norm/out")
-        b.op_named("SimplifiedLayerNormalization", [per_head, gamma], [out], f"{name}/{kind}_norm", axis=-1,
-                   epsilon=eps, stash_type=1)
+        out = norm.alone(per_head, module.weight, f"{name}.{kind}_norm")
         normed.append(b.op1("Reshape", [out, b.const([0, 0, heads * dim])], f"{name}/{kind}_flat"))
     return [*normed, v]
 
 
-def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, name: str) -> str:
-    """down(silu(gate(x)) * up(x)), with gate and up as one packed projection when both are plain."""
+def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str, name: str) -> str:
+    """down(act(gate(x)) * up(x)), with gate and up as one packed projection when both are plain."""
     import torch.nn as nn
 
     joint = is_joint([mlp.gate_proj, mlp.up_proj])
@@ -213,22 +226,35 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, name: str) -> st
         gate, up = lin.modules(x, [mlp.gate_proj, mlp.up_proj], [f"{name}.gate", f"{name}.up"], f"{name}.gate_up_low")
         gate = lin.delta(x, gate, n_in, [mlp.gate_proj], f"{name}.gate")
         up = lin.delta(x, up, n_in, [mlp.up_proj], f"{name}.up")
-    silu = b.op1("Mul", [gate, b.op1("Sigmoid", [gate], f"{name}/sigmoid")], f"{name}/silu")
-    gated = b.op1("Mul", [silu, up], f"{name}/gated")
+    gated = b.op1("Mul", [_activate(b, gate, activation, name), up], f"{name}/gated")
     down = lin.module(gated, mlp.down_proj, f"{name}.down")
     return lin.delta(gated, down, _in_features(mlp.down_proj), [mlp.down_proj], f"{name}.down")
 
 
-def _rotary_caches(b: GraphBuilder, model: Any, context: int) -> tuple[str, str]:
+def _activate(b: GraphBuilder, x: str, activation: str, name: str) -> str:
+    if activation == "silu":
+        return b.op1("Mul", [x, b.op1("Sigmoid", [x], f"{name}/sigmoid")], f"{name}/silu")
+    # onnxruntime's FastGelu is GELU's tanh approximation, its Gelu the exact (erf) one
+    return b.op1("FastGelu" if activation == "gelu_tanh" else "Gelu", [x], f"{name}/{activation}", domain=MS_DOMAIN)
+
+
+def _rotaries(model: Any) -> dict[str, Any]:
+    """The model's rotary embeddings: "global", and Gemma 3's "local" one for sliding-window layers
+    (another base frequency)."""
+    local = getattr(model.model, "rotary_emb_local", None)
+    return {"global": model.model.rotary_emb} | ({"local": local} if local is not None else {})
+
+
+def _rotary_caches(b: GraphBuilder, rotary: Any, context: int, kind: str) -> tuple[str, str]:
     """cos/sin [context, head_dim/2] from the model's own inverse frequencies (so rope scaling
     variants come along), computed in float32 as transformers does."""
-    rotary = model.model.rotary_emb
     inv_freq = rotary.inv_freq.detach().float().cpu().numpy()
     scaling = float(getattr(rotary, "attention_scaling", 1.0))
     freqs = np.arange(context, dtype=np.float32)[:, None] * inv_freq[None, :]
     cos = (np.cos(freqs) * scaling).astype(np.float32)
     sin = (np.sin(freqs) * scaling).astype(np.float32)
-    return b.weight("rotary.cos", cos), b.weight("rotary.sin", sin)
+    prefix = "rotary" if kind == "global" else f"rotary_{kind}"  # the Llama graph's names stay as they were
+    return b.weight(f"{prefix}.cos", cos), b.weight(f"{prefix}.sin", sin)
 
 
 def _value_info(name: str, shape: list[int | str]) -> Any:

@@ -1,6 +1,7 @@
 """The fused graph on the Llama-family variants it describes besides Llama itself (Qwen2's q/k/v biases,
-Qwen3's per-head q/k norms, a head width other than hidden / heads, untied heads, sliding windows), and
-the end-to-end path for one of them: build with delta slots, a fine-tune's delta applied in the runtime."""
+Qwen3's per-head q/k norms, a head width other than hidden / heads, untied heads, sliding windows, Gemma
+1 / 2 / 3: offset norms, scaled embedding, GELU, sandwich norms, softcaps, a local rotary), and the
+end-to-end path: build with delta slots, a fine-tune's delta applied in the runtime."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ VARIANTS = {
     "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
     "mistral-window": ("mistral", {"sliding_window": 5}),  # slides: the prompts are longer
     "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),
+    "gemma": ("gemma", {"head_dim": 16}),
+    "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": 6, "query_pre_attn_scalar": 24,
+                          "attn_logit_softcapping": 3.0, "final_logit_softcapping": 5.0}),
+    "gemma3": ("gemma3_text", {"head_dim": 16, "sliding_window": 6, "query_pre_attn_scalar": 24,
+                               "layer_types": ["sliding_attention", "full_attention"]}),
 }
 
 
@@ -35,7 +41,10 @@ def make_model(model_type: str, seed: int = 0, **overrides):
     settings = dict(vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
                     eos_token_id=2, pad_token_id=0, tie_word_embeddings=True) | overrides
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings)).eval()
+    config = AutoConfig.for_model(model_type, **settings)
+    # as sources.load: transformers' SDPA skips Gemma 2's attention softcap, eager computes it
+    eager = {"attn_implementation": "eager"} if getattr(config, "attn_logit_softcapping", None) else {}
+    model = AutoModelForCausalLM.from_config(config, **eager).eval()
     with torch.no_grad():  # decisive logits (as tiny.make_model), and norms / biases away from their init
         for p in model.parameters():
             if p.dim() == 2:
@@ -60,7 +69,7 @@ def test_qwen3_norms_are_per_head_and_int4_graph_runs(tmp_path):
     model = make_model("qwen3", head_dim=32)
     save(build_llama(model, CONTEXT, int4=True), tmp_path / "int4.onnx")
     nodes = [n.name for n in onnx.load(str(tmp_path / "int4.onnx")).graph.node]
-    assert sum(n.endswith(("/q_norm", "/k_norm")) for n in nodes) == 2 * 2
+    assert sum(n.endswith((".q_norm", ".k_norm")) for n in nodes) == 2 * 2
     decoder = FusedDecoder(tmp_path / "int4.onnx")
     logits = decoder.forward(PROMPTS[1], decoder.new_cache(), all_logits=True)
     with torch.inference_mode():
@@ -91,7 +100,7 @@ def test_other_attention_kinds_are_refused_by_name():
         check_supported(_config(layer_types=["full_attention", "chunked_attention"]))
 
 
-@pytest.mark.parametrize("variant", ["qwen3", "qwen2"])
+@pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -113,7 +122,7 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
 
     build(BuildConfig(model=str(tmp_path / "base"), graph="auto", delta_slots=True, context=CONTEXT), tmp_path / "pkg")
     delta = make(str(tmp_path / "base"), str(tmp_path / "tuned"), DeltaConfig(method="truncsvd", rank=8))
-    moved = "q_norm.weight" if variant == "qwen3" else "q_proj.bias"
+    moved = "q_proj.bias" if variant == "qwen2" else "q_norm.weight"
     assert any(name.endswith(moved) for name in delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
@@ -131,3 +140,15 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     model.apply_delta(None)  # and removing it gives the base back
     base = model.decoder.forward(PROMPTS[0], model.decoder.new_cache(), all_logits=True)
     assert np.abs(base - got).max() > 1e-2
+
+
+def test_softcapped_attention_loads_eager_so_the_reference_computes_the_cap(tmp_path):
+    from edgepack.toolchain import sources
+
+    model_type, overrides = VARIANTS["gemma2"]
+    make_model(model_type, **overrides).save_pretrained(tmp_path)
+    tiny.make_tokenizer().save_pretrained(tmp_path)
+    loaded = sources.load(str(tmp_path)).model
+    assert loaded.config._attn_implementation == "eager"  # SDPA would skip the cap: parity against the wrong model
+    save(build_llama(loaded, CONTEXT), tmp_path / "g.onnx")
+    assert parity.compare(loaded, tmp_path / "g.onnx", PROMPTS, decoder_class=FusedDecoder).max_abs_diff < 1e-4

@@ -1,0 +1,75 @@
+"""What sets a Llama-family decoder apart from Llama, read from a model's config: the fused graph
+(``llama.py``) is one layout, and these are its switches.
+
+Gemma's differences are all local: norms scale by ``1 + w``, the embedding is multiplied by
+sqrt(hidden), the MLP gate is a tanh-approximated GELU, attention scales by ``query_pre_attn_scalar``,
+Gemma 2 caps attention scores and final logits with ``c·tanh(x/c)``, and Gemma 2 / 3 also norm each
+block's output before the residual add ("sandwich" norms). Qwen3 and Gemma 3 norm each head of q and
+k; Gemma 3 rotates sliding-window layers with their own base frequency.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from edgepack.runtime.errors import UnsupportedArchitecture
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+# transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+               "gelu": "gelu"}
+
+
+@dataclass(frozen=True)
+class Family:
+    norm_offset: float  # RMSNorm scales by offset + w (Gemma: 1)
+    embed_scale: float | None  # the embedding lookup is multiplied by this (Gemma: sqrt(hidden))
+    activation: str  # of the MLP gate: a value of ACTIVATIONS
+    sandwich: bool  # a norm on each block's output before the residual add (Gemma 2 / 3)
+    attention_scale: float
+    attention_softcap: float  # 0: none
+    logit_softcap: float  # 0: none
+
+
+def check_supported(config: Any) -> None:
+    """Refuse, by name, models the fused layout does not describe."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_TYPES:
+        raise UnsupportedArchitecture(f"model type '{model_type}' has no fused graph yet "
+                                      f"(supported: {', '.join(SUPPORTED_TYPES)}); build without --graph fused")
+    act = _activation_name(config)
+    if act not in ACTIVATIONS:
+        raise UnsupportedArchitecture(f"the fused graph has {', '.join(ACTIVATIONS)} MLPs, this model uses {act}")
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < 2:  # onnxruntime's window of 1 does not match transformers' (self only)
+        raise UnsupportedArchitecture(f"the fused graph needs a sliding window of at least 2, this model has {window}")
+    kinds = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    if kinds:
+        raise UnsupportedArchitecture(f"the fused graph has full and sliding-window attention only, this model "
+                                      f"has {sorted(kinds)} layers")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedArchitecture("the fused graph is causal; this model attends both ways (an encoder)")
+
+
+def family_of(config: Any, head_dim: int) -> Family:
+    gemma = config.model_type.startswith("gemma")
+    scalar = getattr(config, "query_pre_attn_scalar", None) if gemma else None
+    return Family(
+        norm_offset=1.0 if gemma else 0.0,
+        embed_scale=math.sqrt(config.hidden_size) if gemma else None,
+        activation=ACTIVATIONS[_activation_name(config)],
+        sandwich=config.model_type in ("gemma2", "gemma3_text"),
+        attention_scale=float(scalar or head_dim) ** -0.5,
+        attention_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0),
+        logit_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0),
+    )
+
+
+def _activation_name(config: Any) -> str:
+    """The MLP's activation as transformers reads it: Gemma 2 / 3 from ``hidden_activation``, the others
+    (Gemma too) from ``hidden_act``."""
+    if getattr(config, "model_type", "") in ("gemma2", "gemma3_text"):
+        return config.hidden_activation
+    return getattr(config, "hidden_act", "silu")
