@@ -240,13 +240,16 @@ def evaluate(args: argparse.Namespace) -> int:
                          check_memory=not args.no_memory_check)
             ids = model.tokenizer.encode(corpus, add_special_tokens=False)
             dec = model.decoder
-            context = _window_length(args.context, dec.context_length)
+            # The manifest's context, not the decoder's: optimum's graph has no limit of its own to report.
+            context = _window_length(args.context, model.generation.context_length)
             bar.total = len(windows(ids, context, args.max_windows))
             result = perplexity(lambda w: dec.forward(w, dec.new_cache(), all_logits=True), ids, context,
                                 args.max_windows, bar.update)
         else:
             from edgepack.toolchain.cli import require_toolchain
 
+            if args.delta and not target.exists():
+                raise UsageError(f"package not found: {args.target}")
             if args.delta:
                 raise UsageError("--delta applies to packages; for a model source, merge the fine-tune instead")
             require_toolchain()

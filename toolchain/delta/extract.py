@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from edgepack.runtime.errors import UsageError
+from edgepack.runtime.errors import UnsupportedArchitecture, UsageError
 
 
 @dataclass
@@ -48,6 +48,9 @@ def extract(base: nn.Module, finetuned: nn.Module) -> RawDelta:
     base_params = dict(base.named_parameters())
     ft_params = dict(finetuned.named_parameters())
     linears = linear_layers(base)
+    if not linears:
+        raise UnsupportedArchitecture(f"{type(base).__name__} has no nn.Linear layers outside its output head (e.g. "
+                                      "GPT-2's Conv1D), which a delta factorizes: deltas are not supported for it")
     weights = {f"{name}.weight": name for name in linears}
     out: dict[str, torch.Tensor] = {}
     dense: dict[str, torch.Tensor] = {}

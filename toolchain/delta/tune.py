@@ -75,8 +75,9 @@ def teacher_states(model: nn.Module, raw: RawDelta, windows: Sequence[Sequence[i
 
 def head_inputs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The decoder's final (normed) hidden states, [batch, tokens, hidden]: the loss needs the head's input
-    alone, and skipping the full-vocabulary logits of every position is most of a step's saving."""
-    return model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+    alone, and skipping the full-vocabulary logits of every position is most of a step's saving. ``base_model``,
+    not ``get_decoder()``: GPT-2 and GPT-NeoX return the whole LM from the latter."""
+    return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
 
 
 def tune(model: nn.Module, layers: dict[str, LayerDelta], dense: dict[str, torch.Tensor],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,11 @@ def compress_(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
 def _compress(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence[int]]) -> CompressionReport:
     start = time.perf_counter()
     per_layer = selection.target_linears(model, config.targets)
+    untouched = selection.untouched_linears(model, config.targets)
+    if untouched and not config.rank_map:
+        print(f"edgepack: ResSVD leaves {len(untouched)} linear layers of each decoder layer dense "
+              f"({', '.join(untouched[:4])}{', ...' if len(untouched) > 4 else ''}); --ratio counts only the "
+              "ones it compresses", file=sys.stderr)
     modules = {n: m for layer in per_layer for n, m in layer}
     before = sum(p.numel() for p in model.parameters())
     candidates = _candidate_modules(per_layer, config)

@@ -26,12 +26,27 @@ def target_linears(model: nn.Module, targets: Sequence[str]) -> list[list[tuple[
     out = []
     for i, layer in enumerate(layers):
         found = [(f"{prefix}.{i}.{n}", m) for n, m in layer.named_modules()
-                 if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+                 if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets and not _routed(n)]
         if not found:
             raise UnsupportedArchitecture(
-                f"decoder layer {i} of {type(model).__name__} has none of the target linear layers {list(targets)}")
+                f"decoder layer {i} of {type(model).__name__} has none of the linear layers ResSVD compresses "
+                f"({', '.join(targets)}; GPT-2's Conv1D is not one): build or evaluate it without --ratio")
         out.append(found)
     return out
+
+
+def _routed(name: str) -> bool:
+    """A mixture-of-experts expert: it sees only the tokens routed to it, and the routing of the compressed
+    model differs from the dense one's, so calibration and correction statistics would not line up."""
+    return "experts" in name.split(".")
+
+
+def untouched_linears(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Linear layers of the first decoder layer that compression leaves dense (experts, routers, other names)."""
+    layer = decoder_layers(model)[0]
+    kept = {n for n, m in layer.named_modules() if isinstance(m, nn.Linear)
+            and n.rsplit(".", 1)[-1] in targets and not _routed(n)}
+    return [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and n not in kept]
 
 
 def params(linears: Sequence[tuple[str, nn.Linear]]) -> int:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from edgepack.runtime.errors import UnsupportedArchitecture
 from edgepack.toolchain import distill
 from edgepack.toolchain.ressvd import quant, selection
 from torch import nn
@@ -102,6 +103,14 @@ def _rows(value, batch: torch.Tensor, count: int):
     return value
 
 
+# What the families call the norm between the last decoder layer and the head (Llama, GPT-NeoX, GPT-2, Phi, ...).
+_FINAL_NORMS = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
+
+
 def _final_norm(model: nn.Module) -> nn.Module:
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return base.norm
+    base = model.base_model  # get_decoder() is the whole LM on GPT-2 / GPT-NeoX
+    for name in _FINAL_NORMS:
+        if isinstance(getattr(base, name, None), nn.Module):
+            return getattr(base, name)
+    raise UnsupportedArchitecture(f"cannot find the final norm of {type(model).__name__} for the factor tune; "
+                                  "pass --tune-steps 0")
