@@ -5,7 +5,8 @@ Gemma's differences are all local: norms scale by ``1 + w``, the embedding is mu
 sqrt(hidden), the MLP gate is a tanh-approximated GELU, attention scales by ``query_pre_attn_scalar``,
 Gemma 2 caps attention scores and final logits with ``c·tanh(x/c)``, and Gemma 2 / 3 also norm each
 block's output before the residual add ("sandwich" norms). Qwen3 and Gemma 3 norm each head of q and
-k; Gemma 3 rotates sliding-window layers with their own base frequency.
+k; Gemma 3 rotates sliding-window layers with their own base frequency. Phi-3 packs q/k/v and gate/up in
+its checkpoint and may rotate only part of each head.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from edgepack.runtime.errors import UnsupportedArchitecture
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
                "gelu": "gelu"}

@@ -149,8 +149,11 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tu
 
     cfg, family, norm = model
     name = f"layers.{i}.attn"
-    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-    if all(isinstance(p, nn.Linear) for p in projections):  # one packed projection, GQA splits it
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj) if hasattr(attn, "q_proj") else ()
+    if not projections:  # Phi-3: the checkpoint's own packed projection, as GQA takes it
+        packed = lin.module(x, attn.qkv_proj, f"{name}.qkv")
+        qkv = [lin.delta(x, packed, cfg.hidden_size, [attn.qkv_proj], f"{name}.qkv"), "", ""]
+    elif all(isinstance(p, nn.Linear) for p in projections):  # one packed projection, GQA splits it
         weight = np.concatenate([_array(p.weight) for p in projections])
         biases = [p.bias for p in projections]
         bias = np.concatenate([_array(t) for t in biases]) if all(t is not None for t in biases) else None
@@ -213,6 +216,12 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str,
     """down(act(gate(x)) * up(x)), with gate and up as one packed projection when both are plain."""
     import torch.nn as nn
 
+    if hasattr(mlp, "gate_up_proj"):  # Phi-3: one packed projection, gate first
+        both = lin.delta(x, lin.module(x, mlp.gate_up_proj, f"{name}.gate_up"), _in_features(mlp.gate_up_proj),
+                         [mlp.gate_up_proj], f"{name}.gate_up")
+        gate, up = b.op("Split", [both, b.const([_out_features(mlp.gate_up_proj) // 2] * 2)], f"{name}/split", 2,
+                        axis=-1)
+        return _down(b, lin, _activate(b, gate, activation, name), up, mlp, name)
     joint = is_joint([mlp.gate_proj, mlp.up_proj])
     if joint or isinstance(mlp.gate_proj, nn.Linear) and isinstance(mlp.up_proj, nn.Linear) and \
             mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
@@ -226,7 +235,11 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str,
         gate, up = lin.modules(x, [mlp.gate_proj, mlp.up_proj], [f"{name}.gate", f"{name}.up"], f"{name}.gate_up_low")
         gate = lin.delta(x, gate, n_in, [mlp.gate_proj], f"{name}.gate")
         up = lin.delta(x, up, n_in, [mlp.up_proj], f"{name}.up")
-    gated = b.op1("Mul", [_activate(b, gate, activation, name), up], f"{name}/gated")
+    return _down(b, lin, _activate(b, gate, activation, name), up, mlp, name)
+
+
+def _down(b: GraphBuilder, lin: LinearEmitter, activated: str, up: str, mlp: Any, name: str) -> str:
+    gated = b.op1("Mul", [activated, up], f"{name}/gated")
     down = lin.module(gated, mlp.down_proj, f"{name}.down")
     return lin.delta(gated, down, _in_features(mlp.down_proj), [mlp.down_proj], f"{name}.down")
 
@@ -248,7 +261,18 @@ def _rotaries(model: Any) -> dict[str, Any]:
 def _rotary_caches(b: GraphBuilder, rotary: Any, context: int, kind: str) -> tuple[str, str]:
     """cos/sin [context, head_dim/2] from the model's own inverse frequencies (so rope scaling
     variants come along), computed in float32 as transformers does."""
-    inv_freq = rotary.inv_freq.detach().float().cpu().numpy()
+    # The frequencies as initialized: longrope / dynamic rope swap inv_freq after a long forward pass
+    inv_freq = getattr(rotary, "original_inv_freq", rotary.inv_freq).detach().float().cpu().numpy()
+    if inv_freq.size % 8:  # GroupQueryAttention's kernel rotates in groups of 16 dimensions
+        raise UnsupportedArchitecture(f"the fused graph rotates multiples of 16 dimensions of a head, this model "
+                                      f"rotates {2 * inv_freq.size}; build with --graph optimum")
+    config = getattr(rotary, "config", None)
+    original = getattr(config, "original_max_position_embeddings", None) or getattr(config, "max_position_embeddings",
+                                                                                     None)
+    if getattr(rotary, "rope_type", "default") == "longrope" and original and context > original:
+        # transformers switches to the long factors past the original length, for the whole sequence
+        raise UnsupportedArchitecture(f"the fused graph has the short rope factors only: build with --context "
+                                      f"{original} or less, or with --graph optimum")
     scaling = float(getattr(rotary, "attention_scaling", 1.0))
     freqs = np.arange(context, dtype=np.float32)[:, None] * inv_freq[None, :]
     cos = (np.cos(freqs) * scaling).astype(np.float32)
@@ -261,6 +285,11 @@ def _value_info(name: str, shape: list[int | str]) -> Any:
     from onnx import helper
 
     return helper.make_tensor_value_info(name, FLOAT, shape)
+
+
+def _out_features(module: Any) -> int:
+    """Output width of an ``nn.Linear`` or of the last layer of a factorized pair."""
+    return int(module[-1].out_features if hasattr(module, "__getitem__") else module.out_features)
 
 
 def _in_features(module: Any) -> int:

@@ -1,6 +1,7 @@
 """The fused graph on the Llama-family variants it describes besides Llama itself (Qwen2's q/k/v biases,
 Qwen3's per-head q/k norms, a head width other than hidden / heads, untied heads, sliding windows, Gemma
-1 / 2 / 3: offset norms, scaled embedding, GELU, sandwich norms, softcaps, a local rotary), and the
+1 / 2 / 3: offset norms, scaled embedding, GELU, sandwich norms, softcaps, a local rotary; Phi-3's packed
+projections, partial rotary and longrope), and the
 end-to-end path: build with delta slots, a fine-tune's delta applied in the runtime."""
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ VARIANTS = {
     "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
     "mistral-window": ("mistral", {"sliding_window": 5}),  # slides: the prompts are longer
     "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),
+    "phi3": ("phi3", {"hidden_size": 128, "partial_rotary_factor": 0.5, "sliding_window": 9}),  # 16 of 32 rotate
+    "phi3-longrope": ("phi3", {"hidden_size": 128, "original_max_position_embeddings": CONTEXT,
+                               "rope_scaling": {"type": "longrope", "short_factor": [1.0 + i / 10 for i in range(16)],
+                                                "long_factor": [4.0] * 16}}),
     "gemma": ("gemma", {"head_dim": 16}),
     "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": 6, "query_pre_attn_scalar": 24,
                           "attn_logit_softcapping": 3.0, "final_logit_softcapping": 5.0}),
@@ -78,6 +83,13 @@ def test_qwen3_norms_are_per_head_and_int4_graph_runs(tmp_path):
     assert np.corrcoef(logits.ravel(), ref.ravel())[0, 1] > 0.9
 
 
+def test_longrope_is_refused_past_its_short_factors_range():
+    model_type, overrides = VARIANTS["phi3-longrope"]
+    model = make_model(model_type, **overrides)
+    with pytest.raises(UnsupportedArchitecture, match=f"--context {CONTEXT} or less"):
+        build_llama(model, 2 * CONTEXT)
+
+
 def _config(**fields):
     return SimpleNamespace(model_type="mistral", hidden_act="silu", **fields)
 
@@ -100,7 +112,7 @@ def test_other_attention_kinds_are_refused_by_name():
         check_supported(_config(layer_types=["full_attention", "chunked_attention"]))
 
 
-@pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3"])
+@pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3", "phi3"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -122,7 +134,7 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
 
     build(BuildConfig(model=str(tmp_path / "base"), graph="auto", delta_slots=True, context=CONTEXT), tmp_path / "pkg")
     delta = make(str(tmp_path / "base"), str(tmp_path / "tuned"), DeltaConfig(method="truncsvd", rank=8))
-    moved = "q_proj.bias" if variant == "qwen2" else "q_norm.weight"
+    moved = {"qwen2": "q_proj.bias", "phi3": "input_layernorm.weight"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
