@@ -1,0 +1,114 @@
+"""Tiny random causal LMs of many architectures (hidden 64, 2 layers, the tests' 512-token BPE tokenizer
+from tiny.py), for the architecture tests and the generality sweep (benchmarks/generality/sweep.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+VOCAB = 512
+_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+_COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, **_IDS}
+
+
+def _cfg(cls_name: str, **overrides: Any) -> Callable[[], Any]:
+    def make() -> Any:
+        import transformers
+
+        return getattr(transformers, cls_name)(**{**_COMMON, **overrides})
+
+    return make
+
+
+def _plain(cls_name: str, **kwargs: Any) -> Callable[[], Any]:
+    def make() -> Any:
+        import transformers
+
+        return getattr(transformers, cls_name)(**{**_IDS, "vocab_size": VOCAB, **kwargs})
+
+    return make
+
+
+ARCHS: dict[str, Callable[[], Any]] = {
+    "llama": _cfg("LlamaConfig", tie_word_embeddings=True),
+    "llama-bias": _cfg("LlamaConfig", attention_bias=True, mlp_bias=True),
+    "llama-untied": _cfg("LlamaConfig", tie_word_embeddings=False),
+    "llama-headdim": _cfg("LlamaConfig", head_dim=32),
+    "llama-rope3": _cfg("LlamaConfig", rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}),
+    "llama-padvocab": _cfg("LlamaConfig", vocab_size=576),  # more embedding rows than tokens, as Qwen ships
+    "llama-dynrope": _cfg("LlamaConfig", rope_scaling={"rope_type": "dynamic", "factor": 2.0,
+                                                       "original_max_position_embeddings": 64}),
+    "llama-notemplate": _cfg("LlamaConfig"),  # its tokenizer has no chat template (save() drops it)
+    "mistral": _cfg("MistralConfig"),
+    "mistral-sw32": _cfg("MistralConfig", sliding_window=32),
+    "mistral-nosw": _cfg("MistralConfig", sliding_window=None),
+    "qwen2": _cfg("Qwen2Config"),
+    "qwen3": _cfg("Qwen3Config", head_dim=16),
+    "phi3": _cfg("Phi3Config"),
+    "gemma": _cfg("GemmaConfig", head_dim=16),
+    "gemma2": _cfg("Gemma2Config", head_dim=16, sliding_window=32),
+    "gpt2": _plain("GPT2Config", n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    "gpt_neox": _plain("GPTNeoXConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.25),
+    "olmo": _cfg("OlmoConfig"),
+    "stablelm": _cfg("StableLmConfig"),
+    "granite": _cfg("GraniteConfig", embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0,
+                    attention_multiplier=0.1),
+    "qwen3_moe": _cfg("Qwen3MoeConfig", head_dim=16, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32),
+    "mixtral": _cfg("MixtralConfig", num_local_experts=4, num_experts_per_tok=2),
+}
+
+
+def make_model(arch: str, seed: int = 0) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(ARCHS[arch]()).eval()
+    # As tests/tiny.py: random init gives near-uniform logits; scale so greedy choices are decisive.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return model
+
+
+def save(arch: str, folder: Path, seed: int = 0) -> Path:
+    from tiny import make_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    make_model(arch, seed).save_pretrained(folder)
+    tokenizer = make_tokenizer()
+    if arch == "llama-notemplate":
+        tokenizer.chat_template = None
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_finetune(base: Path, folder: Path, seed: int = 1, scale: float = 0.05) -> Path:
+    """A stand-in fine-tune of any saved tiny model: every 2-D weight inside the decoder moved by a
+    low-rank change (``tests/tiny.py`` does the same for Llama's linear layers only)."""
+    import torch
+    from tiny import make_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    gen = torch.Generator().manual_seed(seed)
+    head = model.get_output_embeddings().weight
+    embed = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() != 2 or p is head or p is embed or "embed" in name or "wpe" in name:
+                continue
+            n, m = p.shape
+            low = torch.randn(n, 4, generator=gen) @ torch.randn(4, m, generator=gen)
+            p.add_(scale * (low + 0.1 * torch.randn(n, m, generator=gen)))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
