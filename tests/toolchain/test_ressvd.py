@@ -328,3 +328,14 @@ def test_freed_memory_kept_reuses_large_blocks_without_page_faults():
     out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, check=True)
     applied, kept, plain = json.loads(out.stdout.strip().splitlines()[-1])
     assert applied and kept < plain / 2, (kept, plain)
+
+
+def test_final_norm_of_a_model_whose_base_model_is_itself():
+    """Gemma 3's base_model_prefix names a multimodal wrapper's attribute, so base_model is the LM itself."""
+    from edgepack.toolchain.ressvd.tune import _final_norm
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    model = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    assert model.base_model is model
+    assert _final_norm(model) is model.model.norm

@@ -108,9 +108,11 @@ _FINAL_NORMS = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
 
 
 def _final_norm(model: nn.Module) -> nn.Module:
-    base = model.base_model  # get_decoder() is the whole LM on GPT-2 / GPT-NeoX
-    for name in _FINAL_NORMS:
-        if isinstance(getattr(base, name, None), nn.Module):
-            return getattr(base, name)
+    # get_decoder() is the whole LM on GPT-2 / GPT-NeoX; base_model is the LM itself on Gemma 3 (its prefix
+    # names a multimodal wrapper's attribute), whose decoder is .model
+    for base in (model.base_model, getattr(model, "model", None)):
+        for name in _FINAL_NORMS:
+            if isinstance(getattr(base, name, None), nn.Module):
+                return getattr(base, name)
     raise UnsupportedArchitecture(f"cannot find the final norm of {type(model).__name__} for the factor tune; "
                                   "pass --tune-steps 0")
