@@ -96,9 +96,10 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
     except ValueError as e:
         if "not supported" in str(e) or "architecture" in str(e):
             raise UnsupportedArchitecture(f"{source.ref}: {_first_line(e)}") from None
-        raise ModelSourceError(f"cannot read the model config of {source.ref}: {_first_line(e)}") from None
+        raise ModelSourceError(
+            f"cannot read the model config of {source.ref}: {_first_line(e)}{_hint(source)}") from None
     except Exception as e:  # corrupt GGUF headers surface as assorted exception types
-        raise ModelSourceError(f"cannot read {source.ref}: {_first_line(e)}") from None
+        raise ModelSourceError(f"cannot read {source.ref}: {_first_line(e)}{_hint(source)}") from None
     _check_causal_lm(config, source)
     if check is not None:
         check(config)
@@ -134,6 +135,11 @@ def _check_causal_lm(config: Any, source: ModelSource) -> None:
             f"{source.ref}: model type '{config.model_type}' is not a causal language model "
             "that transformers can load"
         )
+
+
+def _hint(source: ModelSource) -> str:
+    # gguf's reader reports a cut-off file as a reshape or dtype error deep in numpy.
+    return " (is the GGUF file truncated or corrupt?)" if source.gguf_file else ""
 
 
 def _first_line(e: BaseException) -> str:

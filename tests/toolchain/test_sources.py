@@ -134,3 +134,20 @@ def _permute_for_gguf(weight, heads):
     # llama.cpp stores q/k rows interleaved per rotary pair; transformers undoes this on load.
     out_dim = weight.shape[0]
     return weight.reshape(heads, 2, out_dim // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def test_gguf_cut_off_in_its_tensor_data_is_named_as_such(tmp_path):
+    import gguf
+    import numpy as np
+
+    whole, cut = tmp_path / "whole.gguf", tmp_path / "cut.gguf"
+    writer = gguf.GGUFWriter(whole, "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((64, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    cut.write_bytes(whole.read_bytes()[:-4096])
+    with pytest.raises(ModelSourceError, match="truncated or corrupt"):
+        sources.load(str(cut))
