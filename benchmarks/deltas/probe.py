@@ -68,6 +68,9 @@ CANDIDATES = {
     "osd tf@delta": dict(method="osd", importance="fisher-true", gradient_at="delta", tune_steps=0),
     "osd tf@ft+tune": dict(method="osd", importance="fisher-true", gradient_at="finetune", **_TUNE),
     "osd tf@delta+tune": dict(method="osd", importance="fisher-true", gradient_at="delta", **_TUNE),
+    # The tune's loss half KL to the fine-tune, half the NLL of the training windows' own text.
+    "osd kl+tune hard": dict(method="osd", importance="fisher-kl", tune_hard=0.5, **_TUNE),
+    "mag+tune hard": dict(method="magtruncsvd", tune_hard=0.5, **_TUNE),
 }
 
 

@@ -98,3 +98,16 @@ def test_a_tuned_delta_round_trips_through_its_file(setup, tmp_path):
     assert back.info["tune"]["steps"] == 3
     for name, layer in delta.layers.items():
         np.testing.assert_array_equal(back.layers[name].matrix(), layer.matrix())
+
+
+def test_a_tune_on_the_text_itself_lowers_its_nll_and_keeps_the_bits(setup):
+    model, _, raw, windows = setup
+    from edgepack.toolchain.delta.auto import validation_loss
+
+    config = DeltaConfig(method="magtruncsvd", rank=1, windows=4, window_tokens=48, tune_lr=1e-2)
+    plain = compress(model, raw, config, windows, {})
+    hard = compress(model, raw, dataclasses.replace(config, tune_steps=20, tune_hard=1.0), windows, {})
+    assert hard.bits == plain.bits and hard.info["tune"]["hard_nll_weight"] == 1.0
+    assert validation_loss(model, hard, windows) < validation_loss(model, plain, windows) - 0.01
+    with pytest.raises(UsageError, match="--tune-hard"):
+        DeltaConfig(tune_hard=1.5)

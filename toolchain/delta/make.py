@@ -73,6 +73,7 @@ class DeltaConfig:
     tune_steps: int | None = None
     tune_lr: float = TUNE_LR
     tune_positions: int | None = 64  # positions per window whose logits enter a step's loss; None: all
+    tune_hard: float = 0.0  # weight of the windows' own next-token NLL in the tune's loss beside the KL (tune.py)
     # Choose the kept entries during the tune instead of before it (prune.py): start from all entries of the
     # rank-k factors and prune on a cubic schedule to the budget while distilling, by the Fisher θ²·Σg² along
     # the tune (OSD) or by |θ| (MagTruncSVD, per layer). Needs validation text and tune steps.
@@ -114,6 +115,9 @@ class DeltaConfig:
         if not 0 < self.prune_until <= 1 or (self.tune_positions is not None and self.tune_positions < 1):
             raise UsageError(f"the share of the tune spent pruning must be in (0, 1] and the positions per window 1 or "
                              f"more, got {self.prune_until} and {self.tune_positions}")
+        if not 0 <= self.tune_hard <= 1 or (self.tune_hard and self.prune_during_tune):
+            raise UsageError(f"--tune-hard must be in [0, 1] and cannot go with --prune-during-tune, got "
+                             f"{self.tune_hard}")
         if self.reselect and (self.method != "osd" or self.importance not in ("fisher", "fisher-kl")
                               or self.allocation != "global" or self.tune_steps == 0 or self.prune_during_tune):
             raise UsageError("--reselect re-scores OSD's fisher / fisher-kl selection (global budget) after its tune: "
@@ -235,9 +239,13 @@ def _tune(model: torch.nn.Module, raw: extract.RawDelta, layers: dict, config: D
 
     if not windows:
         raise UsageError("--tune-steps distils the delta toward the fine-tune on validation text: pass --valid FILE")
-    settings = tune.TuneSettings(steps=steps, lr=config.tune_lr, positions=config.tune_positions)
+    settings = tune.TuneSettings(steps=steps, lr=config.tune_lr, positions=config.tune_positions,
+                                 hard=config.tune_hard)
     out, losses = tune.tune(model, layers, raw.dense, windows, _teacher(model, raw, windows, cache), settings)
-    return {"layers": out, "tune": _tune_record(losses, config.tune_lr, settings.batch, settings.positions)}
+    record = _tune_record(losses, config.tune_lr, settings.batch, settings.positions)
+    if config.tune_hard:  # the recorded losses are then the mixed loss, not the KL alone
+        record["hard_nll_weight"] = config.tune_hard
+    return {"layers": out, "tune": record}
 
 
 def _reselected(model: torch.nn.Module, raw: extract.RawDelta, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],

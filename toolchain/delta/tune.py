@@ -27,6 +27,7 @@ from edgepack.toolchain import distill
 from edgepack.toolchain.delta.extract import RawDelta, linear_layers
 from edgepack.toolchain.delta.merge import added
 from torch import nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
 
@@ -37,6 +38,9 @@ class TuneSettings:
     batch: int = 2  # windows per step
     positions: int | None = 64  # positions per window whose logits enter the loss (None: all)
     seed: int = 0
+    # Weight of the next-token NLL of the window's own text: loss (1 − hard)·KL + hard·NLL, the task loss OSD's
+    # importance is defined on, beside the distillation target (0: KL alone).
+    hard: float = 0.0
 
 
 class _Branch:
@@ -93,6 +97,8 @@ def tune(model: nn.Module, layers: dict[str, LayerDelta], dense: dict[str, torch
     ids = torch.tensor([list(w) for w in windows])
 
     def batch_loss(batch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if settings.hard:
+            return _mixed_loss(model, head, ids[batch], teacher[batch], settings.positions, g, settings.hard)
         return _loss(model, head, ids[batch], teacher[batch], settings.positions, g)
 
     with distill.frozen(model), _with_delta(model, branches, dense):
@@ -129,3 +135,15 @@ def _with_delta(model: nn.Module, branches: dict[str, _Branch], dense: dict[str,
 def _loss(model: nn.Module, head: nn.Module, ids: torch.Tensor, teacher: torch.Tensor, positions: int | None,
           g: torch.Generator | None) -> torch.Tensor:
     return distill.sampled_kl(head_inputs(model, ids), teacher, head, positions, g)
+
+
+def _mixed_loss(model: nn.Module, head: nn.Module, ids: torch.Tensor, teacher: torch.Tensor, positions: int | None,
+                g: torch.Generator, hard: float) -> torch.Tensor:
+    """(1 − hard)·KL(teacher ‖ student) + hard·NLL of the next tokens, on the same random positions (those with
+    a next token)."""
+    states = head_inputs(model, ids)
+    count = ids.shape[1] - 1
+    idx = torch.randperm(count, generator=g)[:positions] if positions is not None else torch.arange(count)
+    kl = distill.sampled_kl(states[:, idx], teacher[:, idx], head, None, None)
+    nll = F.cross_entropy(head(states[:, idx]).float().flatten(0, 1), ids[:, idx + 1].flatten())
+    return (1 - hard) * kl + hard * nll
