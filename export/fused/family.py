@@ -6,7 +6,8 @@ sqrt(hidden), the MLP gate is a tanh-approximated GELU, attention scales by ``qu
 Gemma 2 caps attention scores and final logits with ``c·tanh(x/c)``, and Gemma 2 / 3 also norm each
 block's output before the residual add ("sandwich" norms). Qwen3 and Gemma 3 norm each head of q and
 k; Gemma 3 rotates sliding-window layers with their own base frequency. Phi-3 packs q/k/v and gate/up in
-its checkpoint and may rotate only part of each head.
+its checkpoint and may rotate only part of each head. SmolLM3 skips the rotary on some layers; Granite
+scales the embedding, each block's output, the attention scores and the logits by constants.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 
 from edgepack.runtime.errors import UnsupportedArchitecture
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma", "gemma2",
+                   "gemma3_text")
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
                "gelu": "gelu"}
@@ -32,6 +34,9 @@ class Family:
     attention_scale: float
     attention_softcap: float  # 0: none
     logit_softcap: float  # 0: none
+    residual_scale: float | None  # each block's output is multiplied by this before the residual add (Granite)
+    logit_scale: float | None  # the logits are multiplied by this (Granite: 1 / logits_scaling)
+    rotary_layers: tuple[bool, ...] | None  # per layer, whether it applies the rotary (SmolLM3); None: all do
 
 
 def check_supported(config: Any) -> None:
@@ -56,15 +61,20 @@ def check_supported(config: Any) -> None:
 
 def family_of(config: Any, head_dim: int) -> Family:
     gemma = config.model_type.startswith("gemma")
+    granite = config.model_type == "granite"
     scalar = getattr(config, "query_pre_attn_scalar", None) if gemma else None
+    rotary = getattr(config, "no_rope_layers", None) if config.model_type == "smollm3" else None
     return Family(
         norm_offset=1.0 if gemma else 0.0,
-        embed_scale=math.sqrt(config.hidden_size) if gemma else None,
+        embed_scale=math.sqrt(config.hidden_size) if gemma else float(config.embedding_multiplier) if granite else None,
         activation=ACTIVATIONS[_activation_name(config)],
         sandwich=config.model_type in ("gemma2", "gemma3_text"),
-        attention_scale=float(scalar or head_dim) ** -0.5,
+        attention_scale=float(config.attention_multiplier) if granite else float(scalar or head_dim) ** -0.5,
         attention_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0),
         logit_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0),
+        residual_scale=float(config.residual_multiplier) if granite else None,
+        logit_scale=1.0 / float(config.logits_scaling) if granite else None,
+        rotary_layers=tuple(bool(r) for r in rotary) if rotary is not None else None,
     )
 
 
@@ -72,5 +82,5 @@ def _activation_name(config: Any) -> str:
     """The MLP's activation as transformers reads it: Gemma 2 / 3 from ``hidden_activation``, the others
     (Gemma too) from ``hidden_act``."""
     if getattr(config, "model_type", "") in ("gemma2", "gemma3_text"):
-        return config.hidden_activation
+        return getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"  # their configs' default
     return getattr(config, "hidden_act", "silu")

@@ -64,8 +64,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
         hidden = embed_8bit(b, ids, table)
     else:
         hidden = b.op1("Gather", [b.weight("embed.weight", embedding), ids], "embed/gather")
-    if family.embed_scale is not None:
-        hidden = b.op1("Mul", [hidden, b.const(np.float32(family.embed_scale), np.float32)], "embed/scale")
+    hidden = _scaled(b, hidden, family.embed_scale, "embed")
     norm = _Norms(lin, float(cfg.rms_norm_eps), family.norm_offset)
     residual, pending = hidden, None  # pending: a block output not yet added to the residual
     kv_shape = [1, cfg.num_key_value_heads, "capacity", head_dim(cfg)]
@@ -77,11 +76,13 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
                           kv_shape)
         if family.sandwich:  # Gemma 2 / 3: the block's output is normed before the residual add
             attn = norm.alone(attn, layer.post_attention_layernorm.weight, f"layers.{i}.attn_out_norm")
+        attn = _scaled(b, attn, family.residual_scale, f"layers.{i}.attn")
         mlp_norm = layer.pre_feedforward_layernorm if family.sandwich else layer.post_attention_layernorm
         x, residual = norm.add(attn, residual, mlp_norm.weight, f"layers.{i}.post_norm")
         pending = _mlp(b, lin, x, layer.mlp, family.activation, f"layers.{i}.mlp")
         if family.sandwich:
             pending = norm.alone(pending, layer.post_feedforward_layernorm.weight, f"layers.{i}.mlp_out_norm")
+        pending = _scaled(b, pending, family.residual_scale, f"layers.{i}.mlp")
     x, _ = norm.add(pending, residual, model.model.norm.weight, "final_norm")
     x = _last_positions(b, x, b.add_input(LOGITS_KEEP, INT64, [1]))
     if table is not None:
@@ -90,6 +91,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
         logits = b.op1("FusedMatMul", [x, "embed.weight"], "lm_head/FusedMatMul", domain=MS_DOMAIN, transB=1)
     else:
         logits = lin.module(x, model.lm_head, "lm_head")
+    logits = _scaled(b, logits, family.logit_scale, "lm_head")
     if family.logit_softcap:
         logits = _softcap(b, logits, family.logit_softcap, "lm_head")
     b.add_output(logits, "logits", FLOAT, [1, "kept_positions", cfg.vocab_size])
@@ -104,6 +106,11 @@ def _last_positions(b: GraphBuilder, x: str, keep: str) -> str:
     a prefill needs them for its last position only, parity and perplexity for all (keep >= S)."""
     start = b.op1("Neg", [keep], "lm_head/keep_start")
     return b.op1("Slice", [x, start, b.const([2**62]), b.const([1])], "lm_head/keep")
+
+
+def _scaled(b: GraphBuilder, x: str, scale: float | None, name: str) -> str:
+    """x · scale (Gemma's and Granite's constant multipliers); x itself without one."""
+    return x if scale is None else b.op1("Mul", [x, b.const(np.float32(scale), np.float32)], f"{name}/scale")
 
 
 def _softcap(b: GraphBuilder, x: str, cap: float, name: str) -> str:
@@ -175,7 +182,8 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tu
     present = [f"present.{i}.key", f"present.{i}.value"]
     b.op_named("GroupQueryAttention", [*qkv, *past, seqlens, total, cos, sin], [out, *present], f"{name}/gqa",
                domain=MS_DOMAIN, num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
-               do_rotary=1, rotary_interleaved=0, scale=family.attention_scale, softcap=family.attention_softcap,
+               do_rotary=int(family.rotary_layers is None or family.rotary_layers[i]), rotary_interleaved=0,
+               scale=family.attention_scale, softcap=family.attention_softcap,
                local_window_size=_window(cfg, i))
     for p in present:
         b.outputs.append(_value_info(p, kv_shape))

@@ -1,7 +1,7 @@
 """The fused graph on the Llama-family variants it describes besides Llama itself (Qwen2's q/k/v biases,
 Qwen3's per-head q/k norms, a head width other than hidden / heads, untied heads, sliding windows, Gemma
 1 / 2 / 3: offset norms, scaled embedding, GELU, sandwich norms, softcaps, a local rotary; Phi-3's packed
-projections, partial rotary and longrope), and the
+projections, partial rotary and longrope; SmolLM3's rotary-free layers; Granite's multipliers), and the
 end-to-end path: build with delta slots, a fine-tune's delta applied in the runtime."""
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ VARIANTS = {
     "phi3-longrope": ("phi3", {"hidden_size": 128, "original_max_position_embeddings": CONTEXT,
                                "rope_scaling": {"type": "longrope", "short_factor": [1.0 + i / 10 for i in range(16)],
                                                 "long_factor": [4.0] * 16}}),
+    "smollm3": ("smollm3", {"no_rope_layers": [1, 0]}),  # layer 1 without rotary
+    "granite": ("granite", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3,
+                            "logits_scaling": 2.0}),
     "gemma": ("gemma", {"head_dim": 16}),
     "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": 6, "query_pre_attn_scalar": 24,
                           "attn_logit_softcapping": 3.0, "final_logit_softcapping": 5.0}),
