@@ -92,3 +92,22 @@ def test_delta_tune_runs_on_gpt_neox(models, text, tmp_path, capsys):
     code, _, err = run_cli(["delta", src, ft, "-o", out, "--method", "osd", "--rank", "1", "--valid", text,
                             "--windows", "2", "--tune-steps", "2"], capsys)
     assert code == 0 and out.is_file() and "8 layers" in err
+
+
+@pytest.mark.parametrize("arch, words", [("qwen3_moe", "mixture of experts"), ("mixtral", "mixture of experts"),
+                                         ("gpt2", "lacks what the planner needs")])
+def test_planner_refuses_what_its_memory_model_cannot_describe(arch, words, tmp_path):
+    from edgepack.runtime.profiles import load_profile
+    from edgepack.toolchain.planner.plan import plan_for
+
+    tiny_archs.ARCHS[arch]().save_pretrained(tmp_path)  # the planner reads config.json only
+    with pytest.raises(UnsupportedArchitecture, match=words):
+        plan_for(str(tmp_path), load_profile("raspberry-pi-4"))
+
+
+def test_rank_map_naming_missing_layers_is_refused():
+    from edgepack.toolchain.ressvd import ResSVDConfig, compress_
+
+    ranks = {"model.layers.1.self_attn.q_proj": 4}  # the planner's Llama-style names
+    with pytest.raises(UnsupportedArchitecture, match="without --device"):
+        compress_(tiny_archs.make_model("gpt_neox"), ResSVDConfig(method="svd", rank_map=ranks))

@@ -203,22 +203,40 @@ def model_config(spec: str) -> dict[str, Any]:
 
 
 def model_shape(spec: str) -> memory.ModelShape:
+    return _shape(model_config(spec), spec)
+
+
+def _shape(cfg: dict[str, Any], spec: str) -> memory.ModelShape:
+    """The memory model's view of ``cfg``, or a refusal by name of what it cannot describe."""
+    from edgepack.runtime.errors import UnsupportedArchitecture
+
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
+    if experts and int(experts) > 1:
+        # Counted as one dense MLP, a mixture of experts would be planned at a fraction of its weights.
+        raise UnsupportedArchitecture(f"{spec}: model type '{cfg.get('model_type')}' is a mixture of experts "
+                                      f"({experts} a layer), which the planner's memory model does not describe; "
+                                      "build it with --int4 or --ratio instead of --device")
     try:
-        return memory.ModelShape.from_config(model_config(spec))
+        return memory.ModelShape.from_config(cfg)
     except (KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"{spec}: the config lacks what the planner needs ({e})") from None
+        raise UnsupportedArchitecture(f"{spec}: the config lacks what the planner needs ({e}; model type "
+                                      f"'{cfg.get('model_type')}'); build it without --device") from None
 
 
 def plan_for(spec: str, profile: DeviceProfile, context: int | None = None) -> Plan:
     """``make_plan`` for a model source, never above the model's own maximum context."""
     cfg = model_config(spec)
     top = min(2048, int(cfg.get("max_position_embeddings") or 2048))
-    try:
-        shape = memory.ModelShape.from_config(cfg)
-    except (KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"{spec}: the config lacks what the planner needs ({e})") from None
+    shape = _shape(cfg, spec)
+    graph = graph_for(cfg)
+    if graph == "optimum":  # a plan for a model no build can export would only fail later
+        from types import SimpleNamespace
+
+        from edgepack.export.onnx_export import check_exportable
+
+        check_exportable(SimpleNamespace(**cfg))
     return make_plan(shape, profile, spec, min(context, top) if context else None, max_context=top,
-                     graph=graph_for(cfg))
+                     graph=graph)
 
 
 def graph_for(cfg: dict[str, Any]) -> str:

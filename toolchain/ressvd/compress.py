@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from edgepack.runtime.errors import UnsupportedArchitecture
 from edgepack.toolchain.ressvd import factorize, joint, quant, selection, tune
 from edgepack.toolchain.ressvd.allocator import freed_memory_kept
 from edgepack.toolchain.ressvd.calibration import GramCollector
@@ -67,6 +68,11 @@ def _compress(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
               f"({', '.join(untouched[:4])}{', ...' if len(untouched) > 4 else ''}); --ratio counts only the "
               "ones it compresses", file=sys.stderr)
     modules = {n: m for layer in per_layer for n, m in layer}
+    missing = [n for n in config.rank_map if n not in modules]
+    if missing:  # the planner names Llama-style modules (runtime/memory.py ModelShape.linears)
+        raise UnsupportedArchitecture(f"the ResSVD ranks name layers {type(model).__name__} does not have (e.g. "
+                                      f"{missing[0]}): device plans describe Llama-style blocks; build it without "
+                                      "--device")
     before = sum(p.numel() for p in model.parameters())
     candidates = _candidate_modules(per_layer, config)
     grams: dict[str, torch.Tensor] = {}
