@@ -49,11 +49,13 @@ def untie_lm_head(model) -> int:
 def quantize_all_int4(src: Path, dst: Path, block_size: int = 32) -> None:
     """Int4 for every MatMul with a constant weight and for the embedding Gather; external data."""
     import onnx
+    from edgepack.export.gemm import gemms_to_matmuls
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     for name in ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer"):
         logging.getLogger(name).setLevel(logging.ERROR)
     model = onnx.load(str(src))
+    gemms_to_matmuls(model)  # GPT-2-style projections are Gemm, which the quantizer skips
     untie_lm_head(model)
     quantizer = MatMulNBitsQuantizer(
         model, bits=4, block_size=block_size, is_symmetric=False, accuracy_level=4,
