@@ -103,7 +103,8 @@ def test_graph_follows_the_architecture():
     llama = {"model_type": "llama", "hidden_act": "silu"}
     assert graph_for(llama) == "fused"
     assert graph_for({"model_type": "gpt2"}) == "optimum"
-    assert graph_for({**llama, "sliding_window": 4096}) == "optimum"
+    assert graph_for({**llama, "sliding_window": 4096}) == "fused"  # GroupQueryAttention's local window
+    assert graph_for({**llama, "hidden_act": "relu2"}) == "optimum"
 
 
 def test_fused_int4_is_smaller_and_cheaper_than_the_optimum_layout():
