@@ -94,6 +94,10 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
     try:
         config = AutoConfig.from_pretrained(source.path, **kwargs)
     except ValueError as e:
+        if "custom code" in str(e):
+            raise UnsupportedArchitecture(
+                f"{source.ref}: its architecture is code shipped with the model (config.json auto_map), which "
+                "edgepack does not run; only architectures built into transformers are supported") from None
         if "not supported" in str(e) or "architecture" in str(e):
             raise UnsupportedArchitecture(f"{source.ref}: {_first_line(e)}") from None
         raise ModelSourceError(

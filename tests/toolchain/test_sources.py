@@ -151,3 +151,11 @@ def test_gguf_cut_off_in_its_tensor_data_is_named_as_such(tmp_path):
     cut.write_bytes(whole.read_bytes()[:-4096])
     with pytest.raises(ModelSourceError, match="truncated or corrupt"):
         sources.load(str(cut))
+
+
+def test_model_with_its_own_code_is_refused_by_name(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "my_custom", "auto_map": {"AutoConfig": "configuration_my.MyConfig"}}))
+    (tmp_path / "configuration_my.py").write_text("raise RuntimeError('never run')\n")
+    with pytest.raises(UnsupportedArchitecture, match="auto_map"):
+        sources.load(str(tmp_path))
