@@ -248,8 +248,9 @@ def evaluate(args: argparse.Namespace) -> int:
         else:
             from edgepack.toolchain.cli import require_toolchain
 
-            if args.delta and not target.exists():
-                raise UsageError(f"package not found: {args.target}")
+            if not target.exists() and args.target != "default":
+                raise UsageError(f"not found: {args.target} (pass a package, 'default', a Hugging Face model folder "
+                                 "or a .gguf file)")
             if args.delta:
                 raise UsageError("--delta applies to packages; for a model source, merge the fine-tune instead")
             require_toolchain()

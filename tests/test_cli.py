@@ -158,3 +158,9 @@ def test_eval_default_text_and_errors(tiny_package, tmp_path, capsys):
     assert code == 0 and "1 windows of 256" in out
     code, _, err = run_cli(["eval", str(tiny_package), "--context", "300"], capsys)
     assert code == 2 and "pass --context 256 or less" in err
+
+
+def test_eval_missing_target_says_not_found(tmp_path, capsys):
+    for extra in ([], ["--delta", str(tmp_path / "d.safetensors")]):
+        code, _, err = run_cli(["eval", str(tmp_path / "none"), *extra], capsys)
+        assert code == 2 and "not found" in err and "merge" not in err
