@@ -54,6 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="distil the kept values toward the fine-tune for N steps on the --valid text (same entries, "
                    f"same bits, new values); default: {TUNE_STEPS} for --method osd with --valid, 0 otherwise")
     p.add_argument("--tune-lr", type=float, default=None, help=f"learning rate of the tune (default {TUNE_LR:g})")
+    p.add_argument("--tune-hard", type=float, default=None,
+                   help="weight H in [0, 1] of the --valid text's own next-token NLL in the tune's loss, "
+                   "(1 − H)·KL(fine-tune ‖ delta) + H·NLL (default 0: the KL alone); pass the fine-tune's "
+                   "training text as --valid")
     p.add_argument("--prune-during-tune", action="store_true",
                    help="sparse methods with --valid: choose the kept entries during the tune (start from all entries "
                    "of the rank R+C factors, prune to the budget while distilling); measured no better than choosing "
@@ -68,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _tune_options(args: argparse.Namespace) -> dict:
     """Tune settings the user gave; unset ones take DeltaConfig's defaults for the method."""
-    given = {"tune_steps": args.tune_steps, "tune_lr": args.tune_lr}
+    given = {"tune_steps": args.tune_steps, "tune_lr": args.tune_lr, "tune_hard": args.tune_hard}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from edgepack.runtime import cli
+from edgepack.runtime import cli, delta_file
+from edgepack.toolchain.delta import budget
 
 
 def _cli(args, capsys):
@@ -70,6 +71,21 @@ def test_delta_tune_flags(tiny_model_dir, tiny_finetune_dir, tmp_path, capsys):
     code, out, _ = _cli(["inspect", str(out_file), "--json"], capsys)
     tune = json.loads(out)["info"]["tune"]
     assert tune["steps"] == 2 and tune["lr"] == 0.01
+    code, _, _ = _cli(["delta", str(tiny_model_dir), str(tiny_finetune_dir), "--method", "osd", "--rank", "1",
+                       "--valid", str(valid), "--windows", "2", "--tune-steps", "2", "--tune-hard", "0.5",
+                       "-o", str(out_file)], capsys)
+    assert code == 0
+    code, out, _ = _cli(["inspect", str(out_file), "--json"], capsys)
+    meta = json.loads(out)
+    assert meta["info"]["tune"]["hard_nll_weight"] == 0.5 and meta["info"]["method"] == "osd"
+    stored = delta_file.read(out_file)  # the bits the metadata records are those of the entries stored
+    recounted = {n: budget.sparse_bits(x.n_out, x.n_in, x.rank, x.u.kept, x.v.kept) for n, x in stored.layers.items()}
+    assert recounted == {n: layer["bits"] for n, layer in meta["layers"].items()}
+    assert 0 < sum(recounted.values()) <= meta["info"]["budget_bits"]  # the tune moves values, never the pattern
+    assert meta["accounted_bits"] == stored.bits
+    code, _, err = _cli(["delta", str(tiny_model_dir), str(tiny_finetune_dir), "--valid", str(valid), "--tune-steps",
+                         "2", "--tune-hard", "2", "-o", str(tmp_path / "x.safetensors")], capsys)
+    assert code == 2 and "--tune-hard" in err
     code, _, _ = _cli(["delta", str(tiny_model_dir), str(tiny_finetune_dir), "--method", "osd", "--rank", "1",
                        "--valid", str(valid), "--windows", "2", "--tune-steps", "2", "--prune-during-tune",
                        "-o", str(out_file)], capsys)
