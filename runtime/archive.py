@@ -112,7 +112,8 @@ def _open_zip(path: Path):
         raise PackageError(f"package not found: {path}")
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+        # NotImplementedError: a central directory entry asks for a zip version zipfile does not read
         raise PackageError(f"{path} is neither a package folder nor a valid .edgepack archive ({e})") from None
     with zf:
         try:

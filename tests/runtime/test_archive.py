@@ -250,3 +250,13 @@ def test_pack_refuses_a_tampered_folder(package_copy, tmp_path):
     assert not (tmp_path / "x.edgepack").exists()
     assert not list(tmp_path.glob(".x.edgepack.tmp-*"))
 
+
+
+def test_an_archive_asking_for_a_newer_zip_version_is_refused(packed, tmp_path):
+    data = bytearray(packed.read_bytes())
+    entry = data.index(b"PK\x01\x02")  # first central directory entry
+    struct.pack_into("<H", data, entry + 6, 64)  # "version needed to extract" 6.4: zipfile raises NotImplementedError
+    bad = tmp_path / "newer.edgepack"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(PackageError, match="neither a package folder nor a valid .edgepack archive"):
+        open_package(bad)
