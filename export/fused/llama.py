@@ -5,7 +5,8 @@ norm by SkipSimplifiedLayerNormalization), one packed QKV projection, GroupQuery
 rotary embedding applied inside (cos/sin caches) and a KV cache shared between past and present
 (one preallocated buffer of ``context`` positions per layer and kind), an o projection, and a
 SwiGLU MLP with packed gate/up projections. Linear layers are float32 MatMul or int4 / int8 MatMulNBits
-(``linear.py``); the tied embedding is stored once.
+(``linear.py``); the tied embedding is stored once. What other members of the family change (Qwen, Phi-3,
+Gemma, Granite, SmolLM3: norms, multipliers, activations, windows, rotary) is read by ``family.py``.
 
 Graph contract (what ``runtime/fused_decoder.py`` binds):
     inputs   input_ids int64 [1, S]; seqlens_k int32 [1] (= positions after this step - 1);
@@ -41,7 +42,7 @@ def head_dim(config: Any) -> int:
 
 def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True, fold: bool = True,
                 delta_slots: bool = False, int8: bool = False, factor_bits: int = 4, block_qkv: bool = True) -> Any:
-    """The fused graph (an ``onnx.ModelProto``) of a LlamaForCausalLM for ``context`` positions;
+    """The fused graph (an ``onnx.ModelProto``) of a Llama-family causal LM for ``context`` positions;
     ``delta_slots`` adds the low-rank side branches fine-tune deltas are applied through; ``int4`` or
     ``int8`` quantizes the linear layers (and stores a tied embedding as one 8-bit table); ``factor_bits``
     is the width of ResSVD factor pairs in an int4 graph (4 or 8); ``block_qkv`` packs factorized q/k/v
