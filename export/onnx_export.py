@@ -19,6 +19,8 @@ from edgepack.runtime.errors import UnsupportedArchitecture
 from edgepack.runtime.manifest import MODEL_NAME
 
 TASK = "text-generation-with-past"
+# What tracing a configuration the exporter mishandles raises (e.g. Falcon's grouped KV heads: a cache concat).
+_TRACE_ERRORS = (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError)
 
 
 def supported_model_types() -> list[str]:
@@ -47,7 +49,12 @@ def export(model: Any, out_dir: Path, opset: int | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgepack-export-") as tmp, _quiet():
         # Our own parity check follows, on real prompts through the runtime, so optimum's is skipped.
-        onnx_export_from_model(model, tmp, task=TASK, opset=opset, do_validation=False)
+        try:
+            onnx_export_from_model(model, tmp, task=TASK, opset=opset, do_validation=False)
+        except _TRACE_ERRORS as e:  # not OSError / MemoryError: a full disk or RAM is not the architecture's fault
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UnsupportedArchitecture(f"optimum's exporter failed on model type '{model.config.model_type}' "
+                                          f"({type(e).__name__}: {first}); this model cannot be packaged yet") from None
         produced = [p for p in Path(tmp).iterdir() if p.name.startswith(MODEL_NAME)]
         files = []
         for p in produced:

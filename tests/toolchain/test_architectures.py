@@ -111,3 +111,25 @@ def test_rank_map_naming_missing_layers_is_refused():
     ranks = {"model.layers.1.self_attn.q_proj": 4}  # the planner's Llama-style names
     with pytest.raises(UnsupportedArchitecture, match="without --device"):
         compress_(tiny_archs.make_model("gpt_neox"), ResSVDConfig(method="svd", rank_map=ranks))
+
+
+def test_exporter_failure_is_refused_by_name(models, tmp_path, capsys):
+    # optimum-onnx 0.1.0 cannot trace Falcon with grouped KV heads (a KV cache concat fails)
+    code, _, err = run_cli(["build", models("falcon"), "-o", tmp_path / "p"], capsys)
+    assert code == 2 and "exporter failed on model type 'falcon'" in err and not (tmp_path / "p").exists()
+
+
+def test_factor_tune_refuses_layers_it_cannot_replay(models, tmp_path, capsys):
+    # Bloom's ALiBi bias is folded as [windows·heads, 1, tokens]: it cannot be sliced by window
+    code, _, err = run_cli(["compress", models("bloom"), "--ratio", "0.2", "--tune-steps", "2", "-o", tmp_path / "c"],
+                           capsys)
+    assert code == 2 and "cannot replay the decoder layers of BloomForCausalLM" in err and "--tune-steps 0" in err
+
+
+@pytest.mark.parametrize("arch, norm", [("opt", "model.decoder.final_layer_norm"), ("gpt2", "transformer.ln_f"),
+                                        ("gpt_neox", "gpt_neox.final_layer_norm"), ("llama", "model.norm")])
+def test_factor_tune_finds_each_family_final_norm(arch, norm):
+    from edgepack.toolchain.ressvd.tune import _final_norm
+
+    model = tiny_archs.make_model(arch)
+    assert _final_norm(model) is model.get_submodule(norm)

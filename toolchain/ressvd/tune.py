@@ -64,11 +64,24 @@ def tune_(model: nn.Module, trace: Trace, settings: TuneSettings,
         # each: a joint group's members share their first factor (joint.py), and AdamW must see that
         # parameter once, with the gradient of all its uses summed.
         trainable = list({id(p): p for m in pairs for p in m.parameters()}.values())
+        _check_replay(model, batch_loss, trace.inputs.shape[0])
         for p in trainable:
             p.requires_grad_(True)
         return distill.train(trainable, trace.inputs.shape[0], settings.steps, settings.lr, settings.batch,
                              settings.seed, batch_loss, "tuning factors" + _QUANT_LABEL.get(settings.quant, ""),
                              callback)
+
+
+def _check_replay(model: nn.Module, batch_loss: Callable, count: int) -> None:
+    """Replay two windows before training: a model whose layers take per-window arguments folded with another
+    axis (Bloom's ALiBi bias is [windows·heads, 1, tokens]) cannot be sliced by window, and fails here, by name."""
+    try:
+        with torch.no_grad():
+            batch_loss(torch.arange(min(2, count)), torch.Generator().manual_seed(0))
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UnsupportedArchitecture(f"the ResSVD factor tune cannot replay the decoder layers of "
+                                      f"{type(model).__name__} ({first}); pass --tune-steps 0") from None
 
 
 _QUANT_LABEL = {"int4": " (int4-aware)", "int8": " (int8-aware)"}
@@ -110,7 +123,8 @@ _FINAL_NORMS = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
 def _final_norm(model: nn.Module) -> nn.Module:
     # get_decoder() is the whole LM on GPT-2 / GPT-NeoX; base_model is the LM itself on Gemma 3 (its prefix
     # names a multimodal wrapper's attribute), whose decoder is .model
-    for base in (model.base_model, getattr(model, "model", None)):
+    # OPT keeps it one level down, in model.decoder.
+    for base in (model.base_model, getattr(model, "model", None), getattr(model.base_model, "decoder", None)):
         for name in _FINAL_NORMS:
             if isinstance(getattr(base, name, None), nn.Module):
                 return getattr(base, name)
