@@ -133,3 +133,13 @@ def test_factor_tune_finds_each_family_final_norm(arch, norm):
 
     model = tiny_archs.make_model(arch)
     assert _final_norm(model) is model.get_submodule(norm)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
+def test_delta_tune_reads_each_family_decoder(arch):
+    from edgepack.toolchain.delta.tune import head_inputs
+
+    model = tiny_archs.make_model(arch)
+    with torch.no_grad():
+        hidden = head_inputs(model, torch.tensor([[5, 17, 42]]))
+    assert hidden.shape == (1, 3, model.config.hidden_size)

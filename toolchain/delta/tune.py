@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from edgepack.runtime.delta_file import FactorData, LayerDelta
+from edgepack.runtime.errors import UnsupportedArchitecture
 from edgepack.toolchain import distill
 from edgepack.toolchain.delta.extract import RawDelta, linear_layers
 from edgepack.toolchain.delta.merge import added
@@ -79,9 +80,18 @@ def teacher_states(model: nn.Module, raw: RawDelta, windows: Sequence[Sequence[i
 
 def head_inputs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The decoder's final (normed) hidden states, [batch, tokens, hidden]: the loss needs the head's input
-    alone, and skipping the full-vocabulary logits of every position is most of a step's saving. ``base_model``,
-    not ``get_decoder()``: GPT-2 and GPT-NeoX return the whole LM from the latter."""
-    return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    alone, and skipping the full-vocabulary logits of every position is most of a step's saving."""
+    return _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The LM's decoder stack: ``get_decoder()`` is the whole LM on GPT-2 / GPT-NeoX, ``base_model`` is on Gemma 3
+    (its prefix names a multimodal wrapper's attribute)."""
+    for candidate in (model.base_model, getattr(model, "model", None), model.get_decoder()):
+        if isinstance(candidate, nn.Module) and candidate is not model:
+            return candidate
+    raise UnsupportedArchitecture(f"cannot find the decoder of {type(model).__name__} for the delta tune; "
+                                  "pass --tune-steps 0")
 
 
 def tune(model: nn.Module, layers: dict[str, LayerDelta], dense: dict[str, torch.Tensor],
