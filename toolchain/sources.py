@@ -111,6 +111,18 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
     if getattr(config, "attn_logit_softcapping", None):
         # transformers' SDPA path skips the attention softcap (Gemma 2): only eager computes the model as defined
         config._attn_implementation = model_kwargs["attn_implementation"] = "eager"
+    if source.kind == "hf-folder" and not any((Path(source.path) / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelSourceError(f"{source.ref} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...): "
+                               "copy the model's tokenizer next to its config.json")
+    try:  # the tokenizer first: it fails in seconds where the weights take a minute
+        tokenizer = AutoTokenizer.from_pretrained(source.path, config=config, **kwargs)
+    except Exception as e:
+        raise ModelSourceError(f"cannot load the tokenizer of {source.ref}: {_first_line(e)}{_hint(source)} (a model "
+                               "folder needs its tokenizer files, e.g. tokenizer.json)") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UnsupportedArchitecture(
+            f"{source.ref}: its tokenizer has no 'tokenizers' (fast) version, which the runtime needs"
+        )
     try:
         if ressvd_storage.is_compressed(source.path):
             model = ressvd_storage.load(source.path, config)
@@ -119,16 +131,16 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
             # header again (tokenizer arrays included), 3-4 s each on the default model.
             model = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=torch.float32,
                                                          **model_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source.path, config=config, **kwargs)
     except ModelSourceError:
         raise
     except Exception as e:
-        raise ModelSourceError(f"cannot load {source.ref}: {_first_line(e)}") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise UnsupportedArchitecture(
-            f"{source.ref}: its tokenizer has no 'tokenizers' (fast) version, which the runtime needs"
-        )
+        raise ModelSourceError(f"cannot load the weights of {source.ref}: {_first_line(e)}{_hint(source)}") from None
     return model, tokenizer
+
+
+# What AutoTokenizer can build a tokenizer from (a folder holding none of them has no tokenizer).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model",
+                    "vocab.txt")
 
 
 def _check_causal_lm(config: Any, source: ModelSource) -> None:

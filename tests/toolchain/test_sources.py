@@ -159,3 +159,19 @@ def test_model_with_its_own_code_is_refused_by_name(tmp_path):
     (tmp_path / "configuration_my.py").write_text("raise RuntimeError('never run')\n")
     with pytest.raises(UnsupportedArchitecture, match="auto_map"):
         sources.load(str(tmp_path))
+
+
+def test_folder_without_tokenizer_or_with_a_broken_one_is_named(tiny_model_dir, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, bare / name)
+    with pytest.raises(ModelSourceError, match="has no tokenizer files"):
+        sources.load(str(bare))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "tokenizer.json").write_text("{garbage")
+    with pytest.raises(ModelSourceError, match="cannot load the tokenizer"):
+        sources.load(str(broken))
