@@ -129,13 +129,25 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
         else:
             # The config already read is passed on: for a GGUF file each read of it parses the whole
             # header again (tokenizer arrays included), 3-4 s each on the default model.
-            model = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=torch.float32,
-                                                         **model_kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=torch.float32,
+                                                               output_loading_info=True, **model_kwargs)
+            _check_complete(info, source, config)
     except ModelSourceError:
         raise
     except Exception as e:
         raise ModelSourceError(f"cannot load the weights of {source.ref}: {_first_line(e)}{_hint(source)}") from None
     return model, tokenizer
+
+
+def _check_complete(info: dict[str, Any], source: ModelSource, config: Any) -> None:
+    """Refuse a checkpoint that lacks weights of its architecture: transformers would initialize them at random
+    (a warning in its log) and the package would be built, parity-checked and shipped as noise."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = ", ..." if len(missing) > 3 else ""
+        raise ModelSourceError(f"{source.ref}: {len(missing)} weights of a {config.model_type} model are not in the "
+                               f"checkpoint and would be random ({', '.join(missing[:3])}{more}); is the file complete "
+                               "and made for this architecture?")
 
 
 # What AutoTokenizer can build a tokenizer from (a folder holding none of them has no tokenizer).

@@ -175,3 +175,18 @@ def test_folder_without_tokenizer_or_with_a_broken_one_is_named(tiny_model_dir, 
     (broken / "tokenizer.json").write_text("{garbage")
     with pytest.raises(ModelSourceError, match="cannot load the tokenizer"):
         sources.load(str(broken))
+
+
+def test_checkpoint_missing_weights_is_refused(tiny_model_dir, tmp_path):
+    # transformers would fill them in at random, with a warning only in its log
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelSourceError, match="1 weights of a llama model are not in the checkpoint"):
+        sources.load(str(broken))
