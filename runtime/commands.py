@@ -256,7 +256,7 @@ def evaluate(args: argparse.Namespace) -> int:
             require_toolchain()
             from edgepack.toolchain.evaluate import evaluate_model
 
-            result = evaluate_model(args.target, corpus, args.context or EVAL_CONTEXT, args.max_windows, bar.update)
+            result = evaluate_model(args.target, corpus, args.context, args.max_windows, bar.update, EVAL_CONTEXT)
     print(f"perplexity {result.perplexity:.3f} over {result.tokens} tokens "
           f"({result.windows} windows of {result.context})")
     return 0

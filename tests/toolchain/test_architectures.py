@@ -143,3 +143,12 @@ def test_delta_tune_reads_each_family_decoder(arch):
     with torch.no_grad():
         hidden = head_inputs(model, torch.tensor([[5, 17, 42]]))
     assert hidden.shape == (1, 3, model.config.hidden_size)
+
+
+def test_source_eval_window_stays_within_the_model_positions(models, text, capsys):
+    # GPT-2's learned position table has 256 rows here: the default 512-token window raised IndexError
+    src = models("gpt2")
+    code, out, _ = run_cli(["eval", src, "--text", text, "--max-windows", "1"], capsys)
+    assert code == 0 and "1 windows of 256" in out
+    code, _, err = run_cli(["eval", src, "--text", text, "--context", "300"], capsys)
+    assert code == 2 and "pass --context 256 or less" in err
