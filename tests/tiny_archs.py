@@ -62,6 +62,8 @@ ARCHS: dict[str, Callable[[], Any]] = {
                   max_position_embeddings=256, partial_rotary_factor=0.5),
     "opt": _plain("OPTConfig", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=256, word_embed_proj_dim=64),
+    "opt-128": _plain("OPTConfig", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=128, word_embed_proj_dim=64),  # fewer positions than a 256-token window
     "falcon": _plain("FalconConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      new_decoder_architecture=True, num_kv_heads=2, max_position_embeddings=256),
     "bloom": _plain("BloomConfig", hidden_size=64, n_layer=2, n_head=4),

@@ -19,6 +19,9 @@ def compress_loaded(loaded: sources.LoadedModel, config: ResSVDConfig, calib: st
     factors ("int4", "int8" or "none"), what ``quant_aware="auto"`` tunes them for."""
     if config.quant_aware == "auto":
         config = dataclasses.replace(config, quant_aware=factors if config.tune_steps else "none")
+    positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    if positions and config.calib_length > positions:  # a learned position table has no row past its end
+        config = dataclasses.replace(config, calib_length=int(positions))
     windows = []
     if config.method != "svd":
         corpus = texts.read_text(calib) if calib else texts.calibration_text()

@@ -152,3 +152,14 @@ def test_source_eval_window_stays_within_the_model_positions(models, text, capsy
     assert code == 0 and "1 windows of 256" in out
     code, _, err = run_cli(["eval", src, "--text", text, "--context", "300"], capsys)
     assert code == 2 and "pass --context 256 or less" in err
+
+
+def test_calibration_and_validation_windows_fit_a_short_position_table(models, text, tmp_path, capsys):
+    # 256-token windows on a model with 128 learned positions raised IndexError
+    src = models("opt-128")
+    code, _, err = run_cli(["compress", src, "--ratio", "0.2", "--tune-steps", "2", "-o", tmp_path / "c"], capsys)
+    assert code == 0 and "layers factorized" in err
+    ft = tiny_archs.save_finetune(src, tmp_path / "ft")
+    code, _, err = run_cli(["delta", src, ft, "-o", tmp_path / "d.safetensors", "--method", "osd", "--rank", "1",
+                            "--valid", text, "--windows", "2", "--tune-steps", "2"], capsys)
+    assert code == 0 and (tmp_path / "d.safetensors").is_file()

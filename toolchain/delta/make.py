@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -146,6 +146,9 @@ def make(base: str, finetuned: str, config: DeltaConfig) -> Delta:
     ft_model = sources.load(finetuned)
     raw = extract.extract(base_model.model, ft_model.model)
     del ft_model
+    positions = getattr(base_model.model.config, "max_position_embeddings", None)
+    if positions and config.window_tokens > positions:  # a learned position table has no row past its end
+        config = replace(config, window_tokens=int(positions))
     windows = _validation_windows(base_model.tokenizer, config) if needs_windows(config) else []
     if config.auto:
         from edgepack.toolchain.delta.auto import auto
