@@ -76,7 +76,7 @@ def bench(package: Path | str, config: BenchConfig | None = None, timeout: float
            json.dumps(dataclasses.asdict(config))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1].removeprefix("edgepack: error: ")
         raise (UsageError if proc.returncode == 2 else EdgepackError)(f"bench of {package} failed: {tail}")
     return BenchReport(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
