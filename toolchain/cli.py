@@ -83,6 +83,9 @@ def _compression_args(p: argparse.ArgumentParser, required: bool) -> None:
                    "the package's factor width when 'build --ratio' compresses inline, else none)")
     g.add_argument("--joint", action=argparse.BooleanOptionalAction, default=False,
                    help="one shared factor pair for q/k/v and one for gate/up (fewer ops in the package)")
+    g.add_argument("--allocation", choices=("uniform", "spectrum"), default="uniform",
+                   help="how a compressed layer's parameters are spread over its linear layers: uniform (each "
+                        "loses the same share) or spectrum (by their whitened spectra)")
 
 
 def _compression_config(args: argparse.Namespace):
@@ -96,7 +99,7 @@ def _compression_config(args: argparse.Namespace):
             raise UsageError(f"--ridge must be 'auto' or a number, got {ridge!r}") from None
     return ResSVDConfig(ratio=args.ratio, method=args.method, layers=args.layers, propagate=args.propagate,
                         tune_steps=args.tune_steps, ridge=ridge, quant_aware=args.quant_aware,
-                        joint=args.joint)
+                        joint=args.joint, allocation=args.allocation)
 
 
 def require_toolchain() -> None:

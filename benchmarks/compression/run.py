@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import markdown_table, results_dir  # noqa: E402
 
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2")
 VARIANTS = {
     "svd, all layers": dict(method="svd", layers="all"),
     "svd-llm, all layers": dict(method="svd-llm", layers="all", propagate=False),
@@ -40,6 +41,12 @@ VARIANTS = {
     "ressvd + propagation (ridge), all layers": dict(method="ressvd", layers="all", propagate=True),
     "ressvd + propagation (ridge), last 2NR, 32 windows": dict(method="ressvd", layer_share=0.5, propagate=True,
                                                               calib_windows=32),
+    "ressvd + propagation (ridge), last 2NR, spectrum ranks": dict(method="ressvd", layer_share=0.5, propagate=True,
+                                                                  allocation="spectrum"),
+    # Only the MLPs factorized (fewer ops a compressed layer: 5 MatMulNBits instead of 9), at the MLP ratio that
+    # removes the same share of all decoder linears, over the last ⌈N·R_mlp/0.5⌉ layers.
+    "ressvd + propagation (ridge), MLPs only, last 2NR": dict(method="ressvd", layer_share=0.5, propagate=True,
+                                                             targets=MLP_TARGETS),
 }
 HEADERS = ["variant", "removed", "perplexity", "× dense", "int4 ppl", "layers", "compress s", "peak RSS MB"]
 
@@ -81,12 +88,15 @@ def main() -> None:
         for name in args.variants:
             options = dict(VARIANTS[name])
             share = options.pop("layer_share", None)
+            # A narrower set of targets removes the same share of *all* decoder linears: its own ratio is higher.
+            own = selection.target_linears(loaded.model, options.get("targets", defaults.targets))
+            own_ratio = ratio * sum(map(selection.params, per_layer)) / sum(map(selection.params, own))
             if share:  # the last ⌈N·R/share⌉ layers, each losing about ``share`` of its parameters
-                k = math.ceil(len(per_layer) * ratio / share)
-                options["layers"] = max(selection.min_layers(per_layer, ratio), k)
+                k = math.ceil(len(own) * own_ratio / share)
+                options["layers"] = max(selection.min_layers(own, own_ratio), k)
             model = copy.deepcopy(loaded.model)
             start = time.perf_counter()
-            config = ResSVDConfig(ratio=ratio, **options)
+            config = ResSVDConfig(ratio=own_ratio, **options)
             calib = calibration_windows(loaded.tokenizer, corpus, config.calib_windows, defaults.calib_length)
             report = compress_(model, config, calib if options["method"] != "svd" else [])
             seconds = time.perf_counter() - start

@@ -112,7 +112,8 @@ def _compress(model: nn.Module, config: ResSVDConfig, windows: Sequence[Sequence
                 return factorize.residual(w, rank, s, config.residual_share)
         traces: list = []
         corrections = compress_sequential_(model, ranks, windows, config.damping, truncate, config.ridge,
-                                           traces if config.tune_steps else None, groups)
+                                           traces if config.tune_steps else None, groups,
+                                           allocate=config.allocation == "spectrum")
         if config.tune_steps and traces:
             tuned = tune.tune_(model, traces[0], tune.TuneSettings(config.tune_steps, config.tune_lr,
                                                                     config.tune_batch, bf16=config.tune_bf16,

@@ -16,6 +16,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # The factor tune's default length: on the default model at 20 % it takes perplexity 26.3 -> 21.9 (1.48x dense).
 DEFAULT_TUNE_STEPS = 64
 QUANT_MODES = ("auto", "none", "int4", "int8")
+ALLOCATIONS = ("uniform", "spectrum")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class ResSVDConfig:
     # One shared factor pair for the linears that read one input (q/k/v; gate/up: joint.py), rank r costing
     # r·(in + Σout): fewer ops in the exported graph. Needs propagation and the last-k rule (no rank_map).
     joint: bool = False
+    # How a compressed layer's parameters are spread over its linear layers: "uniform" (each loses the same
+    # share) or "spectrum" (allocation.py: by their whitened spectra, same parameters per layer).
+    allocation: str = "uniform"
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -94,6 +98,12 @@ class ResSVDConfig:
             raise UsageError(f"joint must be true or false, got {self.joint!r}")
         if self.joint and (self.rank_map or not self.propagate or self.method == "svd"):
             raise UsageError("--joint needs propagation and a ratio (not --no-propagate, --method svd or a rank map)")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation != "uniform" and (self.rank_map or self.joint or not self.propagate
+                                             or self.method == "svd"):
+            raise UsageError("--allocation spectrum needs propagation and a ratio (not --no-propagate, --method "
+                             "svd, --joint or a rank map)")
         if self.quant_aware not in QUANT_MODES:
             raise UsageError(f"--quant-aware must be one of {', '.join(QUANT_MODES)}, got {self.quant_aware!r}")
         if self.quant_aware in ("int4", "int8") and not self.tune_steps:

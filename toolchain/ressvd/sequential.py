@@ -17,7 +17,7 @@ import functools
 from collections.abc import Callable, Sequence
 
 import torch
-from edgepack.toolchain.ressvd import correction, factorize, joint, selection
+from edgepack.toolchain.ressvd import allocation, correction, factorize, joint, selection
 from edgepack.toolchain.ressvd.layers import factorized_linear, set_module
 from edgepack.toolchain.ressvd.tune import Trace
 from torch import nn
@@ -114,10 +114,12 @@ def _fit_group(weights: list[torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor
 def compress_sequential_(model: nn.Module, ranks: dict[str, int], windows: Sequence[Sequence[int]],
                          damping: float = 1e-4, truncate: Callable | None = None,
                          ridge: float | str = "auto", trace: list[Trace] | None = None,
-                         joint_groups: Sequence[Sequence[str]] = ()) -> list[dict]:
+                         joint_groups: Sequence[Sequence[str]] = (), allocate: bool = False) -> list[dict]:
     """Replace every module in ``ranks`` by corrected factors, layer by layer, in place; returns, per
     group, the ridge chosen and its held-out curve. ``trace``, when given, receives the streams the
-    factor tune needs (tune.py). Each of ``joint_groups`` (joint.py) gets one shared factor pair."""
+    factor tune needs (tune.py). Each of ``joint_groups`` (joint.py) gets one shared factor pair.
+    ``allocate``: each layer's ranks re-spread over its modules by their whitened spectra (allocation.py),
+    same parameters per layer; ``ranks`` is updated in place."""
     layers = selection.decoder_layers(model)
     per_layer = selection.target_linears(model, list({n.rsplit(".", 1)[-1] for n in ranks}))
     dense_h, kwargs = _capture_first_layer(model, layers, windows)
@@ -133,6 +135,8 @@ def compress_sequential_(model: nn.Module, ranks: dict[str, int], windows: Seque
             dense_h = new_dense
             continue
         dense_h, dense_in = _dense_pass(layer, dense_h, kwargs, chosen)
+        if allocate:
+            _reallocate(ranks, chosen, dense_in)
         fit = functools.partial(_fit_group, damping=damping, truncate=truncate, ridge=ridge)
         groups = [tuple(g) for g in _groups(list(dense_in), dense_in)]
         shared = {tuple(g) for g in joint_groups if g[0] in chosen}
@@ -145,6 +149,13 @@ def compress_sequential_(model: nn.Module, ranks: dict[str, int], windows: Seque
     if trace is not None and first is not None:
         trace.append(Trace(first=first[0], inputs=first[1], kwargs=kwargs, teacher=dense_h))
     return log
+
+
+def _reallocate(ranks: dict[str, int], chosen: dict[str, nn.Module], inputs: dict[str, torch.Tensor]) -> None:
+    names = list(chosen)
+    spectra = [allocation.energy_spectrum(chosen[n].weight, inputs[n]) for n in names]
+    new = allocation.allocate([tuple(chosen[n].weight.shape) for n in names], spectra, [ranks[n] for n in names])
+    ranks.update(zip(names, new))
 
 
 def _replacing_hook(model: nn.Module, group: list[str], chosen: dict[str, nn.Module], x: torch.Tensor,

@@ -12,13 +12,14 @@ per window, and the optimizer loop is the delta tune's (toolchain/distill.py).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from edgepack.runtime.errors import UnsupportedArchitecture
 from edgepack.toolchain import distill
-from edgepack.toolchain.ressvd import quant, selection
+from edgepack.toolchain.ressvd import bfloat16, quant, selection
 from torch import nn
 
 
@@ -29,8 +30,9 @@ class TuneSettings:
     batch: int = 4  # windows per step
     positions: int = 64  # positions per window whose logits enter the loss
     seed: int = 0
-    # bfloat16 autocast of the layers and the head (matrix products in bfloat16, the loss in float32). On the
-    # default model: 2.12 against 3.40 CPU-s a step, perplexity after 64 steps 21.90 against 21.92 in float32.
+    # bfloat16 autocast of the layers and the head (matrix products in bfloat16, the loss in float32) where the
+    # CPU makes it faster (bfloat16.py). With avx512_bf16, on the default model: 2.12 against 3.40 CPU-s a step,
+    # perplexity after 64 steps 21.90 against 21.92 in float32.
     bf16: bool = True
     # "int4" / "int8": train the factors through the package's rounding of them (quant.py); "none": float.
     quant: str = "none"
@@ -56,8 +58,13 @@ def tune_(model: nn.Module, trace: Trace, settings: TuneSettings,
     if not any(True for m in pairs for _ in m.parameters()):
         return []
 
+    half = settings.bf16 and bfloat16.fast()
+    if settings.bf16 and not half:
+        print("edgepack: this CPU multiplies bfloat16 slower than float32; the factor tune runs in float32",
+              file=sys.stderr)
+
     def batch_loss(batch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        return _step_loss(layers, norm, head, trace, batch, settings.positions, g, settings.bf16)
+        return _step_loss(layers, norm, head, trace, batch, settings.positions, g, half)
 
     with distill.frozen(model), quant.fake_quantized(pairs, settings.quant):
         # Collected inside (a parametrized weight is held by its parametrization), and by identity, once
