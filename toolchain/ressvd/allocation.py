@@ -6,8 +6,10 @@ layer's parameter budget (the same as the uniform rule's) is spent greedily on t
 the largest share of their matrix's whitened output energy per parameter they cost: σᵢ² / ‖W·S‖²
 divided by (in + out), where σᵢ² are the eigenvalues of W·X·Xᵀ·Wᵀ (X the layer's calibration inputs).
 The relative energy makes matrices of different output scales comparable; SVD-LLM v2 allocates by a
-similar truncation loss. Ranks are rounded to ``multiple`` for the int4 blocks and kept in
-[``floor`` · uniform rank, the rank past which the pair no longer saves parameters].
+similar truncation loss. The spectra are of the dense weights on the dense model's inputs (the
+propagation then fits its corrected maps at these ranks). Ranks are rounded to ``multiple`` for the
+int4 blocks and kept in [``floor`` · uniform rank, the rank past which the pair no longer saves
+parameters].
 """
 
 from __future__ import annotations
@@ -21,11 +23,9 @@ from edgepack.toolchain.ressvd.factorize import one_thread
 Tensor = torch.Tensor
 
 
-def energy_spectrum(weight: Tensor, x: Tensor) -> Tensor:
-    """Descending σᵢ² / Σσ² of W·S (S·Sᵀ = XᵀX) for inputs ``x`` (..., in), via the smaller Gram matrix."""
-    flat = x.reshape(-1, x.shape[-1]).double()
-    w = weight.detach().double()
-    gram = flat.T @ flat
+def energy_spectrum(weight: Tensor, gram: Tensor) -> Tensor:
+    """Descending σᵢ² / Σσ² of W·S, S·Sᵀ = ``gram`` (XᵀX of the layer's inputs), via the smaller Gram matrix."""
+    w, gram = weight.detach().double(), gram.double()
     with one_thread():
         if w.shape[0] <= w.shape[1]:
             values = torch.linalg.eigvalsh(w @ gram @ w.T)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from edgepack.toolchain.ressvd import allocation, correction, factorize, joint, selection
+from edgepack.toolchain.ressvd.calibration import gram_f64
 from edgepack.toolchain.ressvd.layers import factorized_linear, set_module
 from edgepack.toolchain.ressvd.tune import Trace
 from torch import nn
@@ -152,8 +153,11 @@ def compress_sequential_(model: nn.Module, ranks: dict[str, int], windows: Seque
 
 
 def _reallocate(ranks: dict[str, int], chosen: dict[str, nn.Module], inputs: dict[str, torch.Tensor]) -> None:
-    names = list(chosen)
-    spectra = [allocation.energy_spectrum(chosen[n].weight, inputs[n]) for n in names]
+    names, grams = list(chosen), {}
+    for n in names:  # q/k/v and gate/up read one tensor: one XᵀX each
+        if id(inputs[n]) not in grams:
+            grams[id(inputs[n])] = gram_f64(inputs[n].reshape(-1, inputs[n].shape[-1]))
+    spectra = [allocation.energy_spectrum(chosen[n].weight, grams[id(inputs[n])]) for n in names]
     new = allocation.allocate([tuple(chosen[n].weight.shape) for n in names], spectra, [ranks[n] for n in names])
     ranks.update(zip(names, new))
 
