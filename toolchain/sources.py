@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepack.runtime.errors import ModelSourceError, UnsupportedArchitecture
+from edgepack.runtime.errors import ModelSourceError, ResourceError, UnsupportedArchitecture
 from edgepack.runtime.files import sha256_file
+from edgepack.toolchain import gguf_cache
 from edgepack.toolchain.default_model import WHEEL, WHEEL_VERSION, ensure_default_model
 
 DEFAULT = "default"
@@ -88,11 +89,14 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
     from edgepack.toolchain.ressvd import storage as ressvd_storage
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    # A GGUF read before is read from its verified float32 copy (gguf_cache.py): the same weights, 100x faster.
+    copy = gguf_cache.lookup(source.sha256) if source.gguf_file and source.sha256 and gguf_cache.enabled() else None
+    folder = str(copy) if copy else source.path
     kwargs: dict[str, Any] = {"local_files_only": True}
-    if source.gguf_file:
+    if source.gguf_file and copy is None:
         kwargs["gguf_file"] = source.gguf_file
     try:
-        config = AutoConfig.from_pretrained(source.path, **kwargs)
+        config = AutoConfig.from_pretrained(folder, **kwargs)
     except ValueError as e:
         if "custom code" in str(e):
             raise UnsupportedArchitecture(
@@ -115,7 +119,7 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
         raise ModelSourceError(f"{source.ref} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...): "
                                "copy the model's tokenizer next to its config.json")
     try:  # the tokenizer first: it fails in seconds where the weights take a minute
-        tokenizer = AutoTokenizer.from_pretrained(source.path, config=config, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=config, **kwargs)
     except Exception as e:
         raise ModelSourceError(f"cannot load the tokenizer of {source.ref}: {_first_line(e)}{_hint(source)} (a model "
                                "folder needs its tokenizer files, e.g. tokenizer.json)") from None
@@ -129,9 +133,11 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
         else:
             # The config already read is passed on: for a GGUF file each read of it parses the whole
             # header again (tokenizer arrays included), 3-4 s each on the default model.
-            model, info = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=torch.float32,
+            model, info = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
                                                                output_loading_info=True, **model_kwargs)
             _check_complete(info, source, config)
+            if "gguf_file" in kwargs and gguf_cache.enabled():
+                _keep_copy(source, model, tokenizer)
     except ModelSourceError:
         raise
     except Exception as e:
@@ -168,6 +174,14 @@ def _check_causal_lm(config: Any, source: ModelSource) -> None:
 def _hint(source: ModelSource) -> str:
     # gguf's reader reports a cut-off file as a reshape or dtype error deep in numpy.
     return " (is the GGUF file truncated or corrupt?)" if source.gguf_file else ""
+
+
+def _keep_copy(source: ModelSource, model: Any, tokenizer: Any) -> None:
+    try:
+        gguf_cache.store(source.sha256, model, tokenizer)
+    except (OSError, ResourceError) as e:  # a cache that cannot be written costs speed, never the command
+        print(f"edgepack: could not cache a float32 copy of {source.ref} ({_first_line(e)}); "
+              "each load dequantizes it again", file=sys.stderr)
 
 
 def _first_line(e: BaseException) -> str:

@@ -74,19 +74,76 @@ def test_loads_hf_folder(tiny_model_dir):
     assert loaded.tokenizer.is_fast
 
 
-def test_gguf_source_loads(tmp_path):
-    """Write the tiny model as a real GGUF with the gguf package, then load it back."""
-    gguf = pytest.importorskip("gguf")
-    import numpy as np
+@pytest.fixture
+def tiny_gguf(tmp_path, monkeypatch):
+    """The tiny model written as a real GGUF with the gguf package, and a cache of its own."""
+    import gguf
     import tiny
 
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))
     model = tiny.make_model(seed=4)
     path = tmp_path / "tiny.gguf"
     _write_llama_gguf(gguf, model, tiny.make_tokenizer(), path)
+    return path, model
+
+
+def test_gguf_source_loads(tiny_gguf):
+    import numpy as np
+
+    path, model = tiny_gguf
     loaded = sources.load(str(path))
     assert loaded.source.kind == "gguf" and loaded.source.sha256
     ours = loaded.model.model.embed_tokens.weight.detach().numpy()
     np.testing.assert_allclose(ours, model.model.embed_tokens.weight.detach().numpy(), atol=1e-6)
+
+
+def test_gguf_is_read_from_its_float32_copy_after_the_first_load(tiny_gguf, monkeypatch):
+    import torch
+    from edgepack.toolchain import gguf_cache
+
+    path, _ = tiny_gguf
+    first = sources.load(str(path))
+    copy = gguf_cache.lookup(first.source.sha256)
+    assert copy is not None and (copy / "model.safetensors").is_file()
+
+    def no_gguf(*args, **kwargs):
+        raise AssertionError("the GGUF was parsed again")
+
+    monkeypatch.setattr("gguf.GGUFReader", no_gguf)  # what transformers reads every GGUF with
+    second = sources.load(str(path))
+    assert second.source == first.source  # the manifest still names the GGUF it came from
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    text = "def f(x):\n    return x + 1  # hello"
+    assert first.tokenizer(text).input_ids == second.tokenizer(text).input_ids
+
+
+def test_damaged_gguf_copy_is_not_used_and_is_rewritten(tiny_gguf, capsys):
+    import torch
+    from edgepack.toolchain import gguf_cache
+
+    path, _ = tiny_gguf
+    first = sources.load(str(path))
+    copy = gguf_cache.lookup(first.source.sha256)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = b"\xff" * 8  # a flipped float: the safetensors header is still valid, the checksum is not
+    weights.write_bytes(bytes(data))
+    assert gguf_cache.lookup(first.source.sha256) is None
+    assert "damaged" in capsys.readouterr().err
+    again = sources.load(str(path))
+    a, b = first.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert gguf_cache.lookup(first.source.sha256) is not None
+
+
+def test_gguf_copy_can_be_turned_off(tiny_gguf, monkeypatch):
+    from edgepack.toolchain import gguf_cache
+
+    monkeypatch.setenv("EDGEPACK_GGUF_CACHE", "0")
+    path, _ = tiny_gguf
+    loaded = sources.load(str(path))
+    assert gguf_cache.lookup(loaded.source.sha256) is None
 
 
 def _write_llama_gguf(gguf, model, tokenizer, path):
