@@ -2,11 +2,15 @@
 
     python benchmarks/compression/tune_curve.py [--ratio 0.2] [--steps 64] [--lrs 1e-4 3e-4] [--fp32]
                                                 [--checkpoints 16 32 64] [--calib-windows 64] [--max-windows 20]
+    python benchmarks/compression/tune_curve.py --runs 64:1e-4:64 48:1.5e-4:64 64:1e-4:32:1   # STEPS:LR:POSITIONS:SEED
 
 Compresses the default model once (ResSVDConfig defaults, propagation with the ridge, last 2NR layers),
 then, from a copy of that compressed model for each learning rate, runs one cosine-scheduled tune of
 ``--steps`` steps and measures PyTorch perplexity on the first evaluation windows at each checkpoint
-(mid-run checkpoints are points of the longer schedule, not shorter runs). Writes results/tune.json/.md.
+(mid-run checkpoints are points of the longer schedule, not shorter runs). ``--runs`` instead runs one tune
+per STEPS:LR[:POSITIONS[:SEED]] spec (positions: logits per window in the loss, 64 by default; seed: of the window
+order and positions, 0 by default), each measured at its
+end, with its tune's wall seconds. Writes results/tune.json/.md.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="a label for this run's rows (e.g. 'warm-up')")
     parser.add_argument("--skip-untuned", action="store_true", help="no perplexity before the tune")
     parser.add_argument("--fp32", action="store_true", help="tune in float32 (default: bfloat16 autocast)")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="STEPS:LR[:POSITIONS[:SEED]]",
+                        help="one tune per spec instead of --steps x --lrs")
     args = parser.parse_args()
 
     from edgepack.runtime import text
@@ -66,30 +72,43 @@ def main() -> None:
     compress_s = time.perf_counter() - start
     rows = [] if args.skip_untuned else [["none", args.calib_windows, 0, ppl(loaded.model), 0.0, f"{compress_s:.0f}"]]
     print(f"compression {compress_s:.0f} s", rows, file=sys.stderr, flush=True)
-    for lr in args.lrs:
+    runs = [_spec(r) for r in args.runs] if args.runs else [(args.steps, lr, 64, 0) for lr in args.lrs]
+    for steps, lr, positions, seed in runs:
+        checkpoints = [steps] if args.runs else args.checkpoints
+        label = (f"{lr:g}{'' if positions == 64 else f' ({positions} positions)'}"
+                 f"{'' if seed == 0 else f' (seed {seed})'}{args.tag}")
         model = copy.deepcopy(loaded.model)
         begun = time.perf_counter()
         paused = [0.0]
 
-        def checkpoint(done: int, model=model, lr=lr, begun=begun, paused=paused) -> None:
-            if done in args.checkpoints:
+        def checkpoint(done: int, model=model, label=label, begun=begun, paused=paused,
+                       checkpoints=checkpoints) -> None:
+            if done in checkpoints:
                 t = time.perf_counter()
                 value = ppl(model)
                 tuned_s = t - begun - paused[0]
                 paused[0] += time.perf_counter() - t
-                rows.append([f"{lr:g}{args.tag}", args.calib_windows, done, value, 0.0, f"{compress_s + tuned_s:.0f}"])
+                rows.append([label, args.calib_windows, done, value, 0.0, f"{compress_s + tuned_s:.0f}"])
                 print(rows[-1], file=sys.stderr, flush=True)
                 _write(rows, args)
 
         cpu = time.process_time()
-        losses = tune.tune_(model, traces[0], tune.TuneSettings(args.steps, lr, args.batch, bf16=not args.fp32),
-                            checkpoint)
+        settings = tune.TuneSettings(steps, lr, args.batch, positions, seed, bf16=not args.fp32)
+        losses = tune.tune_(model, traces[0], settings, checkpoint)
         # CPU seconds include the checkpoints' perplexity runs; with --checkpoints equal to --steps only the last.
         print(f"lr {lr:g} tune+checkpoints CPU {time.process_time() - cpu:.1f} s losses "
               f"{[round(v, 4) for v in losses]}", file=sys.stderr, flush=True)
         del model
     _write(rows, args)
     print((results_dir(__file__) / "tune.md").read_text())
+
+
+def _spec(text: str) -> tuple[int, float, int, int]:
+    parts = text.split(":")
+    if len(parts) not in (2, 3, 4):
+        raise SystemExit(f"--runs takes STEPS:LR[:POSITIONS[:SEED]], got {text!r}")
+    extra = [int(v) for v in parts[2:]] + [64, 0][len(parts) - 2:]
+    return int(parts[0]), float(parts[1]), extra[0], extra[1]
 
 
 def _write(rows, args) -> None:

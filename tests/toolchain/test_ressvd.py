@@ -283,6 +283,19 @@ def test_held_out_error_from_moments_equals_the_direct_error():
     assert held.error(maps) == pytest.approx(direct, rel=1e-9)
 
 
+def test_narrow_group_correction_from_its_dense_product_equals_the_moments_one():
+    """A layer narrower than its input (down) takes W·C from its dense outputs instead of C: the same map."""
+    from edgepack.toolchain.ressvd.sequential import _fit_group, corrected_factors
+
+    g = torch.Generator().manual_seed(1)
+    x = correlated_inputs(n=400, dim=24).float()
+    x_hat = x + 0.05 * torch.randn(x.shape, generator=g)
+    w = torch.randn(8, 24, generator=g)
+    ref = corrected_factors(w, x, x_hat, 6, 1e-4, ridge=0.1)
+    (new,), _, _ = _fit_group([w], x, x_hat, [6], 1e-4, None, 0.1, product=x @ w.T)
+    torch.testing.assert_close(new[0] @ new[1], ref[0] @ ref[1], rtol=1e-3, atol=5e-5)  # float32 rounding of X·Wᵀ
+
+
 def test_compress_cli_ridge_and_default_tune(tiny_model_dir, tmp_path, capsys):
     import json
 

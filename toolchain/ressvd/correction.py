@@ -35,13 +35,20 @@ FALLBACK_RIDGE = 1e-2  # with a single calibration window nothing is held out
 @dataclass
 class Moments:
     g: Tensor  # X̂ᵀX̂, float64
-    c: Tensor  # XᵀX̂, float64
+    c: Tensor | None  # XᵀX̂, float64 (None where the caller has W·C itself: ``narrow``)
     gxx: Tensor | None = None  # XᵀX: only held-out moments need it, to score a map without its rows
 
     @classmethod
     def of(cls, x: Tensor, x_hat: Tensor, dense_gram: bool = False) -> Moments:
         x, x_hat = x.reshape(-1, x.shape[-1]), x_hat.reshape(-1, x_hat.shape[-1])
         return cls(gram_f64(x_hat), cross_f64(x, x_hat), gram_f64(x) if dense_gram else None)
+
+    @classmethod
+    def narrow(cls, product: Tensor, x_hat: Tensor) -> tuple[Moments, Tensor]:
+        """The moments without C, and W·C itself as (X·Wᵀ)ᵀ·X̂ from the dense pass's product X·Wᵀ: N·out·in
+        multiply-adds where C costs N·in² (down, 576 × 1536: 2.7× fewer; 0.3 s of each compressed layer)."""
+        product, x_hat = product.reshape(-1, product.shape[-1]), x_hat.reshape(-1, x_hat.shape[-1])
+        return cls(gram_f64(x_hat), None), cross_f64(product, x_hat)
 
     def __add__(self, other: Moments) -> Moments:
         return Moments(self.g + other.g, self.c + other.c)

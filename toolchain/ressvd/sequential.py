@@ -53,10 +53,12 @@ def _run(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _dense_pass(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
-                chosen: dict[str, nn.Module]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The layer's output and the input reaching each chosen module, in the order they ran."""
+def _dense_pass(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, chosen: dict[str, nn.Module]
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The layer's output, the input reaching each chosen module (in the order they ran), and X·Wᵀ of each
+    chosen module narrower than its input (its output less the bias: the correction's cheaper cross term)."""
     seen: dict[str, torch.Tensor] = {}
+    products: dict[str, torch.Tensor] = {}
 
     def make(name):
         def hook(module, args):
@@ -64,8 +66,15 @@ def _dense_pass(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
 
         return hook
 
+    def keep(name):
+        def hook(module, args, output):
+            products[name] = output if module.bias is None else output - module.bias
+
+        return hook
+
     handles = [m.register_forward_pre_hook(make(n)) for n, m in chosen.items()]
-    return _run_hooked(layer, hidden, kwargs, handles), seen
+    handles += [m.register_forward_hook(keep(n)) for n, m in chosen.items() if m.out_features < m.in_features]
+    return _run_hooked(layer, hidden, kwargs, handles), seen, products
 
 
 def _run_hooked(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, handles: list) -> torch.Tensor:
@@ -97,15 +106,21 @@ def corrected_factors(weight: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor
 
 
 def _fit_group(weights: list[torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor, ranks: list[int], damping: float,
-               truncate: Callable | None, ridge: float | str, stacked: bool = False):
+               truncate: Callable | None, ridge: float | str, stacked: bool = False,
+               product: torch.Tensor | None = None):
     """Per weight, the factors of its corrected map; ``stacked``: one pair (A, B) of the maps stacked at
-    ``ranks[0]`` (a joint group: the maps share the whitening S, so one truncation covers them all)."""
+    ``ranks[0]`` (a joint group: the maps share the whitening S, so one truncation covers them all).
+    ``product``: X·Wᵀ of a one-module group, from the dense pass (correction.Moments.narrow)."""
+    wc = None
     if ridge == "auto" and x.dim() == 3 and x.shape[0] >= 2:
         lam, moments, curve = correction.choose_ridge(weights, x, x_hat, damping)
     else:
         lam = correction.FALLBACK_RIDGE if ridge == "auto" else float(ridge)
-        moments, curve = correction.Moments.of(x, x_hat), {}
-    maps, s = correction.corrected_map(weights, moments, lam, damping)
+        if product is not None:
+            (moments, wc), curve = correction.Moments.narrow(product, x_hat), {}
+        else:
+            moments, curve = correction.Moments.of(x, x_hat), {}
+    maps, s = correction.corrected_map(weights, moments, lam, damping, wc)
     cut = truncate or factorize.whitened
     if stacked:
         return [cut(torch.cat(maps), ranks[0], s)], lam, curve
@@ -135,7 +150,7 @@ def compress_sequential_(model: nn.Module, ranks: dict[str, int], windows: Seque
                 comp_h = _run(layer, comp_h, kwargs) if comp_h is not dense_h else new_dense
             dense_h = new_dense
             continue
-        dense_h, dense_in = _dense_pass(layer, dense_h, kwargs, chosen)
+        dense_h, dense_in, products = _dense_pass(layer, dense_h, kwargs, chosen)
         if allocate:
             _reallocate(ranks, chosen, dense_in)
         fit = functools.partial(_fit_group, damping=damping, truncate=truncate, ridge=ridge)
@@ -143,10 +158,10 @@ def compress_sequential_(model: nn.Module, ranks: dict[str, int], windows: Seque
         shared = {tuple(g) for g in joint_groups if g[0] in chosen}
         if shared - set(groups):  # a joint group must be exactly the modules fed one tensor
             raise ValueError(f"joint groups {sorted(shared - set(groups))} do not each read one input alone")
-        hooks = [chosen[g[0]].register_forward_hook(
-                     _replacing_hook(model, list(g), chosen, dense_in[g[0]], ranks, fit, log, g in shared))
-                 for g in groups]
-        comp_h = _run_hooked(layer, comp_h, kwargs, hooks)
+        stand_ins = {g[0]: _FitOnCall(model, list(g), chosen, dense_in[g[0]], ranks, fit, log, g in shared,
+                                      products.get(g[0]) if len(g) == 1 else None)
+                     for g in groups}
+        comp_h = _run_fitting(model, layer, comp_h, kwargs, stand_ins, chosen)
     if trace is not None and first is not None:
         trace.append(Trace(first=first[0], inputs=first[1], kwargs=kwargs, teacher=dense_h))
     return log
@@ -162,24 +177,46 @@ def _reallocate(ranks: dict[str, int], chosen: dict[str, nn.Module], inputs: dic
     ranks.update(zip(names, new))
 
 
-def _replacing_hook(model: nn.Module, group: list[str], chosen: dict[str, nn.Module], x: torch.Tensor,
-                    ranks: dict[str, int], fit: Callable, log: list[dict], stacked: bool = False) -> Callable:
-    """Runs when the group's first module is called in the compressed pass, whose input is X̂: the
-    group is replaced and the first module's output recomputed within that call, so the modules after
-    it see corrected outputs (one compressed pass per layer)."""
+def _run_fitting(model: nn.Module, layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
+                 stand_ins: dict[str, nn.Module], chosen: dict[str, nn.Module]) -> torch.Tensor:
+    """The compressed pass: each group's first module is a stand-in that fits the group when called; a stand-in
+    never called (a pass that failed) is put back to the original module."""
+    for name, stand_in in stand_ins.items():
+        set_module(model, name, stand_in)
+    try:
+        with torch.no_grad():
+            return _run(layer, hidden, kwargs)
+    finally:
+        for name, stand_in in stand_ins.items():
+            if model.get_submodule(name) is stand_in:
+                set_module(model, name, chosen[name])
 
-    def hook(module, args, output):
-        factors, lam, curve = fit([chosen[n].weight.detach() for n in group], x, args[0], [ranks[n] for n in group],
-                                  stacked=stacked)
-        if stacked:
+
+class _FitOnCall(nn.Module):
+    """Stands in for a group's first module in the compressed pass, whose input is X̂: the call fits and
+    replaces the group, then returns the new first module's output, so the modules after it see corrected
+    outputs (one compressed pass per layer, and no dense product computed only to be thrown away)."""
+
+    def __init__(self, model: nn.Module, group: list[str], chosen: dict[str, nn.Module], x: torch.Tensor,
+                 ranks: dict[str, int], fit: Callable, log: list[dict], stacked: bool = False,
+                 product: torch.Tensor | None = None) -> None:
+        super().__init__()
+        # Plain attributes, not submodules: the stand-in must not re-register the model or the dense layers.
+        self.__dict__.update(_model=model, _group=group, _chosen=chosen, _x=x, _ranks=ranks, _fit=fit,
+                             _log=log, _stacked=stacked, _product=product)
+
+    def forward(self, x_hat: torch.Tensor) -> torch.Tensor:
+        model, group, chosen = self._model, self._group, self._chosen
+        factors, lam, curve = self._fit([chosen[n].weight.detach() for n in group], self._x, x_hat,
+                                        [self._ranks[n] for n in group], stacked=self._stacked,
+                                        product=self._product)
+        if self._stacked:
             members = [chosen[n] for n in group]
             pairs = joint.shared_pairs(*factors[0], [m.out_features for m in members], [m.bias for m in members],
                                        members[0].weight.dtype)
             for name, pair in zip(group, pairs):
                 set_module(model, name, pair)
-        for name, (a, b) in ([] if stacked else zip(group, factors)):
+        for name, (a, b) in ([] if self._stacked else zip(group, factors)):
             set_module(model, name, factorized_linear(a, b, chosen[name].bias, chosen[name].weight.dtype))
-        log.append({"group": group, "ridge": lam, "holdout": {str(k): v for k, v in curve.items()}})
-        return model.get_submodule(group[0])(args[0])
-
-    return hook
+        self._log.append({"group": group, "ridge": lam, "holdout": {str(k): v for k, v in curve.items()}})
+        return model.get_submodule(group[0])(x_hat)
