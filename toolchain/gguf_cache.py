@@ -60,22 +60,18 @@ def store(gguf_sha256: str, model: Any, tokenizer: Any) -> Path | None:
     """Save ``model`` and ``tokenizer`` (just loaded from that GGUF) as the copy; None where it is skipped."""
     folder = folder_for(gguf_sha256)
     need = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
-    free = shutil.disk_usage(_existing_parent(folder)).free
-    if free - need < _MIN_FREE_AFTER:
-        print(f"edgepack: not caching a float32 copy of the GGUF ({need / 1e6:.0f} MB, {free / 1e6:.0f} MB free); "
-              "each load dequantizes it again", file=sys.stderr)
-        return None
-    with locked(folder.parent), atomic_dir(folder) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
-        (staging / RECORD).write_text(json.dumps({"gguf_sha256": gguf_sha256, "files": files}, indent=1))
+    with locked(folder.parent):  # creates the parent, so its free space can be read
+        free = shutil.disk_usage(folder.parent).free
+        if free - need < _MIN_FREE_AFTER:
+            print(f"edgepack: not caching a float32 copy of the GGUF ({need / 1e6:.0f} MB, {free / 1e6:.0f} MB "
+                  "free); each load dequantizes it again", file=sys.stderr)
+            return None
+        with atomic_dir(folder) as staging:
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+            (staging / RECORD).write_text(json.dumps({"gguf_sha256": gguf_sha256, "files": files}, indent=1))
     print(f"edgepack: cached a float32 copy of the GGUF in {folder} ({need / 1e6:.0f} MB; later loads read it "
           f"instead, {ENV}=0 turns this off)", file=sys.stderr)
     return folder
 
-
-def _existing_parent(path: Path) -> Path:
-    while not path.exists():
-        path = path.parent
-    return path

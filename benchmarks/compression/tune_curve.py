@@ -107,8 +107,9 @@ def _spec(text: str) -> tuple[int, float, int, int]:
     parts = text.split(":")
     if len(parts) not in (2, 3, 4):
         raise SystemExit(f"--runs takes STEPS:LR[:POSITIONS[:SEED]], got {text!r}")
-    extra = [int(v) for v in parts[2:]] + [64, 0][len(parts) - 2:]
-    return int(parts[0]), float(parts[1]), extra[0], extra[1]
+    positions = int(parts[2]) if len(parts) > 2 else 64
+    seed = int(parts[3]) if len(parts) > 3 else 0
+    return int(parts[0]), float(parts[1]), positions, seed
 
 
 def _write(rows, args) -> None:
