@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from edgepack.toolchain.linear_kl import linear_kl
 from torch.nn import functional as F
 from tqdm import tqdm
 
@@ -34,13 +35,40 @@ def sampled_kl(student: torch.Tensor, teacher: torch.Tensor, head: Callable[[tor
     """KL(teacher ‖ student) of the next-token distributions ``head`` gives the two [batch, tokens, hidden]
     states, on ``positions`` random positions (None: all). The head's full-vocabulary product dominates
     a step's cost, while every position's gradient reaches the trained parameters anyway."""
-    if positions is not None and positions < student.shape[1]:
-        idx = torch.randperm(student.shape[1], generator=g)[:positions]
-        student, teacher = student[:, idx], teacher[:, idx]
+    student, teacher = _sampled(student, teacher, positions, g)
     with torch.no_grad():
         target = F.log_softmax(head(teacher).float(), dim=-1).flatten(0, 1)
     log_p = F.log_softmax(head(student).float(), dim=-1).flatten(0, 1)
     return F.kl_div(log_p, target, log_target=True, reduction="batchmean")
+
+
+def sampled_kl_linear(student: torch.Tensor, teacher: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor],
+                      linear: torch.nn.Linear, positions: int | None, g: torch.Generator | None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``sampled_kl`` with the head ``linear(norm(·))`` of a frozen linear layer, through linear_kl.py (the
+    same positions and value, 1.35x faster on the default model's vocabulary)."""
+    student, teacher = _sampled(student, teacher, positions, g)
+    with torch.no_grad():
+        teacher = norm(teacher).flatten(0, 1)
+    return linear_kl(norm(student).flatten(0, 1), teacher, linear.weight, linear.bias, dtype)
+
+
+def frozen_linear(head: torch.nn.Module) -> bool:
+    """Whether ``sampled_kl_linear`` can stand for ``sampled_kl`` with this head: exactly a linear layer (a
+    subclass may change its forward), with no hook that would change its output (the delta tune hooks a
+    branch onto linear layers), whose parameters do not train."""
+    from torch.nn.modules import module
+
+    hooked = head._forward_hooks or head._forward_pre_hooks or module._global_forward_hooks or \
+        module._global_forward_pre_hooks
+    return type(head) is torch.nn.Linear and not hooked and not any(p.requires_grad for p in head.parameters())
+
+
+def _sampled(student: torch.Tensor, teacher: torch.Tensor, positions: int | None, g: torch.Generator | None):
+    if positions is not None and positions < student.shape[1]:
+        idx = torch.randperm(student.shape[1], generator=g)[:positions]
+        return student[:, idx], teacher[:, idx]
+    return student, teacher
 
 
 def train(params: Sequence[torch.Tensor], windows: int, steps: int, lr: float, batch: int, seed: int,
@@ -49,7 +77,7 @@ def train(params: Sequence[torch.Tensor], windows: int, steps: int, lr: float, b
     """AdamW on ``params`` for ``steps`` steps of ``batch`` of the ``windows`` calibration windows (a seeded
     permutation, wrapping around); ``batch_loss(window indices, generator)`` gives a step's loss. Returns
     the loss of every step; ``callback(steps_done)`` runs after each."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = _adamw(params, lr)
     # Linear warm-up, then cosine to 0. Without the warm-up, Adam's first step (every parameter moved by
     # about lr) lifted ResSVD's KL from 0.51 to 3.38 on the default model, and 16 steps did not recover.
     warmup = max(1, steps // 8)
@@ -69,3 +97,13 @@ def train(params: Sequence[torch.Tensor], windows: int, steps: int, lr: float, b
         if callback is not None:
             callback(step + 1)
     return losses
+
+
+def _adamw(params: Sequence[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """AdamW with its fused kernel where torch has one for these tensors: one pass over each parameter
+    instead of a dozen, 11 against 85 ms a step for the 21 M factor weights of the default model at 20 %
+    on this 2-core machine (about 5 s of a 64-step tune); the update is the same."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    except (RuntimeError, ValueError):  # a dtype or device without the fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
