@@ -65,10 +65,11 @@ def corrected_map(weights: Sequence[Tensor], m: Moments, ridge: float, damping: 
     s = factorize.whitening(m.g + lam * eye, damping)
     stacked = torch.cat([w.double() for w in weights])
     rhs = ((stacked @ m.c if wc is None else wc) + lam * stacked).T  # a plain product: it keeps both threads
-    with factorize.one_thread():
-        # W·(C + λI)·(G + λI)⁻¹ by two triangular solves with S (no explicit inverse).
-        y = torch.linalg.solve_triangular(s, rhs, upper=False)
-        w_star = torch.linalg.solve_triangular(s.T, y, upper=True).T
+    # W·(C + λI)·(G + λI)⁻¹ by two triangular solves with S (no explicit inverse). A solve with many right-hand
+    # sides is one blocked BLAS-3 call, like a product, so it keeps both threads too (unlike the SVDs and
+    # eigensolvers of factorize.one_thread): 25 against 55 ms for gate/up's 3072 columns.
+    y = torch.linalg.solve_triangular(s, rhs, upper=False)
+    w_star = torch.linalg.solve_triangular(s.T, y, upper=True).T
     return list(torch.split(w_star, [w.shape[0] for w in weights])), s
 
 

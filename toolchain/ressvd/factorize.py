@@ -19,9 +19,10 @@ Tensor = torch.Tensor
 
 @contextmanager
 def one_thread() -> Iterator[None]:
-    """LAPACK (SVD, Cholesky, solves) on one thread. With two threads on a 2-core machine that other
-    jobs share, MKL's threads spin on each other: a 1536×576 SVD took 23.5 s on two threads against
-    0.44 s on one (same load); matrix products, which do not suffer, keep their threads."""
+    """LAPACK factorizations (SVD, eigh, Cholesky) on one thread. With two threads on a 2-core machine
+    that other jobs share, MKL's threads spin on each other at their many synchronization points: a
+    1536×576 SVD took 23.5 s on two threads against 0.44 s on one (same load). Matrix products and
+    triangular solves with many right-hand sides, single blocked BLAS-3 calls, keep their threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -74,9 +75,8 @@ def top_svd(m: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
 def unwhiten(u: Tensor, sig: Tensor, vh: Tensor, s: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Rank-``rank`` factors from the SVD of W·S: A = Uᵣ·Σ½, B = Σ½·Vᵣᵀ·S⁻¹."""
     root = sig[:rank].sqrt()
-    # S⁻¹ is applied as a triangular solve rather than an explicit inverse.
-    with one_thread():
-        b = torch.linalg.solve_triangular(s.T, (root[:, None] * vh[:rank]).T, upper=True).T
+    # S⁻¹ is applied as a triangular solve rather than an explicit inverse (a BLAS-3 call: both threads).
+    b = torch.linalg.solve_triangular(s.T, (root[:, None] * vh[:rank]).T, upper=True).T
     return u[:, :rank] * root, b
 
 
