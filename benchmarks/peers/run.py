@@ -1,7 +1,7 @@
 """edgepack's runtime against its peers on the default model, side by side in one run.
 
     python benchmarks/peers/run.py [--with-llama-cpp] [--runs 5] [--new-tokens 64] [--ppl-windows 20]
-                                   [--work DIR] [--rebuild] [--only NAME ...]
+                                   [--work DIR] [--rebuild] [--only NAME ...] [--package NAME DIR ...]
 
 Every system runs in its own worker process (worker.py), so its peak RSS is its own, and gets the
 same token ids: a chat-templated question (~30 tokens) and a 256-token passage, greedy, exactly N new
@@ -122,6 +122,8 @@ def prepare(args: argparse.Namespace) -> tuple[list[System], dict[str, list[int]
         System("edgepack, int4 (fused graph)", "edgepack", fused_int4, folder_size(fused_int4), fused_int4),
         System(RESSVD, "edgepack", ressvd, folder_size(ressvd), ressvd),
     ]
+    for name, folder in args.package:
+        systems.append(System(name, "edgepack", folder, folder_size(folder), folder))
     if llamacpp.installed():
         systems.append(System("llama.cpp Q4_1 (llama-cpp-python)", "llama-cpp", gguf, gguf.stat().st_size))
         if args.llama_passive:  # OpenMP threads that sleep instead of spinning between barriers
@@ -129,7 +131,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[System], dict[str, list[int]
                                   gguf.stat().st_size, env=(("OMP_WAIT_POLICY", "passive"),)))
     else:
         print("peers: llama-cpp-python is not installed; --with-llama-cpp installs it", file=sys.stderr)
-    return [s for s in systems if wanted(args, s.name)], prompts
+    return [s for s in systems if wanted(args, s.name) or s.name in dict(args.package)], prompts
 
 
 def wanted(args: argparse.Namespace, name: str) -> bool:
@@ -212,11 +214,14 @@ def main() -> None:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the edgepack packages")
     parser.add_argument("--ressvd-model", type=Path, help="build the ResSVD package from this folder written by "
                         "'edgepack compress default --ratio 0.2' (default: compress inline)")
+    parser.add_argument("--package", nargs=2, action="append", default=[], metavar=("NAME", "DIR"),
+                        type=str, help="also benchmark this edgepack package under NAME (repeatable)")
     parser.add_argument("--only", nargs="*", help="benchmark only systems whose name contains one of these")
     parser.add_argument("--llama-passive", action="store_true",
                         help="also llama.cpp with OMP_WAIT_POLICY=passive (how much its spinning costs under load)")
     parser.add_argument("--results", type=Path, default=None, help="folder for the results (default: results/)")
     args = parser.parse_args()
+    args.package = [(name, _package_dir(folder)) for name, folder in args.package]
     if args.with_llama_cpp:
         llamacpp.ensure_installed()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -229,6 +234,17 @@ def main() -> None:
             if system.package is not None:
                 row.perplexity = perplexity(system.package, args.ppl_windows, args.threads)
     write_results(rows, loads, prompts, args, elapsed)
+
+
+def _package_dir(folder: str) -> Path:
+    from edgepack.runtime.errors import PackageError
+    from edgepack.runtime.package import open_package
+
+    try:
+        open_package(Path(folder))
+    except PackageError as exc:
+        raise SystemExit(f"peers: --package {folder}: {exc}") from None
+    return Path(folder)
 
 
 def ratio_line(rows: list[report.Row], n: int) -> str:
