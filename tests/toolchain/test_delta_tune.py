@@ -111,3 +111,30 @@ def test_a_tune_on_the_text_itself_lowers_its_nll_and_keeps_the_bits(setup):
     assert validation_loss(model, hard, windows) < validation_loss(model, plain, windows) - 0.01
     with pytest.raises(UsageError, match="--tune-hard"):
         DeltaConfig(tune_hard=1.5)
+
+
+def test_the_fused_head_loss_matches_the_composed_one(setup):
+    model, _, raw, windows = setup
+    delta = compress(model, raw, DeltaConfig(method="magtruncsvd", rank=1), [], {})
+    teacher = tune.teacher_states(model, raw, windows[:2])
+    ids = torch.tensor([list(w) for w in windows[:2]])
+    head = model.get_output_embeddings()
+    results = []
+    for fused in (True, False):
+        branches = {n: tune._Branch(layer) for n, layer in delta.layers.items()}
+        with tune.distill.frozen(model), tune._with_delta(model, branches, raw.dense):
+            for b in branches.values():
+                for p in b.values:
+                    p.grad = None
+            g = torch.Generator().manual_seed(3)
+            if fused:
+                assert tune.distill.frozen_linear(head)
+                loss = tune._loss(model, head, ids, teacher, 16, g)
+            else:
+                loss = tune.distill.sampled_kl(tune.head_inputs(model, ids), teacher, head, 16, g)
+            loss.backward()
+        results.append((float(loss), torch.cat([p.grad.flatten() for b in branches.values() for p in b.values
+                                                if p.grad is not None])))
+    assert results[0][0] > 0
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-6, rtol=1e-3)

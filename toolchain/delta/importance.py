@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
+from edgepack.toolchain.ressvd.calibration import gram_f64
 from tqdm import tqdm
 
 
@@ -69,8 +70,8 @@ def weight_gradients(model: nn.Module, layers: dict[str, nn.Linear], shifts: dic
 
 def _gram_hook(grams: dict[str, torch.Tensor], name: str, count: int):
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-        gram = x.T @ x / (x.shape[0] * count)
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+        gram = gram_f64(x) / (x.shape[0] * count)
         grams[name] = grams[name] + gram if name in grams else gram
 
     return hook
