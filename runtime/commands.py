@@ -156,6 +156,9 @@ def _describe_compression(report: dict | None) -> str:
 def inspect(args: argparse.Namespace) -> int:
     if Path(args.package).is_file() and Path(args.package).suffix == ".safetensors":
         return _inspect_delta(args)
+    if Path(args.package).is_file() and Path(args.package).suffix != ".edgepack":
+        raise UsageError(f"{args.package} is not a package: inspect describes a package folder, a .edgepack archive "
+                         "or a delta (.safetensors)")
     manifest = read_manifest(args.package)
     if args.verify:
         open_package(args.package, verify=True)  # a folder is hashed in place, an archive as it unpacks
@@ -230,11 +233,12 @@ def evaluate(args: argparse.Namespace) -> int:
     from edgepack.runtime import text as texts
     from edgepack.runtime.manifest import MANIFEST_NAME
     from edgepack.runtime.perplexity import perplexity, windows
-    from tqdm import tqdm
 
     corpus = texts.read_text(args.text) if args.text else texts.evaluation_text()
     target = Path(args.target)
-    with tqdm(desc="eval", unit="window", file=sys.stderr) as bar:
+    # The bar opens at the first scored window, not before the load: a bad model then fails without one.
+    bar = _LazyBar(desc="eval", unit="window", file=sys.stderr)
+    try:
         if (target / MANIFEST_NAME).is_file() or target.is_file() and target.suffix == ".edgepack":
             model = load(target, settings=SessionSettings(threads=args.threads), delta=args.delta,
                          check_memory=not args.no_memory_check)
@@ -257,6 +261,26 @@ def evaluate(args: argparse.Namespace) -> int:
             from edgepack.toolchain.evaluate import evaluate_model
 
             result = evaluate_model(args.target, corpus, args.context, args.max_windows, bar.update, EVAL_CONTEXT)
+    finally:
+        bar.close()
     print(f"perplexity {result.perplexity:.3f} over {result.tokens} tokens "
           f"({result.windows} windows of {result.context})")
     return 0
+
+
+class _LazyBar:
+    """A tqdm bar made on the first ``update``; ``total`` may be set before that."""
+
+    def __init__(self, **kwargs) -> None:
+        self.kwargs, self.total, self._bar = kwargs, None, None
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, **self.kwargs)
+        self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -92,6 +92,20 @@ def test_inspect_not_a_package(tmp_path, capsys):
     assert code == 2 and "manifest.json" in err
 
 
+def test_inspect_a_plain_file_says_what_it_takes(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("hello")
+    code, _, err = run_cli(["inspect", str(f)], capsys)
+    assert code == 2 and "is not a package" in err and "delta" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_of_a_bad_model_fails_before_any_progress_bar(tmp_path, capsys):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"not a model")
+    code, _, err = run_cli(["eval", str(f)], capsys)
+    assert code == 2 and "not a .gguf" in err and "window" not in err
+
+
 def test_chat_streams_turns_and_reset(tiny_package, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\n/reset\nhow are you\n/exit\nnever read\n"))
     code, out, err = run_cli(["chat", str(tiny_package), "--max-tokens", "4", "--system", "Be brief."], capsys)
