@@ -273,7 +273,8 @@ def main() -> None:
     note = (f"Held-out perplexity in PyTorch, context {args.context} ({windows}). Made by "
             f"`python benchmarks/deltas/finetune.py {' '.join(sys.argv[1:])}` (settings: DEFAULTS unless "
             f"given).\n\n")
-    out = results_dir(__file__) / "finetunes.md"
+    # One domain alone writes its own file: the combined table keeps the rows of every domain.
+    out = results_dir(__file__) / ("finetunes.md" if args.domain == "all" else f"finetunes-{args.domain}.md")
     out.write_text("# Fine-tunes of the default model\n\n" + note + table, encoding="utf-8")
     print(table)
 
