@@ -24,18 +24,18 @@ MAX_COPIES = 2000  # tiny shapes would otherwise make graphs of 10^5 nodes
 FACTORS = ["576x288", "288x960", "576x144", "144x576", "576x418", "209x1536", "209x1536", "1536x209", "209x576"]
 
 
-def _op(name: str, k: int, n: int, rng: np.random.Generator, inits: list) -> helper.NodeProto:
+def _op(name: str, k: int, n: int, rng: np.random.Generator, inits: list, level: int = 4) -> helper.NodeProto:
     blocks = -(-k // 32)
     inits += [numpy_helper.from_array(rng.integers(0, 255, (n, blocks, 16), dtype=np.uint8), f"{name}_q"),
               numpy_helper.from_array((rng.random(n * blocks, dtype=np.float32) * 0.01), f"{name}_s"),
               numpy_helper.from_array(rng.integers(0, 255, (n * ((blocks + 1) // 2),), dtype=np.uint8), f"{name}_z")]
     return helper.make_node("MatMulNBits", ["x", f"{name}_q", f"{name}_s", f"{name}_z"], [f"{name}_y"],
-                            domain="com.microsoft", K=k, N=n, bits=4, block_size=32, accuracy_level=4)
+                            domain="com.microsoft", K=k, N=n, bits=4, block_size=32, accuracy_level=level)
 
 
-def graph(copies: int, k: int, n: int) -> bytes:
+def graph(copies: int, k: int, n: int, level: int = 4) -> bytes:
     rng, inits = np.random.default_rng(0), []
-    nodes = [_op(f"o{i}", k, n, rng, inits) for i in range(copies)]
+    nodes = [_op(f"o{i}", k, n, rng, inits, level) for i in range(copies)]
     outs = [helper.make_tensor_value_info(f"o{i}_y", TensorProto.FLOAT, [1, n]) for i in range(copies)]
     g = helper.make_graph(nodes, "ops", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])], outs, inits)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
@@ -61,6 +61,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="*", default=DENSE + FACTORS, help="KxN of each op")
     p.add_argument("--megabytes", type=float, default=40.0, help="int4 weight bytes of each timed graph")
+    p.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
+                   help="MatMulNBits accuracy_level (4, as exported: int8 compute; 1: float32)")
     args = p.parse_args()
     print("| K x N | kB | 1 thread (us) | 2 threads (us) | speed-up |\n|---|---|---|---|---|")
     timed: dict[str, tuple[float, float]] = {}
@@ -68,7 +70,7 @@ def main() -> None:
         k, n = map(int, shape.split("x"))
         kb = k * n * 0.53 / 1e3  # 4-bit codes + a float scale and a 4-bit zero point per 32
         copies = min(MAX_COPIES, max(8, int(args.megabytes * 1e3 / kb)))
-        model = graph(copies, k, n)
+        model = graph(copies, k, n, args.accuracy_level)
         timed[shape] = t1, t2 = per_op_us(model, k, copies, 1), per_op_us(model, k, copies, 2)
         print(f"| {k} x {n} | {kb:.0f} | {t1:.1f} | {t2:.1f} | {t1 / t2:.2f} |", flush=True)
     for name, layer in (("dense layer", DENSE), ("factorized layer", FACTORS)):

@@ -119,6 +119,29 @@ def test_kl_importance_uses_the_kl_to_the_finetune():
     assert max(float(g.abs().max()) for g in nll_at_ft.values()) > 1e-2 * big
 
 
+def test_separable_fisher_keeps_row_and_column_structure_and_averages_the_rest():
+    rows, cols = torch.tensor([1.0, 4.0, 0.5]), torch.tensor([2.0, 0.25])
+    exact = torch.outer(rows, cols)
+    u, v = torch.ones(3, 2), torch.ones(4, 2)
+    kept, _ = importance.fisher_scores(u, v, exact, torch.ones(4, 2), separable=True)
+    torch.testing.assert_close(kept, exact)  # a separable Fisher is left as it is
+    noisy = exact.clone()
+    noisy[0, 0] = 100.0  # one entry's estimate far off
+    smoothed, _ = importance.fisher_scores(u, v, noisy, torch.ones(4, 2), separable=True)
+    torch.testing.assert_close(smoothed.sum(), noisy.sum())  # the factor's total is kept
+    assert smoothed[0, 0] < noisy[0, 0] and smoothed[1, 0] > noisy[1, 0]
+    zero, _ = importance.fisher_scores(u, v, torch.zeros(3, 2), torch.ones(4, 2), separable=True)
+    assert not zero.any()
+
+
+def test_separable_osd_stays_in_budget_and_says_so():
+    base, raw = _tiny_pair()
+    windows = [list(range(3, 35)), list(range(50, 82))]
+    delta = compress(base, raw, DeltaConfig(method="osd", rank=1, separable=True, tune_steps=0), windows)
+    assert delta.bits <= delta.info["budget_bits"] + 32 * sum(a.size for a in raw.dense.values())
+    assert "separable" in delta.info["importance"]
+
+
 def test_kl_importance_stays_in_budget_and_says_so():
     base, raw = _tiny_pair()
     windows = [list(range(3, 35)), list(range(50, 82))]

@@ -149,13 +149,22 @@ def factor_gradient_stats(model: nn.Module, layers: dict[str, nn.Linear], shifts
     return {name: tuple(parts) for name, parts in stats.items()}
 
 
-def fisher_scores(u: torch.Tensor, v: torch.Tensor, sq_u: torch.Tensor, sq_v: torch.Tensor, shrink: float = 0.0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def fisher_scores(u: torch.Tensor, v: torch.Tensor, sq_u: torch.Tensor, sq_v: torch.Tensor, shrink: float = 0.0,
+                  separable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """θ²·Σ_w g_w²: the second-order (Optimal Brain Damage) loss change of zeroing an entry, with the
     empirical Fisher diagonal standing in for the Hessian's. ``shrink`` λ pulls each entry's Fisher
     toward its factor's mean, θ²·(F + λ·mean F): a few thousand validation tokens estimate one entry's
-    Fisher noisily but a factor's mean well; λ → ∞ is magnitude within a factor, Fisher-weighted across."""
+    Fisher noisily but a factor's mean well; λ → ∞ is magnitude within a factor, Fisher-weighted across.
+    ``separable``: F replaced by its row × column estimate F̂_ij = (Σ_j F_ij)·(Σ_i F_ij) / Σ F, which keeps
+    how much each output (or input) and each factor column matter, and averages out the per-entry noise."""
+    if separable:
+        sq_u, sq_v = _separable(sq_u), _separable(sq_v)
     return u.square() * (sq_u + shrink * sq_u.mean()), v.square() * (sq_v + shrink * sq_v.mean())
+
+
+def _separable(f: torch.Tensor) -> torch.Tensor:
+    total = f.sum()
+    return torch.outer(f.sum(1), f.sum(0)) / total if total > 0 else f
 
 
 def rms_scores(u: torch.Tensor, v: torch.Tensor, sq_u: torch.Tensor, sq_v: torch.Tensor

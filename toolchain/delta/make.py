@@ -58,6 +58,8 @@ class DeltaConfig:
     normalize: bool = False
     # Fisher only: pull each entry's Fisher toward its factor's mean by this weight (importance.fisher_scores).
     shrink: float = 0.0
+    # Fisher only: each factor's Fisher replaced by its separable (row × column) estimate (importance.fisher_scores).
+    separable: bool = False
     # "layer": each matrix keeps TruncSVD-at-r's bits (the paper's); "global": one budget for the
     # whole delta, entries of all layers compete on score per bit (taylor scores only: they share a scale).
     allocation: str | None = None
@@ -367,7 +369,9 @@ def _gradient_scores(model: torch.nn.Module, raw: extract.RawDelta,
         loss = (", loss KL(fine-tune ‖ model)" if kl else
                 ", labels drawn from the model (true Fisher)" if sampled else "")
         shrunk = f", shrunk λ={config.shrink:g} toward each factor's mean" if config.shrink else ""
-        return ({n: importance.fisher_scores(u, v, *stats[n][2:], config.shrink) for n, (u, v) in factors.items()},
+        shrunk += ", separable (row × column) Fisher" if config.separable else ""
+        return ({n: importance.fisher_scores(u, v, *stats[n][2:], config.shrink, config.separable)
+                 for n, (u, v) in factors.items()},
                 f"fisher θ²·Σ_w g_w² over {len(windows)} windows at {where}{loss}{shrunk}")
     return ({n: importance.rms_scores(u, v, *stats[n][2:]) for n, (u, v) in factors.items()},
             f"rms |θ|·sqrt(Σ_w g_w²) over {len(windows)} windows at {where}")
