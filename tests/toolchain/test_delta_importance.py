@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from edgepack.runtime.errors import UsageError
 from edgepack.toolchain.delta import budget, extract, factorize, importance
 from edgepack.toolchain.delta.make import DeltaConfig, compress
 
@@ -90,8 +91,6 @@ def test_shrinking_fisher_moves_from_per_entry_to_magnitude_order():
 
 
 def test_bad_gradient_options_are_usage_errors():
-    from edgepack.runtime.errors import UsageError
-
     with pytest.raises(UsageError, match="gradient-at"):
         DeltaConfig(method="osd", gradient_at="midway")
     with pytest.raises(UsageError, match="shrink"):
@@ -140,6 +139,8 @@ def test_separable_osd_stays_in_budget_and_says_so():
     delta = compress(base, raw, DeltaConfig(method="osd", rank=1, separable=True, tune_steps=0), windows)
     assert delta.bits <= delta.info["budget_bits"] + 32 * sum(a.size for a in raw.dense.values())
     assert "separable" in delta.info["importance"]
+    with pytest.raises(UsageError, match="separable"):
+        DeltaConfig(method="magtruncsvd", separable=True)
 
 
 def test_kl_importance_stays_in_budget_and_says_so():

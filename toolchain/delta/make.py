@@ -105,6 +105,8 @@ class DeltaConfig:
                              "not comparable across layers")
         if not self.shrink >= 0:
             raise UsageError(f"--shrink must be 0 or more, got {self.shrink}")
+        if self.separable and (self.method != "osd" or self.importance not in ("fisher", "fisher-kl", "fisher-true")):
+            raise UsageError("a separable Fisher needs --method osd with a fisher importance")
         if self.rank < 1:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
         if self.relax is not None and self.relax < 0:
