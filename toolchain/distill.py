@@ -53,6 +53,18 @@ def sampled_kl_linear(student: torch.Tensor, teacher: torch.Tensor, norm: Callab
     return linear_kl(norm(student).flatten(0, 1), teacher, linear.weight, linear.bias, dtype)
 
 
+def head_kl(student: torch.Tensor, teacher: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor],
+            head: torch.nn.Module, positions: int | None, g: torch.Generator | None,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``sampled_kl`` through the head ``head(norm(·))``: by ``sampled_kl_linear`` where the head is a frozen
+    plain linear layer (``frozen_linear``), else by the composed ops, under bfloat16 autocast when ``dtype``
+    is bfloat16 (the products' dtype of the fused path)."""
+    if frozen_linear(head):
+        return sampled_kl_linear(student, teacher, norm, head, positions, g, dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        return sampled_kl(student, teacher, lambda h: head(norm(h)), positions, g)
+
+
 def frozen_linear(head: torch.nn.Module) -> bool:
     """Whether ``sampled_kl_linear`` can stand for ``sampled_kl`` with this head: exactly a linear layer (a
     subclass may change its forward), with no hook that would change its output (the delta tune hooks a

@@ -34,6 +34,20 @@ def test_fused_kl_equals_the_composed_ops_in_value_and_gradient(bias, positions)
     torch.testing.assert_close(nb, na, rtol=1e-4, atol=1e-7)  # the gradient goes on through the norm
 
 
+def test_head_kl_takes_the_fused_path_only_for_a_frozen_linear_head(monkeypatch):
+    torch.manual_seed(2)
+    norm = torch.nn.LayerNorm(16)
+    student, teacher = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    calls = []
+    fused = distill.sampled_kl_linear
+    monkeypatch.setattr(distill, "sampled_kl_linear", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    for trainable in (False, True):
+        head = torch.nn.Linear(16, 70).requires_grad_(trainable)
+        got = distill.head_kl(student, teacher, norm, head, 5, torch.Generator().manual_seed(3))
+        assert float(got) == pytest.approx(float(_composed(student, teacher, norm, head, 5, 3)), rel=1e-5)
+    assert calls == [1]  # the frozen head only
+
+
 def test_fused_kl_over_several_blocks(monkeypatch):
     monkeypatch.setattr(linear_kl, "BLOCK_ROWS", 4)
     torch.manual_seed(1)

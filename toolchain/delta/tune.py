@@ -144,15 +144,8 @@ def _with_delta(model: nn.Module, branches: dict[str, _Branch], dense: dict[str,
 
 def _loss(model: nn.Module, head: nn.Module, ids: torch.Tensor, teacher: torch.Tensor, positions: int | None,
           g: torch.Generator | None) -> torch.Tensor:
-    states = head_inputs(model, ids)
-    if distill.frozen_linear(head):  # same value and positions, without sweeping the logits through autograd
-        return distill.sampled_kl_linear(states, teacher, _identity, head, positions, g)
-    return distill.sampled_kl(states, teacher, head, positions, g)
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
     # head_inputs are already the final norm's output
-    return x
+    return distill.head_kl(head_inputs(model, ids), teacher, nn.Identity(), head, positions, g)
 
 
 def _mixed_loss(model: nn.Module, head: nn.Module, ids: torch.Tensor, teacher: torch.Tensor, positions: int | None,

@@ -110,11 +110,8 @@ def _step_loss(layers, norm, head, trace: Trace, batch: torch.Tensor, positions:
         for layer in layers:
             out = layer(hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-    if distill.frozen_linear(head):
-        return distill.sampled_kl_linear(hidden.float(), trace.teacher[batch], norm, head, positions, g,
-                                         torch.bfloat16 if bf16 else torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        return distill.sampled_kl(hidden.float(), trace.teacher[batch], lambda h: head(norm(h)), positions, g)
+    return distill.head_kl(hidden.float(), trace.teacher[batch], norm, head, positions, g,
+                           torch.bfloat16 if bf16 else torch.float32)
 
 
 def _rows(value, batch: torch.Tensor, count: int):
