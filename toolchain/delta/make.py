@@ -25,6 +25,7 @@ IMPORTANCE = ("taylor", "fisher", "fisher-kl", "fisher-true", "rms", "output")
 GRADIENT_AT = ("delta", "finetune", "base")
 # Scores that estimate a loss change, comparable across layers.
 _LOSS_SCALED = ("taylor", "fisher", "fisher-kl", "fisher-true", "rms")
+_FISHER = ("fisher", "fisher-kl", "fisher-true")  # the θ²·Σ_w g_w² scores (importance.fisher_scores)
 ALLOCATION = ("layer", "global")
 
 
@@ -105,7 +106,7 @@ class DeltaConfig:
                              "not comparable across layers")
         if not self.shrink >= 0:
             raise UsageError(f"--shrink must be 0 or more, got {self.shrink}")
-        if self.separable and (self.method != "osd" or self.importance not in ("fisher", "fisher-kl", "fisher-true")):
+        if self.separable and (self.method != "osd" or self.importance not in _FISHER):
             raise UsageError("a separable Fisher needs --method osd with a fisher importance")
         if self.rank < 1:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
@@ -367,14 +368,14 @@ def _gradient_scores(model: torch.nn.Module, raw: extract.RawDelta,
     if config.importance == "taylor":
         return ({n: ((u * stats[n][0]).abs(), (v * stats[n][1]).abs()) for n, (u, v) in factors.items()},
                 f"taylor |θ·∂L/∂θ| at {where}")
-    if config.importance in ("fisher", "fisher-kl", "fisher-true"):
+    if config.importance in _FISHER:
         loss = (", loss KL(fine-tune ‖ model)" if kl else
                 ", labels drawn from the model (true Fisher)" if sampled else "")
-        shrunk = f", shrunk λ={config.shrink:g} toward each factor's mean" if config.shrink else ""
-        shrunk += ", separable (row × column) Fisher" if config.separable else ""
+        smoothing = f", shrunk λ={config.shrink:g} toward each factor's mean" if config.shrink else ""
+        smoothing += ", separable (row × column) Fisher" if config.separable else ""
         return ({n: importance.fisher_scores(u, v, *stats[n][2:], config.shrink, config.separable)
                  for n, (u, v) in factors.items()},
-                f"fisher θ²·Σ_w g_w² over {len(windows)} windows at {where}{loss}{shrunk}")
+                f"fisher θ²·Σ_w g_w² over {len(windows)} windows at {where}{loss}{smoothing}")
     return ({n: importance.rms_scores(u, v, *stats[n][2:]) for n, (u, v) in factors.items()},
             f"rms |θ|·sqrt(Σ_w g_w²) over {len(windows)} windows at {where}")
 
