@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from edgepack.runtime.delta import DeltaSlots
 from edgepack.runtime.errors import PackageError
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -106,6 +107,7 @@ class Decoder:
             raise PackageError(f"unsupported KV cache type {first.type}")
         self.kv_heads, self.head_dim = (int(d) for d in first.shape[1:4:2])
         self.num_layers = len(self.past_names) // 2
+        self.delta = DeltaSlots(self.session)  # side branches a --delta-slots build added (none: no inputs)
 
     def new_cache(self) -> KVCache:
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self._cache_dtype)
@@ -128,6 +130,7 @@ class Decoder:
             binding.bind_cpu_input("position_ids", positions)
         for name, value in zip(self.past_names, cache.values):
             binding.bind_ortvalue_input(name, value)
+        self.delta.bind(binding)
         binding.bind_output("logits")
         for name in self.present_names:
             binding.bind_output(name)

@@ -59,7 +59,7 @@ class Model:
             if delta is None:
                 return
             raise PackageError(f"package {self.package.path} has no delta slots; rebuild it with "
-                               "`edgepack build ... --graph fused --delta-slots` to apply deltas")
+                               "`edgepack build ... --delta-slots` to apply deltas")
         slots.set(None if delta is None else load_delta(delta, self.package.manifest.model.get("weights_fingerprint")))
 
     def encode_prompt(self, prompt: Prompt, chat: bool | None = None) -> list[int]:

@@ -104,9 +104,10 @@ def save(arch: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def save_finetune(base: Path, folder: Path, seed: int = 1, scale: float = 0.05) -> Path:
+def save_finetune(base: Path, folder: Path, seed: int = 1, scale: float = 0.05, dense: bool = False) -> Path:
     """A stand-in fine-tune of any saved tiny model: every 2-D weight inside the decoder moved by a
-    low-rank change (``tests/tiny.py`` does the same for Llama's linear layers only)."""
+    low-rank change (``tests/tiny.py`` does the same for Llama's linear layers only); ``dense`` also moves
+    every 1-D parameter (norm weights and biases, linear biases)."""
     import torch
     from tiny import make_tokenizer
     from transformers import AutoModelForCausalLM
@@ -117,6 +118,8 @@ def save_finetune(base: Path, folder: Path, seed: int = 1, scale: float = 0.05) 
     embed = model.get_input_embeddings().weight
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if dense and p.dim() == 1:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
             if p.dim() != 2 or p is head or p is embed or "embed" in name or "wpe" in name:
                 continue
             n, m = p.shape

@@ -41,7 +41,7 @@ class BuildConfig:
     graph: str = "auto"
     int4_all: bool = False  # with int4: embedding and LM head int4 too, weights as external data (device builds)
     ort_format: bool = False  # also write model.ort and its reduced operator config (phones)
-    delta_slots: bool = False  # fused graph: side branches that apply OSD deltas at load time (runtime/delta.py)
+    delta_slots: bool = False  # side branches that apply OSD deltas at load time (runtime/delta.py)
     device_plan: dict[str, Any] | None = None  # the planner's Plan, recorded in the manifest
     int8: bool = False  # 8-bit MatMulNBits weights (block 32, symmetric): twice int4's size, closer to float32
     # fused int4: width of the ResSVD factor pairs' MatMulNBits (4: integer zero points; 8: symmetric, Q8_0 form)
@@ -59,9 +59,6 @@ class BuildConfig:
             raise UsageError(f"--factor-bits must be 4 or 8, got {self.factor_bits!r}")
         if self.int4_all and self.graph == "fused":
             raise UsageError("the all-int4 device layout is built on optimum's graph: use --graph optimum")
-        if self.delta_slots and self.graph == "optimum":
-            raise UsageError("--delta-slots needs the fused graph (--graph fused): optimum's graph has no side "
-                             "branches")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -213,8 +210,6 @@ def resolve_graph(config: BuildConfig, model_config: Any) -> BuildConfig:
             return dataclasses.replace(config, graph="fused")
         except UnsupportedArchitecture as e:
             reason = f"no fused graph: {str(e).split(';')[0]}"
-    if config.delta_slots:
-        raise UsageError(f"--delta-slots needs the fused graph, which this build cannot use ({reason})")
     print(f"edgepack: building optimum's graph ({reason})", file=sys.stderr)
     return dataclasses.replace(config, graph="optimum")
 
@@ -246,7 +241,12 @@ def _export(config: BuildConfig, model: Any, out_dir: Path, context: int, quanti
 
         return fused.export(model, out_dir, context, quantized and config.int4, config.delta_slots,
                             int8=quantized and config.int8, factor_bits=config.factor_bits)
-    return onnx_export.export(model, out_dir)
+    files = onnx_export.export(model, out_dir)
+    if config.delta_slots:
+        from edgepack.export.delta_branches import add_delta_slots
+
+        add_delta_slots(model, files[0])
+    return files
 
 
 def _weights_description(config: BuildConfig) -> str:

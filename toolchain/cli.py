@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _compression_args(p, required=False)
     p.add_argument("--device", help="plan for this device profile (name or .yaml) and build that plan; "
                    "overrides --int4/--int8/--ratio (see 'edgepack plan')")
-    p.add_argument("--delta-slots", action="store_true", help="fused graph only: add the low-rank side "
+    p.add_argument("--delta-slots", action="store_true", help="add the low-rank side "
                    "branches through which 'run/chat/eval --delta' apply fine-tune deltas at load time")
     p.set_defaults(handler=build)
 
