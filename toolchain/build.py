@@ -17,7 +17,7 @@ from edgepack.runtime.errors import UsageError
 from edgepack.runtime.fused_decoder import decoder_class
 from edgepack.runtime.manifest import GenerationSettings, Manifest
 from edgepack.runtime.memory import DEFAULT_FACTOR_BITS, FACTOR_BITS
-from edgepack.toolchain import sources
+from edgepack.toolchain import conv1d, sources
 from edgepack.toolchain.delta.extract import fingerprint
 from edgepack.toolchain.ressvd import ResSVDConfig
 from tqdm import tqdm
@@ -121,6 +121,8 @@ def build(config: BuildConfig, output: Path | str) -> Manifest:
         compression = _recorded_compression(loaded.source.path)
         # Deltas name the weights they were made against: those of the uncompressed source.
         weights_fingerprint = (compression or {}).get("base_fingerprint") or fingerprint(loaded.model)
+        if config.delta_slots:  # GPT-2's Conv1D as nn.Linear, the layout deltas name (the same function)
+            conv1d.to_linear(loaded.model)
         if config.compression is not None:
             from edgepack.toolchain.compression import compress_loaded
 

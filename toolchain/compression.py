@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from edgepack.runtime import text as texts
-from edgepack.toolchain import sources
+from edgepack.toolchain import conv1d, sources
 from edgepack.toolchain.ressvd import CompressionReport, ResSVDConfig, compress_
 from edgepack.toolchain.ressvd.calibration import calibration_windows
 
@@ -26,7 +26,11 @@ def compress_loaded(loaded: sources.LoadedModel, config: ResSVDConfig, calib: st
     if config.method != "svd":
         corpus = texts.read_text(calib) if calib else texts.calibration_text()
         windows = calibration_windows(loaded.tokenizer, corpus, config.calib_windows, config.calib_length)
-    return compress_(loaded.model, config, windows)
+    converted = conv1d.to_linear(loaded.model)
+    try:
+        return compress_(loaded.model, config, windows)
+    finally:  # the layers left dense go back to the layout the model's config loads
+        conv1d.restore(loaded.model, converted)
 
 
 def compress(spec: str, config: ResSVDConfig, output: Path | str, calib: str | None = None) -> CompressionReport:

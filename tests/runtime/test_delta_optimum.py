@@ -53,8 +53,8 @@ def models(tmp_path_factory):
 
 
 # GPT-NeoX: packed q/k/v, LayerNorm weights and biases; OPT: Gemm projections, a decoder scope without
-# "model"; Llama with biases: the fused graph's family, here in optimum's graph.
-@pytest.mark.parametrize("arch", ["gpt_neox", "opt", "llama-bias"])
+# "model"; GPT-2: Conv1D projections (ΔW in nn.Linear's layout); Llama with biases: the fused graph's family.
+@pytest.mark.parametrize("arch", ["gpt_neox", "opt", "gpt2", "llama-bias"])
 def test_apply_switch_remove_match_merged_weights(arch, models, tmp_path):
     base, finetune = models(arch)
     delta = make(str(base), str(finetune), DeltaConfig(method="truncsvd", rank=3))

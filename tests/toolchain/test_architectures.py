@@ -74,15 +74,32 @@ def test_moe_experts_stay_dense_and_are_named(models, tmp_path, capsys):
     assert code == 0 and "dense (mlp.gate, mlp.experts.0.gate_proj" in err
 
 
-def test_conv1d_model_is_refused_by_name_for_compression_and_deltas(models, tmp_path, capsys):
-    src = models("gpt2")
-    code, _, err = run_cli(["compress", src, "--ratio", "0.2", "-o", tmp_path / "c"], capsys)
-    assert code == 2 and "Conv1D" in err and "without --ratio" in err
-    from edgepack.toolchain.delta.extract import extract
+def test_conv1d_model_compresses_and_reloads_in_its_own_layout(models, text, tmp_path, capsys):
+    # GPT-2's Conv1D projections are compressed as nn.Linear (toolchain/conv1d.py); those left dense are saved
+    # as Conv1D again, so the folder loads as a GPT-2 and the package computes what PyTorch does.
+    from edgepack.toolchain.ressvd import storage
+    from transformers import AutoConfig
 
-    model = tiny_archs.make_model("gpt2")
-    with pytest.raises(UnsupportedArchitecture, match="no nn.Linear"):
-        extract(model, model)
+    src, out, pkg = models("gpt2"), tmp_path / "c", tmp_path / "pkg"
+    code, _, err = run_cli(["compress", src, "--ratio", "0.2", "--tune-steps", "2", "-o", out], capsys)
+    assert code == 0 and "1 layers factorized" in err
+    model = storage.load(str(out), AutoConfig.from_pretrained(out))
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if n.endswith(("c_attn", "c_proj", "c_fc"))}
+    assert kinds["transformer.h.0.attn.c_attn"] == "Conv1D" and kinds["transformer.h.1.attn.c_attn"] == "Sequential"
+    assert run_cli(["build", out, "-o", pkg], capsys)[0] == 0
+    _, ours, _ = run_cli(["eval", pkg, "--text", text, "--context", "64", "--max-windows", "1"], capsys)
+    _, theirs, _ = run_cli(["eval", out, "--text", text, "--context", "64", "--max-windows", "1"], capsys)
+    assert abs(_ppl(ours) - _ppl(theirs)) / _ppl(theirs) < 1e-3
+
+
+def test_conv1d_delta_is_in_linear_layout_and_names_the_loaded_weights(models):
+    from edgepack.toolchain.delta.extract import extract, fingerprint
+
+    base, ft = tiny_archs.make_model("gpt2"), tiny_archs.make_model("gpt2", seed=1)
+    before = fingerprint(base)  # what a package of the Conv1D model records
+    raw = extract(base, ft)
+    assert raw.base_fingerprint == before
+    assert raw.linears["transformer.h.0.attn.c_attn"].shape == (192, 64)  # [n_out, n_in]
 
 
 def test_delta_tune_runs_on_gpt_neox(models, text, tmp_path, capsys):
@@ -119,11 +136,18 @@ def test_exporter_failure_is_refused_by_name(models, tmp_path, capsys):
     assert code == 2 and "exporter failed on model type 'falcon'" in err and not (tmp_path / "p").exists()
 
 
-def test_factor_tune_refuses_layers_it_cannot_replay(models, tmp_path, capsys):
-    # Bloom's ALiBi bias is folded as [windows·heads, 1, tokens]: it cannot be sliced by window
-    code, _, err = run_cli(["compress", models("bloom"), "--ratio", "0.2", "--tune-steps", "2", "-o", tmp_path / "c"],
-                           capsys)
-    assert code == 2 and "cannot replay the decoder layers of BloomForCausalLM" in err and "--tune-steps 0" in err
+def test_factor_tune_replays_bloom_whose_alibi_folds_windows_with_heads(models, text, tmp_path, capsys):
+    # Bloom's ALiBi bias is [windows·heads, 1, tokens]: the tune unfolds it to slice windows (it was refused)
+    from edgepack.toolchain.ressvd.tune import _rows
+
+    folded = torch.arange(4 * 3 * 5.0).view(4 * 3, 1, 5)  # 4 windows x 3 heads
+    rows = _rows(folded, torch.tensor([2, 0]), 4)
+    assert torch.equal(rows, torch.cat([folded[6:9], folded[0:3]]))
+    assert torch.equal(_rows(torch.arange(8), torch.tensor([1]), 4), torch.arange(8))  # 1-D: never unfolded
+    out = tmp_path / "c"
+    code, _, err = run_cli(["compress", models("bloom"), "--ratio", "0.2", "--tune-steps", "2", "-o", out], capsys)
+    assert code == 0 and "layers factorized" in err
+    assert run_cli(["eval", out, "--text", text, "--context", "64", "--max-windows", "1"], capsys)[0] == 0
 
 
 @pytest.mark.parametrize("arch, norm", [("opt", "model.decoder.final_layer_norm"), ("gpt2", "transformer.ln_f"),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from edgepack.runtime.errors import UnsupportedArchitecture, UsageError
+from edgepack.toolchain import conv1d
 
 
 @dataclass
@@ -43,14 +44,19 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def extract(base: nn.Module, finetuned: nn.Module) -> RawDelta:
-    """ΔW of each linear layer and the change of every other parameter that moved."""
+    """ΔW of each linear layer and the change of every other parameter that moved. GPT-2-style Conv1D layers
+    become ``nn.Linear`` in both models (in place: what follows, importance and tune, works on those), after
+    the fingerprint is taken from the weights as the package holds them."""
     _check_same_architecture(base, finetuned)
+    base_fingerprint = fingerprint(base)
+    conv1d.to_linear(base)
+    conv1d.to_linear(finetuned)
     base_params = dict(base.named_parameters())
     ft_params = dict(finetuned.named_parameters())
     linears = linear_layers(base)
     if not linears:
-        raise UnsupportedArchitecture(f"{type(base).__name__} has no nn.Linear layers outside its output head (e.g. "
-                                      "GPT-2's Conv1D), which a delta factorizes: deltas are not supported for it")
+        raise UnsupportedArchitecture(f"{type(base).__name__} has no linear layers outside its output head, which a "
+                                      "delta factorizes: deltas are not supported for it")
     weights = {f"{name}.weight": name for name in linears}
     out: dict[str, torch.Tensor] = {}
     dense: dict[str, torch.Tensor] = {}
@@ -61,7 +67,7 @@ def extract(base: nn.Module, finetuned: nn.Module) -> RawDelta:
                 out[weights[pname]] = diff
             elif bool(diff.abs().max() > 0):
                 dense[pname] = diff
-    return RawDelta(out, dense, fingerprint(base))
+    return RawDelta(out, dense, base_fingerprint)
 
 
 def _check_same_architecture(base: nn.Module, finetuned: nn.Module) -> None:

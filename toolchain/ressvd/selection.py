@@ -30,7 +30,7 @@ def target_linears(model: nn.Module, targets: Sequence[str]) -> list[list[tuple[
         if not found:
             raise UnsupportedArchitecture(
                 f"decoder layer {i} of {type(model).__name__} has none of the linear layers ResSVD compresses "
-                f"({', '.join(targets)}; GPT-2's Conv1D is not one): build or evaluate it without --ratio")
+                f"({', '.join(targets)}): build or evaluate it without --ratio")
         out.append(found)
     return out
 

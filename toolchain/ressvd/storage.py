@@ -38,6 +38,7 @@ def is_compressed(folder: Path | str) -> bool:
 def load(folder: Path | str, config: Any) -> Any:
     """Rebuild the compressed model described by ``folder`` (its ``config`` already read)."""
     import torch
+    from edgepack.toolchain import conv1d
     from edgepack.toolchain.ressvd.joint import empty_shared_pairs
     from edgepack.toolchain.ressvd.layers import empty_factorized, set_module
     from edgepack.toolchain.safetensors_check import check_file, expected_from_state_dict
@@ -57,14 +58,14 @@ def load(folder: Path | str, config: Any) -> Any:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for group in groups:
         dense = [model.get_submodule(n) for n in group]
-        pairs = empty_shared_pairs([(d.out_features, d.in_features) for d in dense], ranks[group[0]],
+        pairs = empty_shared_pairs([conv1d.dims(d) for d in dense], ranks[group[0]],
                                    [d.bias is not None for d in dense], dense[0].weight.dtype)
         for name, pair in zip(group, pairs):
             set_module(model, name, pair)
     grouped = {n for g in groups for n in g}
     for name, rank in ((n, r) for n, r in ranks.items() if n not in grouped):
         dense = model.get_submodule(name)
-        set_module(model, name, empty_factorized((dense.out_features, dense.in_features), rank,
+        set_module(model, name, empty_factorized(conv1d.dims(dense), rank,
                                                  dense.bias is not None, dense.weight.dtype))
     # The header is checked by edgepack first: lengths, offsets, and every tensor's dtype and shape
     # against the rebuilt model, so a hostile file fails with a named tensor, not deep in a loader.

@@ -80,8 +80,8 @@ def tune_(model: nn.Module, trace: Trace, settings: TuneSettings,
 
 
 def _check_replay(model: nn.Module, batch_loss: Callable, count: int) -> None:
-    """Replay two windows before training: a model whose layers take per-window arguments folded with another
-    axis (Bloom's ALiBi bias is [windows·heads, 1, tokens]) cannot be sliced by window, and fails here, by name."""
+    """Replay two windows before training: a model whose layers take per-window arguments this cannot slice
+    fails here, by name."""
     try:
         with torch.no_grad():
             batch_loss(torch.arange(min(2, count)), torch.Generator().manual_seed(0))
@@ -115,9 +115,15 @@ def _step_loss(layers, norm, head, trace: Trace, batch: torch.Tensor, positions:
 
 
 def _rows(value, batch: torch.Tensor, count: int):
-    """A per-window argument (first dimension = the window count) is sliced like the hidden states."""
+    """A per-window argument (first dimension = the window count) is sliced like the hidden states; one whose
+    first dimension folds the windows with another axis (BLOOM's ALiBi bias, [windows·heads, 1, tokens]) is
+    unfolded, sliced and folded again. Only tensors of 3 or more dimensions are taken as folded: 1-D and 2-D
+    arguments (cache positions) may be any multiple of the count by chance."""
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == count and count > 1:
         return value[batch]
+    if (isinstance(value, torch.Tensor) and value.dim() >= 3 and count > 1 and value.shape[0] > count
+            and value.shape[0] % count == 0):
+        return value.view(count, -1, *value.shape[1:])[batch].flatten(0, 1)
     if isinstance(value, tuple):
         return tuple(_rows(v, batch, count) for v in value)
     return value
