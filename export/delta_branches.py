@@ -14,6 +14,7 @@ this rewrite (onnxruntime's tools and optimum's exporter have no notion of side 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -56,7 +57,9 @@ def scopes(path: str) -> list[str]:
 
 @dataclass
 class _Graph:
-    """The exported graph, indexed: constant 2-D MatMul operands by value, and initializers by name."""
+    """The exported graph, indexed: MatMul / Gemm nodes by a digest of their constant operand, and the 1-D
+    initializers (where norm weights and biases live) by name. Digests, not values, so the index does not
+    hold a second copy of the weights."""
 
     model: Any
     inits: dict[str, np.ndarray] = field(default_factory=dict)
@@ -71,19 +74,27 @@ class _Graph:
     def index(cls, model: Any) -> _Graph:
         from onnx import numpy_helper
 
-        g = cls(model, {t.name: numpy_helper.to_array(t) for t in model.graph.initializer})
+        tensors = {t.name: t for t in model.graph.initializer}
+        g = cls(model, {n: numpy_helper.to_array(t) for n, t in tensors.items() if len(t.dims) == 1})
+        digests: dict[str, bytes] = {}
         for node in model.graph.node:
-            if node.op_type == "Identity" and node.input[0] in g.inits:
+            if node.op_type == "Identity" and node.input[0] in tensors:
                 g.aliases[node.output[0]] = node.input[0]
-            operand = _operand(node, g.inits)
-            if operand is not None:
-                g.by_weight.setdefault(_key(operand), []).append(node)
+            weight = tensors.get(node.input[1]) if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 else None
+            if weight is None or len(weight.dims) != 2:
+                continue
+            if node.input[1] not in digests:
+                digests[node.input[1]] = _key(numpy_helper.to_array(weight))
+            key = _operand_key(node, digests[node.input[1]], weight)
+            if key is not None:
+                g.by_weight.setdefault(key, []).append(node)
         return g
 
     def matmul(self, linear: Any, path: str, reader: bool) -> Any | None:
         """The MatMul (or Gemm) node of ``linear`` (its constant operand is Wᵀ), by scope when several share it.
         A ``reader`` may be any of several that read the same x (a joint group's shared in→r factor)."""
-        nodes = self.by_weight.get(_key(linear.weight.detach().float().numpy().T), [])
+        weight = linear.weight.detach().float().numpy()
+        nodes = [*self.by_weight.get(_key(weight.T), []), *self.by_weight.get(b"T" + _key(weight), [])]
         if len(nodes) > 1:
             nodes = next(([n for n in nodes if n.name.startswith(p)] for p in scopes(path)
                           if any(n.name.startswith(p) for n in nodes)), nodes)
@@ -108,7 +119,7 @@ def add_delta_slots(model: Any, onnx_path: Path) -> int:
     layers = targets(model)
     if not layers:
         raise UnsupportedArchitecture(f"--delta-slots: {type(model).__name__} has no nn.Linear layers outside its "
-                                      "output head (e.g. GPT-2's Conv1D), so it cannot take deltas; build without it")
+                                      "output head, so it cannot take deltas; build without --delta-slots")
     for path, (first, last) in layers.items():
         _linear_slot(g, path, first, last)
     _dense_slots(g, model, layers)
@@ -218,19 +229,19 @@ def _save(proto: Any, onnx_path: Path) -> None:
 
 
 def _key(array: np.ndarray) -> bytes:
-    return np.ascontiguousarray(array, dtype=np.float32).tobytes() + str(array.shape).encode()
+    """A digest of a [n_in, n_out] operand's shape and float32 values."""
+    contiguous = np.ascontiguousarray(array, dtype=np.float32)
+    return hashlib.blake2b(str(contiguous.shape).encode() + contiguous.tobytes(), digest_size=16).digest()
 
 
-def _operand(node: Any, inits: dict[str, np.ndarray]) -> np.ndarray | None:
-    """The constant [n_in, n_out] operand of a MatMul, or of a plain Gemm (2-D inputs: OPT's projections)."""
+def _operand_key(node: Any, digest: bytes, weight: Any) -> bytes | None:
+    """How ``node``'s constant operand is indexed: its digest for a MatMul or a plain Gemm (2-D inputs: OPT's
+    projections); a Gemm with transB holds W itself, marked so ``matmul`` looks it up as W, not Wᵀ."""
     from onnx import helper
 
-    weight = inits.get(node.input[1]) if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 else None
-    if weight is None or weight.ndim != 2:
-        return None
     if node.op_type == "MatMul":
-        return weight
+        return digest
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
         return None
-    return weight.T if attrs.get("transB", 0) else weight
+    return b"T" + digest if attrs.get("transB", 0) else digest
