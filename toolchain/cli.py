@@ -178,7 +178,8 @@ def _build_for_device(args: argparse.Namespace) -> int:
     from edgepack.toolchain.planner.report import describe
 
     profile = load_profile(args.device)
-    chosen, manifest = build_for_device(args.model, args.device, args.output, args.context, args.calib)
+    chosen, manifest = build_for_device(args.model, args.device, args.output, args.context, args.calib,
+                                        delta_slots=args.delta_slots)
     print(describe(chosen, profile), end="", file=sys.stderr)
     print(f"built {args.output}: {manifest.dtype}, {manifest.total_size / 1e6:.1f} MB, {manifest.build['seconds']} s",
           file=sys.stderr)

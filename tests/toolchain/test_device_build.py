@@ -92,3 +92,15 @@ def test_build_cli_with_device_proves_the_fit(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "dtype        float32" in err and "measured peak RSS" in err and ": fits" in err
     assert read_manifest(tmp_path / "pkg").plan["device"]["device"] == "roomy"
+
+
+def test_device_build_keeps_delta_slots(tiny_model_dir, tiny_finetune_dir, tmp_path):
+    # --device chose dtype and ranks but dropped --delta-slots (a package that then refused every delta)
+    from edgepack.toolchain.delta.make import DeltaConfig, make
+    from edgepack.toolchain.planner.device_build import build_for_device
+
+    _, manifest = build_for_device(str(tiny_model_dir), "raspberry-pi-4", tmp_path / "pkg", delta_slots=True)
+    assert manifest.plan["config"]["delta_slots"]
+    delta = make(str(tiny_model_dir), str(tiny_finetune_dir), DeltaConfig(method="truncsvd", rank=2))
+    model = load(tmp_path / "pkg", delta=delta)
+    assert model.delta is delta

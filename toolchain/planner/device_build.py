@@ -10,10 +10,12 @@ from edgepack.toolchain.planner.plan import Plan, plan_for
 
 
 def build_for_device(model: str, device: str, output: Path | str, context: int | None = None,
-                     calib: str | None = None, method: str = "ressvd") -> tuple[Plan, Manifest]:
+                     calib: str | None = None, method: str = "ressvd",
+                     delta_slots: bool = False) -> tuple[Plan, Manifest]:
     """Plan, then build: on the plan's graph (fused for the architectures it supports; else optimum's,
     where int4 plans get the all-int4 device layout), compressed plans ResSVD at the plan's ranks, phone
-    profiles the .ort format as well."""
+    profiles the .ort format as well; ``delta_slots`` as ``build --delta-slots`` (rank-0 side branches
+    hold no memory, so the plan is the same)."""
     from edgepack.toolchain.build import BuildConfig, build
     from edgepack.toolchain.ressvd import ResSVDConfig
 
@@ -23,5 +25,5 @@ def build_for_device(model: str, device: str, output: Path | str, context: int |
     int4 = plan.dtype == "int4"
     config = BuildConfig(model=model, int4=int4, context=plan.context, compression=compression, calib=calib,
                          graph=plan.graph, int4_all=int4 and plan.graph == "optimum", ort_format=profile.mobile,
-                         device_plan=plan.to_dict())
+                         device_plan=plan.to_dict(), delta_slots=delta_slots)
     return plan, build(config, output)
