@@ -171,8 +171,8 @@ def _dense_slots(g: _Graph, model: Any, layers: dict[str, tuple[Any, Any]]) -> N
         node, i = found
         delta = g.add_input(f"delta.{name}", list(param.shape))
         g.slots.append({"dense": name, "input": delta, "shape": list(param.shape)})
-        g.before.append(helper.make_node("Add", [node.input[i], delta], [f"{name}/with_delta"],
-                                         name=f"{name}/add_delta"))
+        source = g.aliases.get(node.input[i], node.input[i])  # the initializer itself: there from the start
+        g.before.append(helper.make_node("Add", [source, delta], [f"{name}/with_delta"], name=f"{name}/add_delta"))
         node.input[i] = f"{name}/with_delta"
 
 

@@ -62,6 +62,9 @@ def test_apply_switch_remove_match_merged_weights(arch, models, tmp_path):
     pkg = tmp_path / "pkg"
     manifest = build(BuildConfig(model=str(base), graph="optimum", delta_slots=True), pkg)
     assert manifest.plan["graph"] == "optimum"
+    import onnx
+
+    onnx.checker.check_model(str(pkg / "model.onnx"))  # nodes in topological order, every input defined
     model = load(pkg)
     plain = _runtime_logits(model)
     np.testing.assert_allclose(plain, _torch_logits(base), atol=1e-3)  # rank-0 branches change nothing
@@ -112,3 +115,24 @@ def test_scopes_follow_torch_exporter_names():
 
     assert scopes("model.layers.10.self_attn.q_proj")[0] == "/model/layers.10/self_attn/q_proj/"
     assert scopes("model.decoder.final_layer_norm")[1] == "/decoder/final_layer_norm/"
+
+
+def test_slots_keep_an_exports_external_data(models, tmp_path):
+    # Exports past protobuf's 2 GB limit keep their weights in a data file beside model.onnx; the rewrite must
+    # write them there again (here a tiny export moved to that layout by hand).
+    import onnx
+    from edgepack.export import onnx_export
+    from edgepack.export.delta_branches import add_delta_slots
+    from edgepack.runtime.delta import DELTA_SLOTS_KEY
+    from edgepack.toolchain import sources
+
+    model = sources.load(str(models("gpt_neox")[0])).model
+    path = onnx_export.export(model, tmp_path / "onnx")[0]
+    onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, location="model.onnx_data",
+                    size_threshold=0)
+    assert add_delta_slots(model, path) == 8
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx_data"]
+    assert path.stat().st_size < (path.parent / "model.onnx_data").stat().st_size  # weights stayed outside
+    rewritten = onnx.load(str(path))
+    assert {p.key for p in rewritten.metadata_props} >= {DELTA_SLOTS_KEY}
+    onnx.checker.check_model(str(path))
