@@ -51,7 +51,8 @@ DEFAULT_FACTOR_BITS = 4
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the memory model needs of a decoder-only transformer (a Llama-style block)."""
+    """What the memory model needs of a decoder-only transformer: a Llama-style block, or, where
+    ``layer_linears`` is given, the block's own linear layers."""
 
     layers: int
     hidden: int
@@ -61,6 +62,12 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied: bool = True
+    # (name with "{i}" for the layer index, out, in) of each linear layer ResSVD may compress, read from the
+    # model's modules by the toolchain (toolchain/planner/shape.py); empty: the Llama block below.
+    layer_linears: tuple[tuple[str, int, int], ...] = ()
+
+    def __post_init__(self) -> None:  # from JSON the entries arrive as lists
+        object.__setattr__(self, "layer_linears", tuple(tuple(e) for e in self.layer_linears))
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ModelShape:
@@ -78,6 +85,8 @@ class ModelShape:
 
     def linears(self) -> list[list[tuple[str, int, int]]]:
         """Per layer, (name, out, in) of the decoder's linear layers, in ResSVD's naming."""
+        if self.layer_linears:
+            return [[(name.format(i=n), o, k) for name, o, k in self.layer_linears] for n in range(self.layers)]
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         h, i = self.hidden, self.intermediate
         shapes = [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
@@ -121,7 +130,7 @@ def _linear_bytes(shape: ModelShape, ranks: dict[str, int] | None, size: Any, fa
     total = 0
     for layer in shape.linears():
         qkv = layer[:3]
-        packed = block_qkv and all(name in ranks for name, _, _ in qkv)
+        packed = block_qkv and all(name in ranks and name.endswith(f"{p}_proj") for (name, _, _), p in zip(qkv, "qkv"))
         for name, out, inner in layer[3:] if packed else layer:
             r = ranks.get(name)
             total += size(out, inner) if r is None else factor_size(r, inner) + factor_size(out, r)

@@ -285,12 +285,14 @@ def _model_info(loaded: sources.LoadedModel) -> dict[str, Any]:
 
 
 def _shape(cfg: Any) -> dict[str, Any] | None:
-    """The memory model's view of the architecture (``edgepack.runtime.memory.ModelShape``)."""
-    from edgepack.runtime.memory import ModelShape
+    """The memory model's view of the architecture (``edgepack.runtime.memory.ModelShape``), None for one it
+    cannot lay out (the runtime then checks memory by file sizes alone)."""
+    from edgepack.runtime.errors import UnsupportedArchitecture
+    from edgepack.toolchain.planner import shape
 
     try:
-        return ModelShape.from_config(cfg.to_dict()).to_dict()
-    except (KeyError, TypeError, ValueError):
+        return shape.from_config(cfg.to_dict(), "model").to_dict()
+    except UnsupportedArchitecture:
         return None
 
 

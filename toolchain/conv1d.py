@@ -25,7 +25,7 @@ def to_linear(model: nn.Module) -> list[str]:
     for name in names:
         conv = model.get_submodule(name)
         n_in, n_out = conv.weight.shape
-        linear = nn.Linear(n_in, n_out, bias=conv.bias is not None, dtype=conv.weight.dtype)
+        linear = nn.Linear(n_in, n_out, bias=conv.bias is not None, dtype=conv.weight.dtype, device=conv.weight.device)
         linear.weight.data = conv.weight.data.t().contiguous()
         if conv.bias is not None:
             linear.bias.data = conv.bias.data

@@ -111,8 +111,7 @@ def test_delta_tune_runs_on_gpt_neox(models, text, tmp_path, capsys):
     assert code == 0 and out.is_file() and "8 layers" in err
 
 
-@pytest.mark.parametrize("arch, words", [("qwen3_moe", "mixture of experts"), ("mixtral", "mixture of experts"),
-                                         ("gpt2", "lacks what the planner needs")])
+@pytest.mark.parametrize("arch, words", [("qwen3_moe", "mixture of experts"), ("mixtral", "mixture of experts")])
 def test_planner_refuses_what_its_memory_model_cannot_describe(arch, words, tmp_path):
     from edgepack.runtime.profiles import load_profile
     from edgepack.toolchain.planner.plan import plan_for
@@ -187,3 +186,31 @@ def test_calibration_and_validation_windows_fit_a_short_position_table(models, t
     code, _, err = run_cli(["delta", src, ft, "-o", tmp_path / "d.safetensors", "--method", "osd", "--rank", "1",
                             "--valid", text, "--windows", "2", "--tune-steps", "2"], capsys)
     assert code == 0 and (tmp_path / "d.safetensors").is_file()
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "opt", "gpt2"])
+def test_device_plans_name_each_familys_own_layers(arch, models, tmp_path):
+    # The planner's memory model read Llama's block from config keys: it refused GPT-2 (n_head) and OPT
+    # (ffn_dim), and planned GPT-NeoX with Llama's layer names, which compression then refused.
+    from edgepack.runtime.profiles import MB, DeviceProfile
+    from edgepack.toolchain import conv1d
+    from edgepack.toolchain.planner.device_build import build_for_device
+    from edgepack.toolchain.planner.plan import candidates, model_shape
+
+    src = models(arch)
+    shape = model_shape(str(src))
+    model = tiny_archs.make_model(arch)
+    conv1d.to_linear(model)
+    expected = {n: tuple(m.weight.shape) for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()}
+    assert {n: (o, i) for layer in shape.linears() for n, o, i in layer} == expected
+    compressed = min(candidates(shape, 128, "optimum"), key=lambda c: c.estimate.peak)  # only it fits
+    assert compressed.ratio > 0
+    tight = DeviceProfile(name="tight", description="made-up board", kind="sbc", ram_mb=1000,
+                          app_memory_mb=round(compressed.estimate.peak / MB, 3) + 0.001, storage_mb=100, cores=2,
+                          cpu="test", arch="aarch64", execution_providers=("CPUExecutionProvider",))
+    path = tmp_path / "tight.yaml"
+    path.write_text(tight.to_yaml())
+    plan, manifest = build_for_device(str(src), str(path), tmp_path / "pkg", context=128)
+    assert plan.ranks and set(plan.ranks) <= set(expected)
+    assert manifest.plan["compression"]["ranks"] == plan.ranks

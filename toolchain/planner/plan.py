@@ -216,11 +216,9 @@ def _shape(cfg: dict[str, Any], spec: str) -> memory.ModelShape:
         raise UnsupportedArchitecture(f"{spec}: model type '{cfg.get('model_type')}' is a mixture of experts "
                                       f"({experts} a layer), which the planner's memory model does not describe; "
                                       "build it with --int4 or --ratio instead of --device")
-    try:
-        return memory.ModelShape.from_config(cfg)
-    except (KeyError, TypeError, ValueError) as e:
-        raise UnsupportedArchitecture(f"{spec}: the config lacks what the planner needs ({e}; model type "
-                                      f"'{cfg.get('model_type')}'); build it without --device") from None
+    from edgepack.toolchain.planner import shape
+
+    return shape.from_config(cfg, spec)
 
 
 def plan_for(spec: str, profile: DeviceProfile, context: int | None = None) -> Plan:

@@ -1,0 +1,54 @@
+"""The memory model's view of any architecture: its linear layers read from the model's own modules.
+
+``ModelShape.from_config`` knows one block, Llama's, from config keys alone (the runtime needs no torch). Other
+families name and shape their projections differently (GPT-NeoX's packed query_key_value, OPT's fc1 / fc2,
+GPT-2's Conv1D c_attn) and spell their config keys differently (GPT-2's n_head), so the planner instantiates the
+model on torch's meta device (shapes, no memory, no weights read) and takes each decoder layer's linear layers as
+ResSVD would see them, under their real names, and the attention sizes from the config object, whose attribute
+maps resolve those spellings.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from edgepack.runtime import memory
+from edgepack.runtime.errors import UnsupportedArchitecture
+
+
+def from_config(cfg: dict[str, Any], spec: str) -> memory.ModelShape:
+    """``cfg`` (a config.json or a GGUF's config) as a ModelShape with the architecture's own linear layers."""
+    import torch
+    from edgepack.toolchain import conv1d
+    from edgepack.toolchain.ressvd import selection
+    from edgepack.toolchain.ressvd.config import DEFAULT_TARGETS
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.for_model(**cfg)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, ImportError) as e:
+        raise UnsupportedArchitecture(f"{spec}: the planner cannot lay out model type '{cfg.get('model_type')}' "
+                                      f"({type(e).__name__}: {str(e)[:160]}); build it without --device") from None
+    conv1d.to_linear(model)
+    per_layer = selection.target_linears(model, DEFAULT_TARGETS)
+    templates = [(_template(name, 0), *conv1d.dims(m)) for name, m in per_layer[0]]
+    for i, layer in enumerate(per_layer):
+        if [(_template(name, i), *conv1d.dims(m)) for name, m in layer] != templates:
+            raise UnsupportedArchitecture(f"{spec}: decoder layer {i} differs from the first in its linear layers, "
+                                          "which the planner's memory model does not describe; build it without "
+                                          "--device")
+    heads = int(config.num_attention_heads)
+    hidden = int(config.hidden_size)
+    return memory.ModelShape(
+        layers=len(per_layer), hidden=hidden, intermediate=max(max(o, k) for _, o, k in templates), heads=heads,
+        kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+        head_dim=int(getattr(config, "head_dim", None) or hidden // heads), vocab=int(config.vocab_size),
+        tied=bool(cfg.get("tie_word_embeddings", True)), layer_linears=tuple(templates))
+
+
+def _template(name: str, index: int) -> str:
+    """``model.layers.3.mlp.fc1`` → ``model.layers.{i}.mlp.fc1`` (the first ``.3.`` of layer 3)."""
+    return re.sub(rf"\.{index}\.", ".{i}.", name, count=1)
