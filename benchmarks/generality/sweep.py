@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ("build", "build-int4", "run", "eval-pkg", "eval-src", "long-pkg", "long-src", "compress", "build-ratio",
-            "build-slots", "delta", "eval-delta")
+            "build-slots", "delta", "eval-delta", "plan")
 
 
 def _argv(name: str, d: Path) -> list[str]:
@@ -45,6 +45,7 @@ def _argv(name: str, d: Path) -> list[str]:
                   "--valid", text, "--windows", "2", "--tune-steps", "2"],
         "eval-delta": ["eval", str(d / "PD"), "--delta", str(d / "d.safetensors"), "--text", text, "--context",
                        "64", "--max-windows", "2"],
+        "plan": ["plan", src, "--device", "raspberry-pi-4"],
     }[name]
 
 
