@@ -7,7 +7,9 @@ Gemma 2 caps attention scores and final logits with ``c·tanh(x/c)``, and Gemma 
 block's output before the residual add ("sandwich" norms). Qwen3 and Gemma 3 norm each head of q and
 k; Gemma 3 rotates sliding-window layers with their own base frequency. Phi-3 packs q/k/v and gate/up in
 its checkpoint and may rotate only part of each head. SmolLM3 skips the rotary on some layers; Granite
-scales the embedding, each block's output, the attention scores and the logits by constants.
+scales the embedding, each block's output, the attention scores and the logits by constants. StableLM and OLMo
+norm with LayerNorm (mean subtracted; StableLM's has weights and biases, OLMo's none) instead of RMSNorm, and
+StableLM rotates part of each head.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 from edgepack.runtime.errors import UnsupportedArchitecture
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma", "gemma2",
-                   "gemma3_text")
+                   "gemma3_text", "stablelm", "olmo")
+LAYER_NORM_TYPES = ("stablelm", "olmo")
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
                "gelu": "gelu"}
@@ -37,6 +40,8 @@ class Family:
     residual_scale: float | None  # each block's output is multiplied by this before the residual add (Granite)
     logit_scale: float | None  # the logits are multiplied by this (Granite: 1 / logits_scaling)
     rotary_layers: tuple[bool, ...] | None  # per layer, whether it applies the rotary (SmolLM3); None: all do
+    layer_norm: bool = False  # LayerNorm (x - mean) instead of RMSNorm (StableLM, OLMo)
+    norm_eps: float = 1e-6
 
 
 def check_supported(config: Any) -> None:
@@ -57,6 +62,18 @@ def check_supported(config: Any) -> None:
                                       f"has {sorted(kinds)} layers")
     if getattr(config, "use_bidirectional_attention", False):
         raise UnsupportedArchitecture("the fused graph is causal; this model attends both ways (an encoder)")
+    heads = getattr(config, "num_attention_heads", None)
+    head = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
+    rotated = int(head * float(getattr(config, "partial_rotary_factor", None) or 1.0))
+    if head and rotated % 16:  # GroupQueryAttention's kernel rotates in groups of 16 dimensions
+        raise UnsupportedArchitecture(f"the fused graph rotates multiples of 16 dimensions of a head, this model "
+                                      f"rotates {rotated}; build with --graph optimum")
+    if getattr(config, "qk_layernorm", False) or getattr(config, "use_parallel_residual", False):
+        raise UnsupportedArchitecture("the fused graph has no per-head LayerNorm of q/k and no parallel residual "
+                                      "(StableLM options this model uses); build with --graph optimum")
+    if getattr(config, "clip_qkv", None) is not None:
+        raise UnsupportedArchitecture("the fused graph does not clip q/k/v (OLMo's clip_qkv, which this model "
+                                      "sets); build with --graph optimum")
 
 
 def family_of(config: Any, head_dim: int) -> Family:
@@ -75,7 +92,18 @@ def family_of(config: Any, head_dim: int) -> Family:
         residual_scale=float(config.residual_multiplier) if granite else None,
         logit_scale=1.0 / float(config.logits_scaling) if granite else None,
         rotary_layers=tuple(bool(r) for r in rotary) if rotary is not None else None,
+        layer_norm=config.model_type in LAYER_NORM_TYPES,
+        norm_eps=_norm_eps(config),
     )
+
+
+def _norm_eps(config: Any) -> float:
+    """The norms' epsilon: RMSNorm's ``rms_norm_eps``, StableLM's ``layer_norm_eps``, OLMo's fixed 1e-5 (its
+    parameter-free LayerNorm takes none from the config)."""
+    if config.model_type == "olmo":
+        return 1e-5
+    return float(getattr(config, "layer_norm_eps", None) or config.rms_norm_eps) if config.model_type == "stablelm" \
+        else float(config.rms_norm_eps)
 
 
 def _activation_name(config: Any) -> str:

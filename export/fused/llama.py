@@ -66,25 +66,25 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     else:
         hidden = b.op1("Gather", [b.weight("embed.weight", embedding), ids], "embed/gather")
     hidden = _scaled(b, hidden, family.embed_scale, "embed")
-    norm = _Norms(lin, float(cfg.rms_norm_eps), family.norm_offset)
+    norm = _Norms(lin, family.norm_eps, family.norm_offset, family.layer_norm)
     residual, pending = hidden, None  # pending: a block output not yet added to the residual
     kv_shape = [1, cfg.num_key_value_heads, "capacity", head_dim(cfg)]
     for i, layer in enumerate(model.model.layers):
-        x, residual = norm.add(pending, residual, layer.input_layernorm.weight, f"layers.{i}.input_norm")
+        x, residual = norm.add(pending, residual, layer.input_layernorm, f"layers.{i}.input_norm")
         past = [b.add_input(f"past_key_values.{i}.{kind}", FLOAT, kv_shape) for kind in ("key", "value")]
         cos, sin = rotary["local" if "local" in rotary and _window(cfg, i) > 0 else "global"]
         attn = _attention(b, lin, x, layer.self_attn, (cfg, family, norm), past, (seqlens, total, cos, sin), i,
                           kv_shape)
         if family.sandwich:  # Gemma 2 / 3: the block's output is normed before the residual add
-            attn = norm.alone(attn, layer.post_attention_layernorm.weight, f"layers.{i}.attn_out_norm")
+            attn = norm.alone(attn, layer.post_attention_layernorm, f"layers.{i}.attn_out_norm")
         attn = _scaled(b, attn, family.residual_scale, f"layers.{i}.attn")
         mlp_norm = layer.pre_feedforward_layernorm if family.sandwich else layer.post_attention_layernorm
-        x, residual = norm.add(attn, residual, mlp_norm.weight, f"layers.{i}.post_norm")
+        x, residual = norm.add(attn, residual, mlp_norm, f"layers.{i}.post_norm")
         pending = _mlp(b, lin, x, layer.mlp, family.activation, f"layers.{i}.mlp")
         if family.sandwich:
-            pending = norm.alone(pending, layer.post_feedforward_layernorm.weight, f"layers.{i}.mlp_out_norm")
+            pending = norm.alone(pending, layer.post_feedforward_layernorm, f"layers.{i}.mlp_out_norm")
         pending = _scaled(b, pending, family.residual_scale, f"layers.{i}.mlp")
-    x, _ = norm.add(pending, residual, model.model.norm.weight, "final_norm")
+    x, _ = norm.add(pending, residual, model.model.norm, "final_norm")
     x = _last_positions(b, x, b.add_input(LOGITS_KEEP, INT64, [1]))
     if table is not None:
         logits = head_8bit(b, x, table)
@@ -123,32 +123,50 @@ def _softcap(b: GraphBuilder, x: str, cap: float, name: str) -> str:
 
 @dataclass(frozen=True)
 class _Norms:
-    """RMSNorms of one model: epsilon, and the offset its weights scale by (offset + w)."""
+    """The norms of one model: RMSNorm (its weights scaling by offset + w), or LayerNorm (``layer``: the mean
+    subtracted too, with a bias when the module has one, with neither weight nor bias for OLMo's)."""
 
     lin: LinearEmitter
     eps: float
     offset: float
+    layer: bool = False
 
-    def _gamma(self, weight: Any, name: str) -> str:
+    def _param(self, module: Any, kind: str, name: str, fill: float, width: int) -> str:
         # The offset is folded into the stored weight; a delta's change of w adds to it unchanged.
-        return self.lin.dense_delta(self.lin.builder.weight(f"{name}.weight", _array(weight) + self.offset), weight)
+        param = getattr(module, kind, None)
+        if param is None:
+            return self.lin.builder.const(np.full(width, fill, np.float32), np.float32)
+        value = _array(param) + (self.offset if kind == "weight" else 0.0)
+        return self.lin.dense_delta(self.lin.builder.weight(f"{name}.{kind}", value), param)
 
-    def alone(self, x: str, weight: Any, name: str) -> str:
-        """RMSNorm of ``x`` over its last axis."""
+    def _inputs(self, module: Any, name: str, width: int) -> list[str]:
+        gamma = self._param(module, "weight", name, 1.0, width)
+        return [gamma, self._param(module, "bias", name, 0.0, width)] if self.layer else [gamma]
+
+    def alone(self, x: str, module: Any, name: str) -> str:
+        """The norm of ``x`` over its last axis."""
         out = self.lin.builder.unique(f"{name}/out")
-        self.lin.builder.op_named("SimplifiedLayerNormalization", [x, self._gamma(weight, name)], [out], name,
-                                  axis=-1, epsilon=self.eps, stash_type=1)
+        op = "LayerNormalization" if self.layer else "SimplifiedLayerNormalization"
+        self.lin.builder.op_named(op, [x, *self._inputs(module, name, _width(module))], [out], name, axis=-1,
+                                  epsilon=self.eps, stash_type=1)
         return out
 
-    def add(self, block_out: str | None, residual: str, weight: Any, name: str) -> tuple[str, str]:
-        """RMSNorm of residual + block_out; returns (normed, new residual). The first has nothing to add."""
+    def add(self, block_out: str | None, residual: str, module: Any, name: str) -> tuple[str, str]:
+        """The norm of residual + block_out; returns (normed, new residual). The first has nothing to add."""
         if block_out is None:
-            return self.alone(residual, weight, name), residual
+            return self.alone(residual, module, name), residual
         b = self.lin.builder
         out, total = b.unique(f"{name}/out"), b.unique(f"{name}/residual")
-        b.op_named("SkipSimplifiedLayerNormalization", [block_out, residual, self._gamma(weight, name)],
-                   [out, "", "", total], name, domain=MS_DOMAIN, epsilon=self.eps)
+        op = "SkipLayerNormalization" if self.layer else "SkipSimplifiedLayerNormalization"
+        b.op_named(op, [block_out, residual, *self._inputs(module, name, _width(module))], [out, "", "", total], name,
+                   domain=MS_DOMAIN, epsilon=self.eps)
         return out, total
+
+
+def _width(norm: Any) -> int:
+    """The width a norm module normalizes (OLMo's parameter-free LayerNorm keeps it as normalized_shape)."""
+    weight = getattr(norm, "weight", None)
+    return int(weight.shape[-1]) if weight is not None else int(norm.normalized_shape[-1])
 
 
 def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tuple[Any, Family, _Norms],
@@ -216,7 +234,7 @@ def _qk_norms(b: GraphBuilder, norm: _Norms, qkv: list[str], attn: Any, cfg: Any
     for x, module, heads, kind in ((q, attn.q_norm, cfg.num_attention_heads, "q"),
                                    (k, attn.k_norm, cfg.num_key_value_heads, "k")):
         per_head = b.op1("Reshape", [x, b.const([0, 0, heads, dim])], f"{name}/{kind}_heads")
-        out = norm.alone(per_head, module.weight, f"{name}.{kind}_norm")
+        out = norm.alone(per_head, module, f"{name}.{kind}_norm")
         normed.append(b.op1("Reshape", [out, b.const([0, 0, heads * dim])], f"{name}/{kind}_flat"))
     return [*normed, v]
 

@@ -1,7 +1,7 @@
-"""The fused graph on the Llama-family variants it describes besides Llama itself (Qwen2's q/k/v biases,
-Qwen3's per-head q/k norms, a head width other than hidden / heads, untied heads, sliding windows, Gemma
-1 / 2 / 3: offset norms, scaled embedding, GELU, sandwich norms, softcaps, a local rotary; Phi-3's packed
-projections, partial rotary and longrope; SmolLM3's rotary-free layers; Granite's multipliers), and the
+"""The fused graph on the Llama-family variants it describes besides Llama itself (Qwen2's q/k/v biases, Qwen3's
+per-head q/k norms, a head width other than hidden / heads, untied heads, sliding windows, Gemma 1 / 2 / 3: offset
+norms, scaled embedding, GELU, sandwich norms, softcaps, a local rotary; Phi-3's packed projections, partial rotary
+and longrope; SmolLM3's rotary-free layers; Granite's multipliers; StableLM's and OLMo's LayerNorms), and the
 end-to-end path: build with delta slots, a fine-tune's delta applied in the runtime."""
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ VARIANTS = {
                           "attn_logit_softcapping": 3.0, "final_logit_softcapping": 5.0}),
     "gemma3": ("gemma3_text", {"head_dim": 16, "sliding_window": 6, "query_pre_attn_scalar": 24,
                                "layer_types": ["sliding_attention", "full_attention"]}),
+    # LayerNorm with weights and biases; a quarter of each 64-wide head rotates; q/k/v biases
+    "stablelm": ("stablelm", {"hidden_size": 256, "partial_rotary_factor": 0.25, "use_qkv_bias": True}),
+    "olmo": ("olmo", {}),  # LayerNorm without parameters
 }
 
 
@@ -115,7 +118,7 @@ def test_other_attention_kinds_are_refused_by_name():
         check_supported(_config(layer_types=["full_attention", "chunked_attention"]))
 
 
-@pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3", "phi3"])
+@pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3", "phi3", "stablelm"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -137,7 +140,8 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
 
     build(BuildConfig(model=str(tmp_path / "base"), graph="auto", delta_slots=True, context=CONTEXT), tmp_path / "pkg")
     delta = make(str(tmp_path / "base"), str(tmp_path / "tuned"), DeltaConfig(method="truncsvd", rank=8))
-    moved = {"qwen2": "q_proj.bias", "phi3": "input_layernorm.weight"}.get(variant, "q_norm.weight")
+    moved = {"qwen2": "q_proj.bias", "phi3": "input_layernorm.weight",
+             "stablelm": "input_layernorm.bias"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
@@ -167,3 +171,15 @@ def test_softcapped_attention_loads_eager_so_the_reference_computes_the_cap(tmp_
     assert loaded.config._attn_implementation == "eager"  # SDPA would skip the cap: parity against the wrong model
     save(build_llama(loaded, CONTEXT), tmp_path / "g.onnx")
     assert parity.compare(loaded, tmp_path / "g.onnx", PROMPTS, decoder_class=FusedDecoder).max_abs_diff < 1e-4
+
+
+def test_layouts_the_fused_graph_lacks_fall_back_by_name():
+    # checked on the config, so `build --graph auto` falls back to optimum's graph instead of failing later
+    from transformers import OlmoConfig, StableLmConfig
+
+    with pytest.raises(UnsupportedArchitecture, match="rotates 4"):  # 16-wide heads, a quarter rotates
+        check_supported(StableLmConfig(hidden_size=64, num_attention_heads=4, partial_rotary_factor=0.25))
+    with pytest.raises(UnsupportedArchitecture, match="parallel residual"):
+        check_supported(StableLmConfig(hidden_size=256, num_attention_heads=4, use_parallel_residual=True))
+    with pytest.raises(UnsupportedArchitecture, match="clip_qkv"):
+        check_supported(OlmoConfig(hidden_size=64, num_attention_heads=4, clip_qkv=8.0))
