@@ -9,7 +9,8 @@ k; Gemma 3 rotates sliding-window layers with their own base frequency. Phi-3 pa
 its checkpoint and may rotate only part of each head. SmolLM3 skips the rotary on some layers; Granite
 scales the embedding, each block's output, the attention scores and the logits by constants. StableLM and OLMo
 norm with LayerNorm (mean subtracted; StableLM's has weights and biases, OLMo's none) instead of RMSNorm, and
-StableLM rotates part of each head.
+StableLM rotates part of each head. OLMo 2 norms only each block's output (no norm before a block) and norms q
+and k over their whole width, not per head.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 from edgepack.runtime.errors import UnsupportedArchitecture
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma", "gemma2",
-                   "gemma3_text", "stablelm", "olmo")
+                   "gemma3_text", "stablelm", "olmo", "olmo2")
 LAYER_NORM_TYPES = ("stablelm", "olmo")
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -42,6 +43,8 @@ class Family:
     rotary_layers: tuple[bool, ...] | None  # per layer, whether it applies the rotary (SmolLM3); None: all do
     layer_norm: bool = False  # LayerNorm (x - mean) instead of RMSNorm (StableLM, OLMo)
     norm_eps: float = 1e-6
+    pre_norm: bool = True  # a norm before each block (all but OLMo 2, which norms only the block's output)
+    qk_norm_per_head: bool = True  # q/k norms over each head (Qwen3, Gemma 3) or over the whole width (OLMo 2)
 
 
 def check_supported(config: Any) -> None:
@@ -94,6 +97,8 @@ def family_of(config: Any, head_dim: int) -> Family:
         rotary_layers=tuple(bool(r) for r in rotary) if rotary is not None else None,
         layer_norm=config.model_type in LAYER_NORM_TYPES,
         norm_eps=_norm_eps(config),
+        pre_norm=config.model_type != "olmo2",
+        qk_norm_per_head=config.model_type != "olmo2",
     )
 
 

@@ -69,19 +69,26 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     norm = _Norms(lin, family.norm_eps, family.norm_offset, family.layer_norm)
     residual, pending = hidden, None  # pending: a block output not yet added to the residual
     kv_shape = [1, cfg.num_key_value_heads, "capacity", head_dim(cfg)]
+    post_norms = family.sandwich or not family.pre_norm  # a norm on each block's output (Gemma 2 / 3, OLMo 2)
     for i, layer in enumerate(model.model.layers):
-        x, residual = norm.add(pending, residual, layer.input_layernorm, f"layers.{i}.input_norm")
+        if family.pre_norm:
+            x, residual = norm.add(pending, residual, layer.input_layernorm, f"layers.{i}.input_norm")
+        else:
+            x = residual = _added(b, residual, pending, f"layers.{i}/residual_in")
         past = [b.add_input(f"past_key_values.{i}.{kind}", FLOAT, kv_shape) for kind in ("key", "value")]
         cos, sin = rotary["local" if "local" in rotary and _window(cfg, i) > 0 else "global"]
         attn = _attention(b, lin, x, layer.self_attn, (cfg, family, norm), past, (seqlens, total, cos, sin), i,
                           kv_shape)
-        if family.sandwich:  # Gemma 2 / 3: the block's output is normed before the residual add
+        if post_norms:  # the block's output is normed before the residual add
             attn = norm.alone(attn, layer.post_attention_layernorm, f"layers.{i}.attn_out_norm")
         attn = _scaled(b, attn, family.residual_scale, f"layers.{i}.attn")
-        mlp_norm = layer.pre_feedforward_layernorm if family.sandwich else layer.post_attention_layernorm
-        x, residual = norm.add(attn, residual, mlp_norm, f"layers.{i}.post_norm")
+        if family.pre_norm:
+            mlp_norm = layer.pre_feedforward_layernorm if family.sandwich else layer.post_attention_layernorm
+            x, residual = norm.add(attn, residual, mlp_norm, f"layers.{i}.post_norm")
+        else:
+            x = residual = _added(b, residual, attn, f"layers.{i}/residual_attn")
         pending = _mlp(b, lin, x, layer.mlp, family.activation, f"layers.{i}.mlp")
-        if family.sandwich:
+        if post_norms:
             pending = norm.alone(pending, layer.post_feedforward_layernorm, f"layers.{i}.mlp_out_norm")
         pending = _scaled(b, pending, family.residual_scale, f"layers.{i}.mlp")
     x, _ = norm.add(pending, residual, model.model.norm, "final_norm")
@@ -107,6 +114,11 @@ def _last_positions(b: GraphBuilder, x: str, keep: str) -> str:
     a prefill needs them for its last position only, parity and perplexity for all (keep >= S)."""
     start = b.op1("Neg", [keep], "lm_head/keep_start")
     return b.op1("Slice", [x, start, b.const([2**62]), b.const([1])], "lm_head/keep")
+
+
+def _added(b: GraphBuilder, residual: str, block_out: str | None, name: str) -> str:
+    """residual + block_out where no norm follows to fuse the add into (OLMo 2); the residual alone at first."""
+    return residual if block_out is None else b.op1("Add", [residual, block_out], name)
 
 
 def _scaled(b: GraphBuilder, x: str, scale: float | None, name: str) -> str:
@@ -195,7 +207,7 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tu
         outs = lin.modules(x, list(projections), p_names, f"{name}.qkv_low")
         qkv = [lin.delta(x, y, cfg.hidden_size, [p], n) for y, p, n in zip(outs, projections, p_names)]
     if getattr(attn, "q_norm", None) is not None:
-        qkv = _qk_norms(b, norm, qkv, attn, cfg, name)
+        qkv = _qk_norms(b, norm, qkv, attn, cfg, name, family.qk_norm_per_head)
     seqlens, total, cos, sin = shared
     out = b.unique(f"{name}/out")
     present = [f"present.{i}.key", f"present.{i}.value"]
@@ -222,9 +234,10 @@ def _window(cfg: Any, i: int) -> int:
     return int(window)
 
 
-def _qk_norms(b: GraphBuilder, norm: _Norms, qkv: list[str], attn: Any, cfg: Any, name: str) -> list[str]:
-    """Qwen3 / Gemma 3: RMSNorm over each head of q and of k (before the rotary, which
-    GroupQueryAttention applies), so q, k and v go to it unpacked."""
+def _qk_norms(b: GraphBuilder, norm: _Norms, qkv: list[str], attn: Any, cfg: Any, name: str,
+              per_head: bool = True) -> list[str]:
+    """Qwen3 / Gemma 3: RMSNorm over each head of q and of k (OLMo 2: over all of q, all of k), before the
+    rotary, which GroupQueryAttention applies, so q, k and v go to it unpacked."""
     dim = head_dim(cfg)
     q, k, v = qkv
     if not k:  # packed: split by the widths GroupQueryAttention would have used
@@ -233,6 +246,9 @@ def _qk_norms(b: GraphBuilder, norm: _Norms, qkv: list[str], attn: Any, cfg: Any
     normed = []
     for x, module, heads, kind in ((q, attn.q_norm, cfg.num_attention_heads, "q"),
                                    (k, attn.k_norm, cfg.num_key_value_heads, "k")):
+        if not per_head:
+            normed.append(norm.alone(x, module, f"{name}.{kind}_norm"))
+            continue
         per_head = b.op1("Reshape", [x, b.const([0, 0, heads, dim])], f"{name}/{kind}_heads")
         out = norm.alone(per_head, module, f"{name}.{kind}_norm")
         normed.append(b.op1("Reshape", [out, b.const([0, 0, heads * dim])], f"{name}/{kind}_flat"))

@@ -1,7 +1,8 @@
 """The fused graph on the Llama-family variants it describes besides Llama itself (Qwen2's q/k/v biases, Qwen3's
 per-head q/k norms, a head width other than hidden / heads, untied heads, sliding windows, Gemma 1 / 2 / 3: offset
 norms, scaled embedding, GELU, sandwich norms, softcaps, a local rotary; Phi-3's packed projections, partial rotary
-and longrope; SmolLM3's rotary-free layers; Granite's multipliers; StableLM's and OLMo's LayerNorms), and the
+and longrope; SmolLM3's rotary-free layers; Granite's multipliers; StableLM's and OLMo's LayerNorms; OLMo 2's
+output-only norms), and the
 end-to-end path: build with delta slots, a fine-tune's delta applied in the runtime."""
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ VARIANTS = {
     # LayerNorm with weights and biases; a quarter of each 64-wide head rotates; q/k/v biases
     "stablelm": ("stablelm", {"hidden_size": 256, "partial_rotary_factor": 0.25, "use_qkv_bias": True}),
     "olmo": ("olmo", {}),  # LayerNorm without parameters
+    "olmo2": ("olmo2", {}),  # norms on block outputs only; q/k normed over their whole width
 }
 
 
@@ -118,7 +120,7 @@ def test_other_attention_kinds_are_refused_by_name():
         check_supported(_config(layer_types=["full_attention", "chunked_attention"]))
 
 
-@pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3", "phi3", "stablelm"])
+@pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3", "phi3", "stablelm", "olmo2"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
