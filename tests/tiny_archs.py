@@ -60,6 +60,9 @@ ARCHS: dict[str, Callable[[], Any]] = {
                     attention_multiplier=0.1),
     "phi": _plain("PhiConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=256, partial_rotary_factor=0.5),
+    # 64-wide heads, 32 of them rotated: what the fused graph takes (the one above falls back to optimum's)
+    "phi-wide": _plain("PhiConfig", hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=256, partial_rotary_factor=0.5),
     "opt": _plain("OPTConfig", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=256, word_embed_proj_dim=64),
     "opt-128": _plain("OPTConfig", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,

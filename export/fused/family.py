@@ -10,7 +10,8 @@ its checkpoint and may rotate only part of each head. SmolLM3 skips the rotary o
 scales the embedding, each block's output, the attention scores and the logits by constants. StableLM and OLMo
 norm with LayerNorm (mean subtracted; StableLM's has weights and biases, OLMo's none) instead of RMSNorm, and
 StableLM rotates part of each head. OLMo 2 norms only each block's output (no norm before a block) and norms q
-and k over their whole width, not per head.
+and k over their whole width, not per head. Phi (1.5 / 2) runs attention and a plain two-layer MLP side by side on
+one normed input ("parallel"), with LayerNorms, biases everywhere and a partial rotary.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Any
 from edgepack.runtime.errors import UnsupportedArchitecture
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma", "gemma2",
-                   "gemma3_text", "stablelm", "olmo", "olmo2")
-LAYER_NORM_TYPES = ("stablelm", "olmo")
+                   "gemma3_text", "stablelm", "olmo", "olmo2", "phi")
+LAYER_NORM_TYPES = ("stablelm", "olmo", "phi")
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
                "gelu": "gelu"}
@@ -45,6 +46,7 @@ class Family:
     norm_eps: float = 1e-6
     pre_norm: bool = True  # a norm before each block (all but OLMo 2, which norms only the block's output)
     qk_norm_per_head: bool = True  # q/k norms over each head (Qwen3, Gemma 3) or over the whole width (OLMo 2)
+    parallel: bool = False  # attention and MLP read the same normed input, both added to the residual (Phi)
 
 
 def check_supported(config: Any) -> None:
@@ -99,6 +101,7 @@ def family_of(config: Any, head_dim: int) -> Family:
         norm_eps=_norm_eps(config),
         pre_norm=config.model_type != "olmo2",
         qk_norm_per_head=config.model_type != "olmo2",
+        parallel=config.model_type == "phi",
     )
 
 
@@ -107,8 +110,9 @@ def _norm_eps(config: Any) -> float:
     parameter-free LayerNorm takes none from the config)."""
     if config.model_type == "olmo":
         return 1e-5
-    return float(getattr(config, "layer_norm_eps", None) or config.rms_norm_eps) if config.model_type == "stablelm" \
-        else float(config.rms_norm_eps)
+    if config.model_type in ("stablelm", "phi"):
+        return float(config.layer_norm_eps)
+    return float(config.rms_norm_eps)
 
 
 def _activation_name(config: Any) -> str:

@@ -79,6 +79,10 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
         cos, sin = rotary["local" if "local" in rotary and _window(cfg, i) > 0 else "global"]
         attn = _attention(b, lin, x, layer.self_attn, (cfg, family, norm), past, (seqlens, total, cos, sin), i,
                           kv_shape)
+        if family.parallel:  # Phi: the MLP reads the same normed input; both outputs join the residual
+            mlp = _mlp(b, lin, x, layer.mlp, family.activation, f"layers.{i}.mlp")
+            pending = b.op1("Add", [attn, mlp], f"layers.{i}/parallel")
+            continue
         if post_norms:  # the block's output is normed before the residual add
             attn = norm.alone(attn, layer.post_attention_layernorm, f"layers.{i}.attn_out_norm")
         attn = _scaled(b, attn, family.residual_scale, f"layers.{i}.attn")
@@ -91,7 +95,8 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
         if post_norms:
             pending = norm.alone(pending, layer.post_feedforward_layernorm, f"layers.{i}.mlp_out_norm")
         pending = _scaled(b, pending, family.residual_scale, f"layers.{i}.mlp")
-    x, _ = norm.add(pending, residual, model.model.norm, "final_norm")
+    final = model.model.final_layernorm if hasattr(model.model, "final_layernorm") else model.model.norm  # Phi's name
+    x, _ = norm.add(pending, residual, final, "final_norm")
     x = _last_positions(b, x, b.add_input(LOGITS_KEEP, INT64, [1]))
     if table is not None:
         logits = head_8bit(b, x, table)
@@ -219,7 +224,8 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tu
     for p in present:
         b.outputs.append(_value_info(p, kv_shape))
     o_in = cfg.num_attention_heads * head_dim(cfg)
-    return lin.delta(out, lin.module(out, attn.o_proj, f"{name}.o"), o_in, [attn.o_proj], f"{name}.o")
+    o_proj = attn.dense if hasattr(attn, "dense") else attn.o_proj  # Phi calls it dense
+    return lin.delta(out, lin.module(out, o_proj, f"{name}.o"), o_in, [o_proj], f"{name}.o")
 
 
 def _window(cfg: Any, i: int) -> int:
@@ -259,6 +265,11 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str,
     """down(act(gate(x)) * up(x)), with gate and up as one packed projection when both are plain."""
     import torch.nn as nn
 
+    if hasattr(mlp, "fc1"):  # Phi: a plain two-layer MLP, fc2(act(fc1(x))), with biases
+        hidden = lin.delta(x, lin.module(x, mlp.fc1, f"{name}.fc1"), _in_features(mlp.fc1), [mlp.fc1], f"{name}.fc1")
+        activated = _activate(b, hidden, activation, name)
+        out = lin.module(activated, mlp.fc2, f"{name}.fc2")
+        return lin.delta(activated, out, _in_features(mlp.fc2), [mlp.fc2], f"{name}.fc2")
     if hasattr(mlp, "gate_up_proj"):  # Phi-3: one packed projection, gate first
         both = lin.delta(x, lin.module(x, mlp.gate_up_proj, f"{name}.gate_up"), _in_features(mlp.gate_up_proj),
                          [mlp.gate_up_proj], f"{name}.gate_up")

@@ -44,6 +44,8 @@ VARIANTS = {
     "stablelm": ("stablelm", {"hidden_size": 256, "partial_rotary_factor": 0.25, "use_qkv_bias": True}),
     "olmo": ("olmo", {}),  # LayerNorm without parameters
     "olmo2": ("olmo2", {}),  # norms on block outputs only; q/k normed over their whole width
+    # attention and a plain MLP side by side, biases, a head with a bias, half of each 64-wide head rotates
+    "phi": ("phi", {"hidden_size": 256, "partial_rotary_factor": 0.5, "tie_word_embeddings": False}),
 }
 
 
@@ -120,7 +122,7 @@ def test_other_attention_kinds_are_refused_by_name():
         check_supported(_config(layer_types=["full_attention", "chunked_attention"]))
 
 
-@pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3", "phi3", "stablelm", "olmo2"])
+@pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3", "phi3", "stablelm", "olmo2", "phi"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -143,7 +145,7 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     build(BuildConfig(model=str(tmp_path / "base"), graph="auto", delta_slots=True, context=CONTEXT), tmp_path / "pkg")
     delta = make(str(tmp_path / "base"), str(tmp_path / "tuned"), DeltaConfig(method="truncsvd", rank=8))
     moved = {"qwen2": "q_proj.bias", "phi3": "input_layernorm.weight",
-             "stablelm": "input_layernorm.bias"}.get(variant, "q_norm.weight")
+             "stablelm": "input_layernorm.bias", "phi": "fc1.bias"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
