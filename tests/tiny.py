@@ -91,3 +91,24 @@ def save_finetune(base: Path, folder: Path, seed: int = 1, rank: int = 4, scale:
     model.save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder
+
+
+def merged_logits(folder, prompt, delta=None):
+    """Logits of the source model at ``folder`` in PyTorch for ``prompt``, with each delta layer's U·Vᵀ added through
+    a hook and its dense changes added to the parameters (what the runtime must reproduce)."""
+    import torch
+    from edgepack.toolchain import sources
+
+    model = sources.load(str(folder)).model  # also rebuilds a ResSVD-compressed folder's factor pairs
+    modules = dict(model.named_modules())
+    for name, layer in (delta.layers.items() if delta else []):
+        weight = torch.from_numpy(layer.matrix())
+        modules[name].register_forward_hook(lambda m, i, out, w=weight: out + torch.nn.functional.linear(i[0], w))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, change in (delta.dense.items() if delta else []):
+            owner = name.rsplit(".", 1)[0]
+            if name not in params:  # the bias of a factorized pair lives on its r→out half
+                name = f"{owner}.{len(modules[owner]) - 1}.bias"
+            params[name].add_(torch.from_numpy(change))
+        return model(torch.tensor([prompt])).logits[0].numpy()

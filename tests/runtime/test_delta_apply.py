@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
+import tiny
 from edgepack.runtime import delta_file, load
 from edgepack.runtime.errors import PackageError
 from edgepack.toolchain.delta.make import DeltaConfig, make
@@ -26,19 +26,7 @@ def _runtime_logits(model, tokens=PROMPT):
 
 
 def _torch_logits(folder, delta=None):
-    """The source model (optionally with every delta layer's U·Vᵀ added through a hook) in PyTorch."""
-    from edgepack.toolchain import sources
-
-    model = sources.load(str(folder)).model  # also rebuilds a ResSVD-compressed folder's factor pairs
-    modules = dict(model.named_modules())
-    for name, layer in (delta.layers.items() if delta else []):
-        weight = torch.from_numpy(layer.matrix())
-        modules[name].register_forward_hook(lambda m, i, out, w=weight: out + torch.nn.functional.linear(i[0], w))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, change in (delta.dense.items() if delta else []):
-            params[name].add_(torch.from_numpy(change))
-        return model(torch.tensor([PROMPT])).logits[0].numpy()
+    return tiny.merged_logits(folder, PROMPT, delta)
 
 
 def test_apply_switch_remove_match_merged_weights(tiny_slots_package, tiny_model_dir, delta_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny
 import tiny_archs
-import torch
 from edgepack.runtime import load
 from edgepack.runtime.errors import PackageError
 from edgepack.toolchain.build import BuildConfig, build
@@ -20,21 +20,7 @@ def _runtime_logits(model):
 
 
 def _torch_logits(folder, delta=None):
-    from edgepack.toolchain import sources
-
-    model = sources.load(str(folder)).model
-    modules = dict(model.named_modules())
-    for name, layer in (delta.layers.items() if delta else []):
-        weight = torch.from_numpy(layer.matrix())
-        modules[name].register_forward_hook(lambda m, i, out, w=weight: out + torch.nn.functional.linear(i[0], w))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, change in (delta.dense.items() if delta else []):
-            owner = name.rsplit(".", 1)[0]
-            if name not in params:  # the bias of a factorized pair lives on its r→out half
-                name = f"{owner}.{len(modules[owner]) - 1}.bias"
-            params[name].add_(torch.from_numpy(change))
-        return model(torch.tensor([PROMPT])).logits[0].numpy()
+    return tiny.merged_logits(folder, PROMPT, delta)
 
 
 @pytest.fixture(scope="module")
