@@ -6,7 +6,8 @@ from its factors (ΔW = U·Vᵀ gives A = V, B = Uᵀ; the layers of a packed pr
 block-diagonal in B); no delta binds rank-0 factors, which cost nothing. This works the same for a
 float32, an int4 or a ResSVD-factorized base, whose weights cannot simply have ΔW added, and
 switching deltas only rebinds a few small arrays: the base session is never reloaded. Norm weights
-the delta changes are graph inputs too (added to the base's; zeros without a delta).
+the delta changes are graph inputs too (added to the base's; zeros without a delta). A slot with ``rows``
+outputs its layers' rows in that order (the source row of each graph row), and a delta's rows are taken in it.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class DeltaSlots:
             if "dense" in slot:
                 change = delta.dense.get(slot["dense"]) if delta is not None else None
                 array = np.zeros(slot["shape"], np.float32) if change is None else change.astype(np.float32)
+                if change is not None and "rows" in slot:
+                    array = array[np.asarray(slot["rows"])]
                 values[slot["input"]] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
                 continue
             a, b = _slot_factors(slot, delta)
@@ -104,6 +107,8 @@ def _slot_factors(slot: dict[str, Any], delta: Delta | None) -> tuple[np.ndarray
             b[col:col + k, row:row + int(n_out)] = u.T
             col += k
         row += int(n_out)
+    if "rows" in slot:  # the graph orders this projection's outputs differently (GPT-NeoX's packed q/k/v)
+        b = np.ascontiguousarray(b[:, np.asarray(slot["rows"])])
     return a, b
 
 

@@ -54,6 +54,9 @@ ARCHS: dict[str, Callable[[], Any]] = {
     "gpt2": _plain("GPT2Config", n_embd=64, n_layer=2, n_head=4, n_positions=256),
     "gpt_neox": _plain("GPTNeoXConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.25),
+    # 64-wide heads, 16 of them rotated: the fused graph's GPT-NeoX (the one above falls back to optimum's)
+    "gpt_neox-wide": _plain("GPTNeoXConfig", hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.25),
     "olmo": _cfg("OlmoConfig"),
     "stablelm": _cfg("StableLmConfig"),
     "granite": _cfg("GraniteConfig", embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0,

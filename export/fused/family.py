@@ -11,7 +11,10 @@ scales the embedding, each block's output, the attention scores and the logits b
 norm with LayerNorm (mean subtracted; StableLM's has weights and biases, OLMo's none) instead of RMSNorm, and
 StableLM rotates part of each head. OLMo 2 norms only each block's output (no norm before a block) and norms q
 and k over their whole width, not per head. Phi (1.5 / 2) runs attention and a plain two-layer MLP side by side on
-one normed input ("parallel"), with LayerNorms, biases everywhere and a partial rotary.
+one normed input ("parallel"), with LayerNorms, biases everywhere and a partial rotary. GPT-NeoX runs them side
+by side too, each on its own norm of the residual (``parallel_norms``; or one after the other when
+``use_parallel_residual`` is off). GPT-2 has no rotary: it adds learned position embeddings to the token's. Both
+reach the graph through ``views.py``, which gives their modules the Llama layout's names.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from typing import Any
 from edgepack.runtime.errors import UnsupportedArchitecture
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma", "gemma2",
-                   "gemma3_text", "stablelm", "olmo", "olmo2", "phi")
-LAYER_NORM_TYPES = ("stablelm", "olmo", "phi")
+                   "gemma3_text", "stablelm", "olmo", "olmo2", "phi", "gpt_neox", "gpt2")
+LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2")
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
                "gelu": "gelu"}
@@ -47,6 +50,8 @@ class Family:
     pre_norm: bool = True  # a norm before each block (all but OLMo 2, which norms only the block's output)
     qk_norm_per_head: bool = True  # q/k norms over each head (Qwen3, Gemma 3) or over the whole width (OLMo 2)
     parallel: bool = False  # attention and MLP read the same normed input, both added to the residual (Phi)
+    parallel_norms: bool = False  # parallel, the MLP reading its own norm of the residual (GPT-NeoX)
+    positions: bool = False  # learned absolute position embeddings added to the token embeddings (GPT-2)
 
 
 def check_supported(config: Any) -> None:
@@ -69,11 +74,13 @@ def check_supported(config: Any) -> None:
         raise UnsupportedArchitecture("the fused graph is causal; this model attends both ways (an encoder)")
     heads = getattr(config, "num_attention_heads", None)
     head = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
-    rotated = int(head * float(getattr(config, "partial_rotary_factor", None) or 1.0))
+    rotated = 0 if model_type == "gpt2" else int(head * float(getattr(config, "partial_rotary_factor", None) or 1.0))
     if head and rotated % 16:  # GroupQueryAttention's kernel rotates in groups of 16 dimensions
         raise UnsupportedArchitecture(f"the fused graph rotates multiples of 16 dimensions of a head, this model "
                                       f"rotates {rotated}; build with --graph optimum")
-    if getattr(config, "qk_layernorm", False) or getattr(config, "use_parallel_residual", False):
+    _check_gpt2(config)
+    stablelm_parallel = model_type == "stablelm" and getattr(config, "use_parallel_residual", False)
+    if getattr(config, "qk_layernorm", False) or stablelm_parallel:
         raise UnsupportedArchitecture("the fused graph has no per-head LayerNorm of q/k and no parallel residual "
                                       "(StableLM options this model uses); build with --graph optimum")
     if getattr(config, "clip_qkv", None) is not None:
@@ -81,17 +88,28 @@ def check_supported(config: Any) -> None:
                                       "sets); build with --graph optimum")
 
 
+def _check_gpt2(config: Any) -> None:
+    if getattr(config, "model_type", "") != "gpt2":
+        return
+    if getattr(config, "add_cross_attention", False) or getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        raise UnsupportedArchitecture("the fused graph has GPT-2 without cross-attention and with one attention "
+                                      "scale for every layer; build with --graph optimum")
+
+
 def family_of(config: Any, head_dim: int) -> Family:
     gemma = config.model_type.startswith("gemma")
     granite = config.model_type == "granite"
     scalar = getattr(config, "query_pre_attn_scalar", None) if gemma else None
     rotary = getattr(config, "no_rope_layers", None) if config.model_type == "smollm3" else None
+    neox_parallel = config.model_type == "gpt_neox" and bool(config.use_parallel_residual)
+    unscaled = config.model_type == "gpt2" and not getattr(config, "scale_attn_weights", True)
     return Family(
         norm_offset=1.0 if gemma else 0.0,
         embed_scale=math.sqrt(config.hidden_size) if gemma else float(config.embedding_multiplier) if granite else None,
         activation=ACTIVATIONS[_activation_name(config)],
         sandwich=config.model_type in ("gemma2", "gemma3_text"),
-        attention_scale=float(config.attention_multiplier) if granite else float(scalar or head_dim) ** -0.5,
+        attention_scale=float(config.attention_multiplier) if granite else 1.0 if unscaled else
+        float(scalar or head_dim) ** -0.5,
         attention_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0),
         logit_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0),
         residual_scale=float(config.residual_multiplier) if granite else None,
@@ -101,7 +119,9 @@ def family_of(config: Any, head_dim: int) -> Family:
         norm_eps=_norm_eps(config),
         pre_norm=config.model_type != "olmo2",
         qk_norm_per_head=config.model_type != "olmo2",
-        parallel=config.model_type == "phi",
+        parallel=config.model_type == "phi" or neox_parallel,
+        parallel_norms=neox_parallel,
+        positions=config.model_type == "gpt2",
     )
 
 
@@ -110,14 +130,18 @@ def _norm_eps(config: Any) -> float:
     parameter-free LayerNorm takes none from the config)."""
     if config.model_type == "olmo":
         return 1e-5
-    if config.model_type in ("stablelm", "phi"):
+    if config.model_type in ("stablelm", "phi", "gpt_neox"):
         return float(config.layer_norm_eps)
+    if config.model_type == "gpt2":
+        return float(config.layer_norm_epsilon)
     return float(config.rms_norm_eps)
 
 
 def _activation_name(config: Any) -> str:
     """The MLP's activation as transformers reads it: Gemma 2 / 3 from ``hidden_activation``, the others
     (Gemma too) from ``hidden_act``."""
+    if getattr(config, "model_type", "") == "gpt2":
+        return getattr(config, "activation_function", "gelu_new")
     if getattr(config, "model_type", "") in ("gemma2", "gemma3_text"):
         return getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"  # their configs' default
     return getattr(config, "hidden_act", "silu")

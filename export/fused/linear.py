@@ -47,6 +47,9 @@ class LinearEmitter:
     # #4, default model at 20 %, step-interleaved decode under load: 5-8 % faster a token than unpacked, for
     # 1.1 MB of zeros (93.0 -> 94.1 MB) and int4 perplexity 29.10 against 29.02 (other quantization blocks).
     block_qkv: bool = True
+    # id(module) → the order of its output rows in the graph when it differs from the source's (views.py: GPT-NeoX's
+    # packed q/k/v); slots record it so the runtime orders a delta's rows the same way
+    rows: dict[int, np.ndarray] = field(default_factory=dict)
 
     def module(self, x: str, module: Any, name: str) -> str:
         """An ``nn.Linear`` or ``nn.Sequential`` of them, applied to ``x``."""
@@ -100,8 +103,11 @@ class LinearEmitter:
         b = self.builder
         a_in = b.add_input(f"delta.{name}.a", FLOAT, [n_in, f"delta_{name}_rank"])
         b_in = b.add_input(f"delta.{name}.b", FLOAT, [f"delta_{name}_rank", sum(_out_features(m) for m in modules)])
-        self.slots.append({"a": a_in, "b": b_in, "n_in": n_in,
-                           "parts": [[self.module_names[id(m)], _out_features(m)] for m in modules]})
+        slot = {"a": a_in, "b": b_in, "n_in": n_in,
+                "parts": [[self.module_names[id(m)], _out_features(m)] for m in modules]}
+        if any(id(m) in self.rows for m in modules):
+            slot["rows"] = self._rows(modules)
+        self.slots.append(slot)
         low = b.op1("MatMul", [x, a_in], f"{name}/delta_a")
         y = b.op1("Add", [y, b.op1("MatMul", [low, b_in], f"{name}/delta_b")], f"{name}/add_delta")
         return self._bias_deltas(y, modules, name)
@@ -119,9 +125,19 @@ class LinearEmitter:
                 continue
             path = f"{self.module_names[id(m)]}.bias"  # the source model's name, factorized or not
             parts.append(b.add_input(f"delta.{path}", FLOAT, [width]))
-            self.slots.append({"dense": path, "input": parts[-1], "shape": [width]})
+            self.slots.append({"dense": path, "input": parts[-1], "shape": [width]} |
+                              ({"rows": self._rows([m])} if id(m) in self.rows else {}))
         change = parts[0] if len(parts) == 1 else b.op1("Concat", parts, f"{name}/bias_delta", axis=0)
         return b.op1("Add", [y, change], f"{name}/add_bias_delta")
+
+    def _rows(self, modules: list[Any]) -> list[int]:
+        """Source row of each graph output row of ``modules`` side by side (JSON-ready)."""
+        order, offset = [], 0
+        for m in modules:
+            width = _out_features(m)
+            order.extend(int(r) + offset for r in self.rows.get(id(m), range(width)))
+            offset += width
+        return order
 
     def dense_delta(self, value: str, param: Any) -> str:
         """``value`` (the initializer of ``param``, e.g. a norm's weight) plus a delta input of the same
@@ -136,51 +152,59 @@ class LinearEmitter:
     def weight(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str, factor: bool = False) -> str:
         """``x @ weight.T + bias`` for a [n_out, n_in] weight; a ``factor`` of a factorized pair takes int4
         with integer zero points (one op: see the module docstring), or 8 bits with ``factor_bits=8``."""
+        # MatMulNBits adds a bias inside its kernel (its optional last input): one op less per biased layer
         if self.int4 and factor and self.factor_bits == 8:
-            y = self._int8(x, weight, name)
-        elif self.int4:
-            y = self._int4(x, weight, name, self.exact and not factor)
-        elif self.int8:
-            y = self._int8(x, weight, name)
-        else:
-            y = self._float(x, weight, name)
+            return self._int8(x, weight, name, bias)
+        if self.int4:
+            return self._int4(x, weight, name, self.exact and not factor, bias)
+        if self.int8:
+            return self._int8(x, weight, name, bias)
+        y = self._float(x, weight, name)
         if bias is not None:
             y = self.builder.op1("Add", [y, self.builder.weight(f"{name}.bias", bias)], f"{name}/bias")
         return y
+
+    def _nbits_inputs(self, x: str, tensors: list[str], bias: np.ndarray | None, name: str) -> list[str]:
+        """MatMulNBits' inputs: A, B, scales[, zero_points], then g_idx left out and the bias, when there is one."""
+        if bias is None:
+            return [x, *tensors]
+        return [x, *tensors, *[""] * (3 - len(tensors)), "", self.builder.weight(f"{name}.bias", bias)]
 
     def _float(self, x: str, weight: np.ndarray, name: str) -> str:
         w = self.builder.weight(f"{name}.weight", np.ascontiguousarray(weight.T))
         return self.builder.op1("MatMul", [x, w], f"{name}/MatMul")
 
-    def _int8(self, x: str, weight: np.ndarray, name: str) -> str:
+    def _int8(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
         """Symmetric 8-bit blocks of 32 (codes + 128 against the default zero point 128, as ``head_8bit``)."""
         q = quantize_q8(weight)
         b = self.builder
-        return b.op1("MatMulNBits", [x, b.weight(f"{name}.qweight", q.data), b.weight(f"{name}.scales", q.scales)],
-                     f"{name}/MatMulNBits", domain=MS_DOMAIN, K=q.n_in, N=q.n_out, bits=8, block_size=BLOCK,
+        tensors = [b.weight(f"{name}.qweight", q.data), b.weight(f"{name}.scales", q.scales)]
+        return b.op1("MatMulNBits", self._nbits_inputs(x, tensors, bias, name), f"{name}/MatMulNBits",
+                     domain=MS_DOMAIN, K=q.n_in, N=q.n_out, bits=8, block_size=BLOCK,
                      accuracy_level=ACCURACY_LEVEL)
 
-    def _int4(self, x: str, weight: np.ndarray, name: str, exact: bool) -> str:
+    def _int4(self, x: str, weight: np.ndarray, name: str, exact: bool, bias: np.ndarray | None = None) -> str:
         b = self.builder
         if not exact:
             qi = quantize_q4_int(weight)
-            inputs = [x, b.weight(f"{name}.qweight", qi.packed), b.weight(f"{name}.scales", qi.scales),
-                      b.weight(f"{name}.zero_points", qi.zero_points)]
-            return b.op1("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN, K=qi.n_in, N=qi.n_out,
-                         bits=4, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
+            tensors = [b.weight(f"{name}.qweight", qi.packed), b.weight(f"{name}.scales", qi.scales),
+                       b.weight(f"{name}.zero_points", qi.zero_points)]
+            return b.op1("MatMulNBits", self._nbits_inputs(x, tensors, bias, name), f"{name}/MatMulNBits",
+                         domain=MS_DOMAIN, K=qi.n_in, N=qi.n_out, bits=4, block_size=BLOCK,
+                         accuracy_level=ACCURACY_LEVEL)
         q = quantize_q4(weight)
         if self.fold and q.n_in % BLOCK == 0:
-            return self._int4_folded(x, q, name)
-        y = b.op1("MatMulNBits", [x, b.weight(f"{name}.qweight", q.packed), b.weight(f"{name}.scales", q.scales)],
-                  f"{name}/MatMulNBits", domain=MS_DOMAIN, K=q.n_in, N=q.n_out, bits=4, block_size=BLOCK,
-                  accuracy_level=ACCURACY_LEVEL)
+            return self._int4_folded(x, q, name, bias)
+        tensors = [b.weight(f"{name}.qweight", q.packed), b.weight(f"{name}.scales", q.scales)]
+        y = b.op1("MatMulNBits", self._nbits_inputs(x, tensors, bias, name), f"{name}/MatMulNBits",
+                  domain=MS_DOMAIN, K=q.n_in, N=q.n_out, bits=4, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
         # The per-block minimum MatMulNBits cannot hold as an integer zero point: sum_b blocksum_b(x) * r_b.
         sums = self._block_sum(x, q.n_in)
         fix = b.op1("MatMul", [sums, b.weight(f"{name}.remainder", np.ascontiguousarray(q.remainder.T))],
                     f"{name}/remainder")
         return b.op1("Add", [y, fix], f"{name}/add_remainder")
 
-    def _int4_folded(self, x: str, q: Any, name: str) -> str:
+    def _int4_folded(self, x: str, q: Any, name: str, bias: np.ndarray | None = None) -> str:
         """One MatMulNBits over [x, blocksum(x), blocksum(x)]: the remainders ride as two 4-bit digit
         blocks (their error is at most 1/196 of the largest remainder of their block of 32)."""
         b = self.builder
@@ -191,8 +215,8 @@ class LinearEmitter:
         if key not in self._block_sums:
             sums = self._block_sum(x, q.n_in, pad=True)
             self._block_sums[key] = b.op1("Concat", [x, sums, sums], f"{x}/augmented", axis=-1)
-        return b.op1("MatMulNBits", [self._block_sums[key], b.weight(f"{name}.qweight", packed),
-                                     b.weight(f"{name}.scales", scales.reshape(-1))],
+        tensors = [b.weight(f"{name}.qweight", packed), b.weight(f"{name}.scales", scales.reshape(-1))]
+        return b.op1("MatMulNBits", self._nbits_inputs(self._block_sums[key], tensors, bias, name),
                      f"{name}/MatMulNBits", domain=MS_DOMAIN, K=packed.shape[1] * BLOCK, N=q.n_out, bits=4,
                      block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
 

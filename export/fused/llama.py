@@ -28,6 +28,7 @@ import numpy as np
 from edgepack.export.fused.builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
 from edgepack.export.fused.family import Family, check_supported, family_of
 from edgepack.export.fused.linear import LinearEmitter, embed_8bit, head_8bit, is_joint, is_pairs, table_8bit
+from edgepack.export.fused.views import layout
 from edgepack.runtime.delta import DELTA_SLOTS_KEY  # JSON: each slot's inputs, input width, (module, width) parts
 from edgepack.runtime.errors import UnsupportedArchitecture
 
@@ -47,16 +48,16 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     ``int8`` quantizes the linear layers (and stores a tied embedding as one 8-bit table); ``factor_bits``
     is the width of ResSVD factor pairs in an int4 graph (4 or 8); ``block_qkv`` packs factorized q/k/v
     projections as two ops (``LinearEmitter.block_qkv``)."""
-    cfg = model.config
-    check_supported(cfg)
+    check_supported(model.config)
+    view = layout(model)
+    model, cfg = view.model, view.model.config
     family = family_of(cfg, head_dim(cfg))
     b = GraphBuilder("edgepack_fused_llama")
     ids = b.add_input("input_ids", INT64, [1, "sequence_length"])
     seqlens = b.add_input("seqlens_k", INT32, [1])
     total = b.add_input("total_sequence_length", INT32, [])
-    names = {id(m): n for n, m in model.named_modules()} | {id(p): n for n, p in model.named_parameters()}
-    lin = LinearEmitter(b, int4, exact, fold, delta_slots, names, int8=int8, factor_bits=factor_bits,
-                        block_qkv=block_qkv)
+    lin = LinearEmitter(b, int4, exact, fold, delta_slots, view.names, int8=int8, factor_bits=factor_bits,
+                        block_qkv=block_qkv, rows=view.rows)
     rotary = {kind: _rotary_caches(b, module, context, kind) for kind, module in _rotaries(model).items()}
     embedding = _array(model.model.embed_tokens.weight)
     tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -66,6 +67,8 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     else:
         hidden = b.op1("Gather", [b.weight("embed.weight", embedding), ids], "embed/gather")
     hidden = _scaled(b, hidden, family.embed_scale, "embed")
+    if family.positions:
+        hidden = _positioned(b, hidden, ids, total, _array(model.model.embed_positions.weight))
     norm = _Norms(lin, family.norm_eps, family.norm_offset, family.layer_norm)
     residual, pending = hidden, None  # pending: a block output not yet added to the residual
     kv_shape = [1, cfg.num_key_value_heads, "capacity", head_dim(cfg)]
@@ -76,10 +79,12 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
         else:
             x = residual = _added(b, residual, pending, f"layers.{i}/residual_in")
         past = [b.add_input(f"past_key_values.{i}.{kind}", FLOAT, kv_shape) for kind in ("key", "value")]
-        cos, sin = rotary["local" if "local" in rotary and _window(cfg, i) > 0 else "global"]
+        cos, sin = rotary["local" if "local" in rotary and _window(cfg, i) > 0 else "global"] if rotary else ("", "")
         attn = _attention(b, lin, x, layer.self_attn, (cfg, family, norm), past, (seqlens, total, cos, sin), i,
                           kv_shape)
         if family.parallel:  # Phi: the MLP reads the same normed input; both outputs join the residual
+            if family.parallel_norms:  # GPT-NeoX: the MLP's own norm of the same residual
+                x = norm.alone(residual, layer.post_attention_layernorm, f"layers.{i}.mlp_norm")
             mlp = _mlp(b, lin, x, layer.mlp, family.activation, f"layers.{i}.mlp")
             pending = b.op1("Add", [attn, mlp], f"layers.{i}/parallel")
             continue
@@ -119,6 +124,15 @@ def _last_positions(b: GraphBuilder, x: str, keep: str) -> str:
     a prefill needs them for its last position only, parity and perplexity for all (keep >= S)."""
     start = b.op1("Neg", [keep], "lm_head/keep_start")
     return b.op1("Slice", [x, start, b.const([2**62]), b.const([1])], "lm_head/keep")
+
+
+def _positioned(b: GraphBuilder, hidden: str, ids: str, total: str, table: np.ndarray) -> str:
+    """hidden + the learned embeddings of positions total - S .. total - 1 (GPT-2): one Slice of the table."""
+    steps = b.op1("Shape", [ids], "positions/steps", start=1, end=2)
+    end = b.op1("Reshape", [b.op1("Cast", [total], "positions/cast", to=INT64), b.const([1])], "positions/end")
+    start = b.op1("Sub", [end, steps], "positions/start")
+    rows = b.op1("Slice", [b.weight("embed_positions.weight", table), start, end, b.const([0])], "positions/rows")
+    return b.op1("Add", [hidden, rows], "positions/add")
 
 
 def _added(b: GraphBuilder, residual: str, block_out: str | None, name: str) -> str:
@@ -218,7 +232,8 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tu
     present = [f"present.{i}.key", f"present.{i}.value"]
     b.op_named("GroupQueryAttention", [*qkv, *past, seqlens, total, cos, sin], [out, *present], f"{name}/gqa",
                domain=MS_DOMAIN, num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
-               do_rotary=int(family.rotary_layers is None or family.rotary_layers[i]), rotary_interleaved=0,
+               do_rotary=int(bool(cos) and (family.rotary_layers is None or family.rotary_layers[i])),
+               rotary_interleaved=0,
                scale=family.attention_scale, softcap=family.attention_softcap,
                local_window_size=_window(cfg, i))
     for p in present:
@@ -308,6 +323,8 @@ def _activate(b: GraphBuilder, x: str, activation: str, name: str) -> str:
 def _rotaries(model: Any) -> dict[str, Any]:
     """The model's rotary embeddings: "global", and Gemma 3's "local" one for sliding-window layers
     (another base frequency)."""
+    if model.model.rotary_emb is None:  # GPT-2: learned positions instead
+        return {}
     local = getattr(model.model, "rotary_emb_local", None)
     return {"global": model.model.rotary_emb} | ({"local": local} if local is not None else {})
 

@@ -2,8 +2,8 @@
 per-head q/k norms, a head width other than hidden / heads, untied heads, sliding windows, Gemma 1 / 2 / 3: offset
 norms, scaled embedding, GELU, sandwich norms, softcaps, a local rotary; Phi-3's packed projections, partial rotary
 and longrope; SmolLM3's rotary-free layers; Granite's multipliers; StableLM's and OLMo's LayerNorms; OLMo 2's
-output-only norms), and the
-end-to-end path: build with delta slots, a fine-tune's delta applied in the runtime."""
+output-only norms; GPT-NeoX and GPT-2 through views.py), and the end-to-end path: build with delta slots, a
+fine-tune's delta applied in the runtime."""
 
 from __future__ import annotations
 
@@ -46,6 +46,12 @@ VARIANTS = {
     "olmo2": ("olmo2", {}),  # norms on block outputs only; q/k normed over their whole width
     # attention and a plain MLP side by side, biases, a head with a bias, half of each 64-wide head rotates
     "phi": ("phi", {"hidden_size": 256, "partial_rotary_factor": 0.5, "tie_word_embeddings": False}),
+    # q/k/v packed head by head (reordered for GroupQueryAttention), a norm each for attention and MLP side by
+    # side, a quarter of each 64-wide head rotates, exact GELU, an untied head
+    "gpt_neox": ("gpt_neox", {"hidden_size": 256, "rotary_pct": 0.25, "tie_word_embeddings": False}),
+    "gpt_neox-sequential": ("gpt_neox", {"hidden_size": 256, "rotary_pct": 0.25, "use_parallel_residual": False}),
+    # Conv1D layers, learned positions, no rotary, tanh GELU, biases everywhere
+    "gpt2": ("gpt2", {}),
 }
 
 
@@ -122,7 +128,8 @@ def test_other_attention_kinds_are_refused_by_name():
         check_supported(_config(layer_types=["full_attention", "chunked_attention"]))
 
 
-@pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3", "phi3", "stablelm", "olmo2", "phi"])
+@pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3", "phi3", "stablelm", "olmo2", "phi", "gpt_neox",
+                                     "gpt2"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -137,7 +144,7 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in tuned.named_parameters():
-            if "layers" in name:
+            if "layers." in name or ".h." in name:  # the decoder blocks (GPT-2 calls them h)
                 p.add_(0.05 * torch.randn(p.shape, generator=gen) * p.abs().mean())
     tuned.save_pretrained(tmp_path / "tuned")
     tiny.make_tokenizer().save_pretrained(tmp_path / "tuned")
@@ -145,20 +152,14 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     build(BuildConfig(model=str(tmp_path / "base"), graph="auto", delta_slots=True, context=CONTEXT), tmp_path / "pkg")
     delta = make(str(tmp_path / "base"), str(tmp_path / "tuned"), DeltaConfig(method="truncsvd", rank=8))
     moved = {"qwen2": "q_proj.bias", "phi3": "input_layernorm.weight",
-             "stablelm": "input_layernorm.bias", "phi": "fc1.bias"}.get(variant, "q_norm.weight")
+             "stablelm": "input_layernorm.bias", "phi": "fc1.bias", "gpt_neox": "query_key_value.bias",
+             "gpt2": "c_attn.bias"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
     got = model.decoder.forward(PROMPTS[0], model.decoder.new_cache(), all_logits=True)
 
-    merged = make_model(model_type, **overrides)
-    modules, params = dict(merged.named_modules()), dict(merged.named_parameters())
-    with torch.no_grad():
-        for name, layer in delta.layers.items():
-            modules[name].weight.add_(torch.from_numpy(layer.matrix()))
-        for name, change in delta.dense.items():
-            params[name].add_(torch.from_numpy(change))
-        want = merged(torch.tensor([PROMPTS[0]])).logits[0].numpy()
+    want = tiny.merged_logits(tmp_path / "base", PROMPTS[0], delta)
     np.testing.assert_allclose(got, want, atol=1e-3)
     model.apply_delta(None)  # and removing it gives the base back
     base = model.decoder.forward(PROMPTS[0], model.decoder.new_cache(), all_logits=True)
@@ -187,3 +188,29 @@ def test_layouts_the_fused_graph_lacks_fall_back_by_name():
         check_supported(StableLmConfig(hidden_size=256, num_attention_heads=4, use_parallel_residual=True))
     with pytest.raises(UnsupportedArchitecture, match="clip_qkv"):
         check_supported(OlmoConfig(hidden_size=64, num_attention_heads=4, clip_qkv=8.0))
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox-wide", "gpt2"])
+def test_factorized_views_take_deltas(arch, tmp_path):
+    """A ResSVD-compressed GPT-NeoX (its packed q/k/v factor pair reordered for GroupQueryAttention, the delta's
+    rows reordered the same way at load) and GPT-2 (factor pairs where Conv1D layers were) in the fused graph."""
+    import tiny_archs
+    from edgepack.runtime import load
+    from edgepack.toolchain.build import BuildConfig, build
+    from edgepack.toolchain.compression import compress
+    from edgepack.toolchain.delta.make import DeltaConfig, make
+    from edgepack.toolchain.ressvd import ResSVDConfig
+
+    base = tiny_archs.save(arch, tmp_path / "base")
+    delta = make(str(base), str(tiny_archs.save_finetune(base, tmp_path / "ft", dense=True)),
+                 DeltaConfig(method="truncsvd", rank=3))
+    compress(str(base), ResSVDConfig(method="svd", ratio=0.2, layers="all", tune_steps=0), tmp_path / "c")
+    manifest = build(BuildConfig(model=str(tmp_path / "c"), delta_slots=True, context=CONTEXT), tmp_path / "pkg")
+    assert manifest.plan["graph"] == "fused"
+    model = load(tmp_path / "pkg", delta=delta)
+    got = model.decoder.forward(PROMPTS[0], model.decoder.new_cache(), all_logits=True)
+    np.testing.assert_allclose(got, tiny.merged_logits(tmp_path / "c", PROMPTS[0], delta), atol=1e-3)
+    model.apply_delta(None)
+    plain = model.decoder.forward(PROMPTS[0], model.decoder.new_cache(), all_logits=True)
+    np.testing.assert_allclose(plain, tiny.merged_logits(tmp_path / "c", PROMPTS[0]), atol=1e-3)
+    assert np.abs(plain - got).max() > 1e-2

@@ -1,0 +1,135 @@
+"""GPT-2 and GPT-NeoX seen through the Llama layout's names, so the fused graph (``llama.py``) builds them too.
+
+The graph reads ``model.model.{embed_tokens, layers, norm, rotary_emb}``, each layer's two norms, ``self_attn``
+and ``mlp``, and ``model.lm_head``. GPT-2 and GPT-NeoX hold the same parts under other names, and two in another
+form. GPT-2's Conv1D layers store W transposed; they are copied here as ``nn.Linear``. GPT-NeoX packs q/k/v head
+by head (q, k, v of head 0, then of head 1, ...) where GroupQueryAttention takes all of q, then k, then v; the
+packed projection's output rows are permuted once here. A delta slot on it records the permutation, so the runtime
+permutes a delta's rows the same way (``runtime/delta.py``). Every copy keeps the source model's path, which is
+what deltas and the package's slot metadata name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Layout:
+    # what build_llama reads: .config, .model.{embed_tokens, embed_positions, layers, norm, rotary_emb}, .lm_head
+    model: Any
+    names: dict[int, str]  # id(module or parameter) → its path in the source model
+    rows: dict[int, np.ndarray]  # id(module) → the permutation of its output rows (graph row j = source row rows[j])
+
+
+class _Config:
+    """The source config with a few Llama attribute names added (``num_key_value_heads``, ``head_dim``, ...)."""
+
+    def __init__(self, config: Any, **extra: Any) -> None:
+        self.__dict__["_config"], self.__dict__["_extra"] = config, extra
+
+    def __getattr__(self, name: str) -> Any:
+        extra = self.__dict__["_extra"]
+        return extra[name] if name in extra else getattr(self.__dict__["_config"], name)
+
+
+def layout(model: Any) -> Layout:
+    """``model`` itself for the Llama family; a view of it with the Llama layout's names for GPT-2 and GPT-NeoX."""
+    kind = getattr(model.config, "model_type", "")
+    if kind == "gpt2":
+        return _gpt2(model)
+    if kind == "gpt_neox":
+        return _neox(model)
+    return Layout(model, _names(model), {})
+
+
+def _names(model: Any) -> dict[int, str]:
+    return {id(m): n for n, m in model.named_modules()} | {id(p): n for n, p in model.named_parameters()}
+
+
+def _heads(config: Any) -> dict[str, int]:
+    heads = int(config.num_attention_heads)
+    return {"num_key_value_heads": heads, "head_dim": int(config.hidden_size) // heads}
+
+
+def _gpt2(model: Any) -> Layout:
+    names = _names(model)
+    t = model.transformer
+
+    def linear(module: Any) -> Any:
+        copy = _linear_of(module)
+        names[id(copy)] = names[id(module)]
+        return copy
+
+    layers = [SimpleNamespace(input_layernorm=h.ln_1, post_attention_layernorm=h.ln_2,
+                              self_attn=SimpleNamespace(qkv_proj=linear(h.attn.c_attn), o_proj=linear(h.attn.c_proj)),
+                              mlp=SimpleNamespace(fc1=linear(h.mlp.c_fc), fc2=linear(h.mlp.c_proj)))
+              for h in t.h]
+    config = _Config(model.config, hidden_act=model.config.activation_function, **_heads(model.config))
+    inner = SimpleNamespace(embed_tokens=t.wte, embed_positions=t.wpe, layers=layers, norm=t.ln_f, rotary_emb=None)
+    return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), names, {})
+
+
+def _neox(model: Any) -> Layout:
+    names, rows = _names(model), {}
+    n = model.gpt_neox
+    heads, dim = int(model.config.num_attention_heads), int(model.config.hidden_size) // int(
+        model.config.num_attention_heads)
+    # source row of (kind t, head h, feature d) is h·3·dim + t·dim + d; the graph wants t·heads·dim + h·dim + d
+    order = np.arange(3 * heads * dim).reshape(heads, 3, dim).transpose(1, 0, 2).reshape(-1)
+
+    def qkv(module: Any) -> Any:
+        copy = _rows_permuted(module, order)
+        names[id(copy)], rows[id(copy)] = names[id(module)], order
+        return copy
+
+    layers = [SimpleNamespace(input_layernorm=layer.input_layernorm,
+                              post_attention_layernorm=layer.post_attention_layernorm,
+                              self_attn=SimpleNamespace(qkv_proj=qkv(layer.attention.query_key_value),
+                                                        o_proj=layer.attention.dense),
+                              mlp=SimpleNamespace(fc1=layer.mlp.dense_h_to_4h, fc2=layer.mlp.dense_4h_to_h))
+              for layer in n.layers]
+    inner = SimpleNamespace(embed_tokens=n.embed_in, embed_positions=None, layers=layers, norm=n.final_layer_norm,
+                            rotary_emb=n.rotary_emb)
+    return Layout(SimpleNamespace(config=_Config(model.config, **_heads(model.config)), model=inner,
+                                  lm_head=model.embed_out), names, rows)
+
+
+def _linear_of(module: Any) -> Any:
+    """An ``nn.Linear`` equal to a Conv1D (x·W + b, W [in, out]); other modules (a Linear, a factorized pair)
+    unchanged."""
+    from torch import nn
+
+    if type(module).__name__ != "Conv1D":
+        return module
+    n_in, n_out = module.weight.shape
+    linear = nn.Linear(n_in, n_out, bias=module.bias is not None, dtype=module.weight.dtype, device="meta")
+    linear.weight = nn.Parameter(module.weight.detach().t(), requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return linear
+
+
+def _rows_permuted(module: Any, order: np.ndarray) -> Any:
+    """A copy of a linear layer (or of a factorized pair's output half) whose output rows are in ``order``."""
+    from torch import nn
+
+    if isinstance(module, nn.Sequential):
+        return nn.Sequential(*module[:-1], _rows_permuted(module[-1], order))
+    index = _index(order, module.weight.device)
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                       dtype=module.weight.dtype, device="meta")
+    linear.weight = nn.Parameter(module.weight.detach()[index], requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach()[index], requires_grad=False)
+    return linear
+
+
+def _index(order: np.ndarray, device: Any) -> Any:
+    import torch
+
+    return torch.as_tensor(order, dtype=torch.long, device=device)
