@@ -13,8 +13,8 @@ StableLM rotates part of each head. OLMo 2 norms only each block's output (no no
 and k over their whole width, not per head. Phi (1.5 / 2) runs attention and a plain two-layer MLP side by side on
 one normed input ("parallel"), with LayerNorms, biases everywhere and a partial rotary. GPT-NeoX runs them side
 by side too, each on its own norm of the residual (``parallel_norms``; or one after the other when
-``use_parallel_residual`` is off). GPT-2 has no rotary: it adds learned position embeddings to the token's. Both
-reach the graph through ``views.py``, which gives their modules the Llama layout's names.
+``use_parallel_residual`` is off). GPT-2 and OPT have no rotary: they add learned position embeddings to the token's
+(OPT's MLP is a ReLU). They reach the graph through ``views.py``, which gives their modules the Llama layout's names.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ from typing import Any
 from edgepack.runtime.errors import UnsupportedArchitecture
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma", "gemma2",
-                   "gemma3_text", "stablelm", "olmo", "olmo2", "phi", "gpt_neox", "gpt2")
-LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2")
+                   "gemma3_text", "stablelm", "olmo", "olmo2", "phi", "gpt_neox", "gpt2", "opt")
+LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt")
+POSITION_TABLE_TYPES = ("gpt2", "opt")  # learned absolute positions, no rotary
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
-               "gelu": "gelu"}
+               "gelu": "gelu", "relu": "relu"}
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,13 @@ def check_supported(config: Any) -> None:
         raise UnsupportedArchitecture("the fused graph is causal; this model attends both ways (an encoder)")
     heads = getattr(config, "num_attention_heads", None)
     head = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
-    rotated = 0 if model_type == "gpt2" else int(head * float(getattr(config, "partial_rotary_factor", None) or 1.0))
+    share = 0.0 if model_type in POSITION_TABLE_TYPES else float(getattr(config, "partial_rotary_factor", None) or 1.0)
+    rotated = int(head * share)
     if head and rotated % 16:  # GroupQueryAttention's kernel rotates in groups of 16 dimensions
         raise UnsupportedArchitecture(f"the fused graph rotates multiples of 16 dimensions of a head, this model "
                                       f"rotates {rotated}; build with --graph optimum")
     _check_gpt2(config)
+    _check_opt(config)
     stablelm_parallel = model_type == "stablelm" and getattr(config, "use_parallel_residual", False)
     if getattr(config, "qk_layernorm", False) or stablelm_parallel:
         raise UnsupportedArchitecture("the fused graph has no per-head LayerNorm of q/k and no parallel residual "
@@ -94,6 +97,17 @@ def _check_gpt2(config: Any) -> None:
     if getattr(config, "add_cross_attention", False) or getattr(config, "scale_attn_by_inverse_layer_idx", False):
         raise UnsupportedArchitecture("the fused graph has GPT-2 without cross-attention and with one attention "
                                       "scale for every layer; build with --graph optimum")
+
+
+def _check_opt(config: Any) -> None:
+    if getattr(config, "model_type", "") != "opt":
+        return
+    if not getattr(config, "do_layer_norm_before", True) or getattr(config, "_remove_final_layer_norm", False):
+        raise UnsupportedArchitecture("the fused graph norms before each block and at the end (OPT-350m norms "
+                                      "after each block); build with --graph optimum")
+    if getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
+        raise UnsupportedArchitecture("the fused graph has no projection between OPT's embedding width and its "
+                                      "hidden width; build with --graph optimum")
 
 
 def family_of(config: Any, head_dim: int) -> Family:
@@ -121,7 +135,7 @@ def family_of(config: Any, head_dim: int) -> Family:
         qk_norm_per_head=config.model_type != "olmo2",
         parallel=config.model_type == "phi" or neox_parallel,
         parallel_norms=neox_parallel,
-        positions=config.model_type == "gpt2",
+        positions=config.model_type in POSITION_TABLE_TYPES,
     )
 
 
@@ -132,6 +146,8 @@ def _norm_eps(config: Any) -> float:
         return 1e-5
     if config.model_type in ("stablelm", "phi", "gpt_neox"):
         return float(config.layer_norm_eps)
+    if config.model_type == "opt":
+        return 1e-5  # torch's LayerNorm default, which OPT's layers use
     if config.model_type == "gpt2":
         return float(config.layer_norm_epsilon)
     return float(config.rms_norm_eps)
@@ -140,8 +156,8 @@ def _norm_eps(config: Any) -> float:
 def _activation_name(config: Any) -> str:
     """The MLP's activation as transformers reads it: Gemma 2 / 3 from ``hidden_activation``, the others
     (Gemma too) from ``hidden_act``."""
-    if getattr(config, "model_type", "") == "gpt2":
-        return getattr(config, "activation_function", "gelu_new")
+    if getattr(config, "model_type", "") in ("gpt2", "opt"):
+        return getattr(config, "activation_function", "gelu_new" if config.model_type == "gpt2" else "relu")
     if getattr(config, "model_type", "") in ("gemma2", "gemma3_text"):
         return getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"  # their configs' default
     return getattr(config, "hidden_act", "silu")

@@ -316,6 +316,8 @@ def _down(b: GraphBuilder, lin: LinearEmitter, activated: str, up: str, mlp: Any
 def _activate(b: GraphBuilder, x: str, activation: str, name: str) -> str:
     if activation == "silu":
         return b.op1("Mul", [x, b.op1("Sigmoid", [x], f"{name}/sigmoid")], f"{name}/silu")
+    if activation == "relu":
+        return b.op1("Relu", [x], f"{name}/relu")
     # onnxruntime's FastGelu is GELU's tanh approximation, its Gelu the exact (erf) one
     return b.op1("FastGelu" if activation == "gelu_tanh" else "Gelu", [x], f"{name}/{activation}", domain=MS_DOMAIN)
 

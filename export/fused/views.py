@@ -1,12 +1,13 @@
-"""GPT-2 and GPT-NeoX seen through the Llama layout's names, so the fused graph (``llama.py``) builds them too.
+"""GPT-2, GPT-NeoX and OPT seen through the Llama layout's names, so the fused graph (``llama.py``) builds them too.
 
 The graph reads ``model.model.{embed_tokens, layers, norm, rotary_emb}``, each layer's two norms, ``self_attn``
 and ``mlp``, and ``model.lm_head``. GPT-2 and GPT-NeoX hold the same parts under other names, and two in another
 form. GPT-2's Conv1D layers store W transposed; they are copied here as ``nn.Linear``. GPT-NeoX packs q/k/v head
 by head (q, k, v of head 0, then of head 1, ...) where GroupQueryAttention takes all of q, then k, then v; the
 packed projection's output rows are permuted once here. A delta slot on it records the permutation, so the runtime
-permutes a delta's rows the same way (``runtime/delta.py``). Every copy keeps the source model's path, which is
-what deltas and the package's slot metadata name.
+permutes a delta's rows the same way (``runtime/delta.py``). OPT's learned position table starts at row 2 (its
+``offset``); the graph reads it from there. Every copy keeps the source model's path, which is what deltas and the
+package's slot metadata name.
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ class _Config:
 
 
 def layout(model: Any) -> Layout:
-    """``model`` itself for the Llama family; a view of it with the Llama layout's names for GPT-2 and GPT-NeoX."""
+    """``model`` itself for the Llama family; a view of it with the Llama layout's names for GPT-2, GPT-NeoX, OPT."""
     kind = getattr(model.config, "model_type", "")
     if kind == "gpt2":
         return _gpt2(model)
     if kind == "gpt_neox":
         return _neox(model)
+    if kind == "opt":
+        return _opt(model)
     return Layout(model, _names(model), {})
 
 
@@ -97,6 +100,21 @@ def _neox(model: Any) -> Layout:
                             rotary_emb=n.rotary_emb)
     return Layout(SimpleNamespace(config=_Config(model.config, **_heads(model.config)), model=inner,
                                   lm_head=model.embed_out), names, rows)
+
+
+def _opt(model: Any) -> Layout:
+    d = model.model.decoder
+    layers = [SimpleNamespace(input_layernorm=layer.self_attn_layer_norm,
+                              post_attention_layernorm=layer.final_layer_norm,
+                              self_attn=SimpleNamespace(q_proj=layer.self_attn.q_proj, k_proj=layer.self_attn.k_proj,
+                                                        v_proj=layer.self_attn.v_proj, o_proj=layer.self_attn.out_proj),
+                              mlp=SimpleNamespace(fc1=layer.fc1, fc2=layer.fc2))
+              for layer in d.layers]
+    positions = SimpleNamespace(weight=d.embed_positions.weight[d.embed_positions.offset:])
+    config = _Config(model.config, hidden_act=model.config.activation_function, **_heads(model.config))
+    inner = SimpleNamespace(embed_tokens=d.embed_tokens, embed_positions=positions, layers=layers,
+                            norm=d.final_layer_norm, rotary_emb=None)
+    return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), _names(model), {})
 
 
 def _linear_of(module: Any) -> Any:

@@ -2,7 +2,7 @@
 per-head q/k norms, a head width other than hidden / heads, untied heads, sliding windows, Gemma 1 / 2 / 3: offset
 norms, scaled embedding, GELU, sandwich norms, softcaps, a local rotary; Phi-3's packed projections, partial rotary
 and longrope; SmolLM3's rotary-free layers; Granite's multipliers; StableLM's and OLMo's LayerNorms; OLMo 2's
-output-only norms; GPT-NeoX and GPT-2 through views.py), and the end-to-end path: build with delta slots, a
+output-only norms; GPT-NeoX, GPT-2 and OPT through views.py), and the end-to-end path: build with delta slots, a
 fine-tune's delta applied in the runtime."""
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ VARIANTS = {
     "gpt_neox-sequential": ("gpt_neox", {"hidden_size": 256, "rotary_pct": 0.25, "use_parallel_residual": False}),
     # Conv1D layers, learned positions, no rotary, tanh GELU, biases everywhere
     "gpt2": ("gpt2", {}),
+    # learned positions from row 2 of the table, ReLU MLP, q/k/v biases
+    "opt": ("opt", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
 }
 
 
@@ -129,7 +131,7 @@ def test_other_attention_kinds_are_refused_by_name():
 
 
 @pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3", "phi3", "stablelm", "olmo2", "phi", "gpt_neox",
-                                     "gpt2"])
+                                     "gpt2", "opt"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -153,7 +155,7 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     delta = make(str(tmp_path / "base"), str(tmp_path / "tuned"), DeltaConfig(method="truncsvd", rank=8))
     moved = {"qwen2": "q_proj.bias", "phi3": "input_layernorm.weight",
              "stablelm": "input_layernorm.bias", "phi": "fc1.bias", "gpt_neox": "query_key_value.bias",
-             "gpt2": "c_attn.bias"}.get(variant, "q_norm.weight")
+             "gpt2": "c_attn.bias", "opt": "fc1.bias"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
@@ -180,12 +182,16 @@ def test_softcapped_attention_loads_eager_so_the_reference_computes_the_cap(tmp_
 
 def test_layouts_the_fused_graph_lacks_fall_back_by_name():
     # checked on the config, so `build --graph auto` falls back to optimum's graph instead of failing later
-    from transformers import OlmoConfig, StableLmConfig
+    from transformers import OlmoConfig, OPTConfig, StableLmConfig
 
     with pytest.raises(UnsupportedArchitecture, match="rotates 4"):  # 16-wide heads, a quarter rotates
         check_supported(StableLmConfig(hidden_size=64, num_attention_heads=4, partial_rotary_factor=0.25))
     with pytest.raises(UnsupportedArchitecture, match="parallel residual"):
         check_supported(StableLmConfig(hidden_size=256, num_attention_heads=4, use_parallel_residual=True))
+    with pytest.raises(UnsupportedArchitecture, match="OPT-350m"):
+        check_supported(OPTConfig(do_layer_norm_before=False))
+    with pytest.raises(UnsupportedArchitecture, match="embedding width"):
+        check_supported(OPTConfig(hidden_size=1024, word_embed_proj_dim=512))
     with pytest.raises(UnsupportedArchitecture, match="clip_qkv"):
         check_supported(OlmoConfig(hidden_size=64, num_attention_heads=4, clip_qkv=8.0))
 

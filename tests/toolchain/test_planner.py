@@ -102,7 +102,7 @@ def test_plan_round_trips_through_json():
 def test_graph_follows_the_architecture():
     llama = {"model_type": "llama", "hidden_act": "silu"}
     assert graph_for(llama) == "fused"
-    assert graph_for({"model_type": "opt"}) == "optimum"
+    assert graph_for({"model_type": "bloom"}) == "optimum"
     assert graph_for({"model_type": "gpt2", "activation_function": "gelu_new"}) == "fused"  # through views.py
     assert graph_for({"model_type": "gpt2", "activation_function": "gelu_new", "add_cross_attention": True}) == \
         "optimum"
