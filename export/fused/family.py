@@ -14,7 +14,9 @@ and k over their whole width, not per head. Phi (1.5 / 2) runs attention and a p
 one normed input ("parallel"), with LayerNorms, biases everywhere and a partial rotary. GPT-NeoX runs them side
 by side too, each on its own norm of the residual (``parallel_norms``; or one after the other when
 ``use_parallel_residual`` is off). GPT-2 and OPT have no rotary: they add learned position embeddings to the token's
-(OPT's MLP is a ReLU). They reach the graph through ``views.py``, which gives their modules the Llama layout's names.
+(OPT's MLP is a ReLU). Falcon runs attention and MLP side by side on one norm, or on two in its newer layout.
+GPT-2, GPT-NeoX, OPT and Falcon reach the graph through ``views.py``, which gives their modules the Llama layout's
+names.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from typing import Any
 from edgepack.runtime.errors import UnsupportedArchitecture
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma", "gemma2",
-                   "gemma3_text", "stablelm", "olmo", "olmo2", "phi", "gpt_neox", "gpt2", "opt")
-LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt")
+                   "gemma3_text", "stablelm", "olmo", "olmo2", "phi", "gpt_neox", "gpt2", "opt", "falcon")
+LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon")
 POSITION_TABLE_TYPES = ("gpt2", "opt")  # learned absolute positions, no rotary
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -82,6 +84,7 @@ def check_supported(config: Any) -> None:
                                       f"rotates {rotated}; build with --graph optimum")
     _check_gpt2(config)
     _check_opt(config)
+    _check_falcon(config)
     stablelm_parallel = model_type == "stablelm" and getattr(config, "use_parallel_residual", False)
     if getattr(config, "qk_layernorm", False) or stablelm_parallel:
         raise UnsupportedArchitecture("the fused graph has no per-head LayerNorm of q/k and no parallel residual "
@@ -110,12 +113,31 @@ def _check_opt(config: Any) -> None:
                                       "hidden width; build with --graph optimum")
 
 
+def _check_falcon(config: Any) -> None:
+    if getattr(config, "model_type", "") != "falcon":
+        return
+    if config.alibi:
+        raise UnsupportedArchitecture("the fused graph has rotary positions, this Falcon uses ALiBi; build with "
+                                      "--graph optimum")
+    if config.new_decoder_architecture and not config.parallel_attn:
+        raise UnsupportedArchitecture("the fused graph has Falcon's newer layout with parallel attention only")
+
+
+def _falcon_norms(config: Any) -> int:
+    """Falcon's norms a layer in parallel attention: 2 (attention's and MLP's) in the newer layout by default."""
+    count = getattr(config, "num_ln_in_parallel_attn", None)
+    return int(count) if count is not None else 2 if config.new_decoder_architecture else 1
+
+
 def family_of(config: Any, head_dim: int) -> Family:
     gemma = config.model_type.startswith("gemma")
     granite = config.model_type == "granite"
     scalar = getattr(config, "query_pre_attn_scalar", None) if gemma else None
     rotary = getattr(config, "no_rope_layers", None) if config.model_type == "smollm3" else None
     neox_parallel = config.model_type == "gpt_neox" and bool(config.use_parallel_residual)
+    falcon = config.model_type == "falcon"
+    falcon_parallel = falcon and bool(config.new_decoder_architecture or config.parallel_attn)
+    two_norms = neox_parallel or falcon and bool(config.new_decoder_architecture) and _falcon_norms(config) == 2
     unscaled = config.model_type == "gpt2" and not getattr(config, "scale_attn_weights", True)
     return Family(
         norm_offset=1.0 if gemma else 0.0,
@@ -133,8 +155,8 @@ def family_of(config: Any, head_dim: int) -> Family:
         norm_eps=_norm_eps(config),
         pre_norm=config.model_type != "olmo2",
         qk_norm_per_head=config.model_type != "olmo2",
-        parallel=config.model_type == "phi" or neox_parallel,
-        parallel_norms=neox_parallel,
+        parallel=config.model_type == "phi" or neox_parallel or falcon_parallel,
+        parallel_norms=two_norms,
         positions=config.model_type in POSITION_TABLE_TYPES,
     )
 
@@ -148,7 +170,7 @@ def _norm_eps(config: Any) -> float:
         return float(config.layer_norm_eps)
     if config.model_type == "opt":
         return 1e-5  # torch's LayerNorm default, which OPT's layers use
-    if config.model_type == "gpt2":
+    if config.model_type in ("gpt2", "falcon"):
         return float(config.layer_norm_epsilon)
     return float(config.rms_norm_eps)
 
@@ -156,6 +178,8 @@ def _norm_eps(config: Any) -> float:
 def _activation_name(config: Any) -> str:
     """The MLP's activation as transformers reads it: Gemma 2 / 3 from ``hidden_activation``, the others
     (Gemma too) from ``hidden_act``."""
+    if getattr(config, "model_type", "") == "falcon":
+        return getattr(config, "activation", "gelu")
     if getattr(config, "model_type", "") in ("gpt2", "opt"):
         return getattr(config, "activation_function", "gelu_new" if config.model_type == "gpt2" else "relu")
     if getattr(config, "model_type", "") in ("gemma2", "gemma3_text"):

@@ -1,4 +1,5 @@
-"""GPT-2, GPT-NeoX and OPT seen through the Llama layout's names, so the fused graph (``llama.py``) builds them too.
+"""GPT-2, GPT-NeoX, OPT and Falcon seen through the Llama layout's names, so the fused graph (``llama.py``) builds
+them too.
 
 The graph reads ``model.model.{embed_tokens, layers, norm, rotary_emb}``, each layer's two norms, ``self_attn``
 and ``mlp``, and ``model.lm_head``. GPT-2 and GPT-NeoX hold the same parts under other names, and two in another
@@ -6,7 +7,9 @@ form. GPT-2's Conv1D layers store W transposed; they are copied here as ``nn.Lin
 by head (q, k, v of head 0, then of head 1, ...) where GroupQueryAttention takes all of q, then k, then v; the
 packed projection's output rows are permuted once here. A delta slot on it records the permutation, so the runtime
 permutes a delta's rows the same way (``runtime/delta.py``). OPT's learned position table starts at row 2 (its
-``offset``); the graph reads it from there. Every copy keeps the source model's path, which is what deltas and the
+``offset``); the graph reads it from there. Falcon packs q/k/v by key-value group (the group's query heads, then
+its key, then its value) in its newer layout, all q then one k and one v with multi-query attention, and head by
+head (as GPT-NeoX) otherwise. Every copy keeps the source model's path, which is what deltas and the
 package's slot metadata name.
 """
 
@@ -47,6 +50,8 @@ def layout(model: Any) -> Layout:
         return _neox(model)
     if kind == "opt":
         return _opt(model)
+    if kind == "falcon":
+        return _falcon(model)
     return Layout(model, _names(model), {})
 
 
@@ -115,6 +120,50 @@ def _opt(model: Any) -> Layout:
     inner = SimpleNamespace(embed_tokens=d.embed_tokens, embed_positions=positions, layers=layers,
                             norm=d.final_layer_norm, rotary_emb=None)
     return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), _names(model), {})
+
+
+def falcon_kv_heads(config: Any) -> int:
+    """Falcon's key/value heads: ``num_kv_heads`` in the newer layout or without multi-query attention, else 1."""
+    if config.new_decoder_architecture or not config.multi_query:
+        return int(config.num_kv_heads)
+    return 1
+
+
+def _falcon(model: Any) -> Layout:
+    names, rows = _names(model), {}
+    t, cfg = model.transformer, model.config
+    heads, kv = int(cfg.num_attention_heads), falcon_kv_heads(cfg)
+    dim = int(cfg.hidden_size) // heads
+    if cfg.new_decoder_architecture:  # source: per group, its heads // kv query heads, then k, then v
+        group = heads // kv + 2
+        source = np.arange(kv * group * dim).reshape(kv, group, dim)
+        order = np.concatenate([source[:, :-2].reshape(-1), source[:, -2].reshape(-1), source[:, -1].reshape(-1)])
+    elif not cfg.multi_query:  # head by head, as GPT-NeoX
+        order = np.arange(3 * heads * dim).reshape(heads, 3, dim).transpose(1, 0, 2).reshape(-1)
+    else:
+        order = None  # already all q, then k, then v
+
+    def qkv(module: Any) -> Any:
+        if order is None:
+            return module
+        copy = _rows_permuted(module, order)
+        names[id(copy)], rows[id(copy)] = names[id(module)], order
+        return copy
+
+    def norms(h: Any) -> dict[str, Any]:
+        if hasattr(h, "ln_attn"):  # two norms side by side (the newer layout)
+            return {"input_layernorm": h.ln_attn, "post_attention_layernorm": h.ln_mlp}
+        return {"input_layernorm": h.input_layernorm,
+                "post_attention_layernorm": getattr(h, "post_attention_layernorm", None)}
+
+    layers = [SimpleNamespace(**norms(h), self_attn=SimpleNamespace(qkv_proj=qkv(h.self_attention.query_key_value),
+                                                                   o_proj=h.self_attention.dense),
+                              mlp=SimpleNamespace(fc1=h.mlp.dense_h_to_4h, fc2=h.mlp.dense_4h_to_h))
+              for h in t.h]
+    config = _Config(cfg, hidden_act=cfg.activation, num_key_value_heads=kv, head_dim=dim)
+    inner = SimpleNamespace(embed_tokens=t.word_embeddings, embed_positions=None, layers=layers, norm=t.ln_f,
+                            rotary_emb=t.rotary_emb)
+    return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), names, rows)
 
 
 def _linear_of(module: Any) -> Any:

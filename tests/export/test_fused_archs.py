@@ -54,6 +54,12 @@ VARIANTS = {
     "gpt2": ("gpt2", {}),
     # learned positions from row 2 of the table, ReLU MLP, q/k/v biases
     "opt": ("opt", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
+    # q/k/v packed by key-value group; attention and MLP side by side on two norms (newer layout), on one
+    # (multi-query), or one after the other; head by head without multi-query
+    "falcon-new": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "hidden_size": 128}),
+    "falcon-mq": ("falcon", {"multi_query": True, "hidden_size": 128}),
+    "falcon-seq": ("falcon", {"multi_query": False, "parallel_attn": False, "num_kv_heads": 4, "hidden_size": 128,
+                              "bias": True}),
 }
 
 
@@ -131,7 +137,7 @@ def test_other_attention_kinds_are_refused_by_name():
 
 
 @pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3", "phi3", "stablelm", "olmo2", "phi", "gpt_neox",
-                                     "gpt2", "opt"])
+                                     "gpt2", "opt", "falcon-new"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -155,7 +161,7 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     delta = make(str(tmp_path / "base"), str(tmp_path / "tuned"), DeltaConfig(method="truncsvd", rank=8))
     moved = {"qwen2": "q_proj.bias", "phi3": "input_layernorm.weight",
              "stablelm": "input_layernorm.bias", "phi": "fc1.bias", "gpt_neox": "query_key_value.bias",
-             "gpt2": "c_attn.bias", "opt": "fc1.bias"}.get(variant, "q_norm.weight")
+             "gpt2": "c_attn.bias", "opt": "fc1.bias", "falcon-new": "ln_attn.weight"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
@@ -196,7 +202,7 @@ def test_layouts_the_fused_graph_lacks_fall_back_by_name():
         check_supported(OlmoConfig(hidden_size=64, num_attention_heads=4, clip_qkv=8.0))
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox-wide", "gpt2"])
+@pytest.mark.parametrize("arch", ["gpt_neox-wide", "gpt2", "falcon"])
 def test_factorized_views_take_deltas(arch, tmp_path):
     """A ResSVD-compressed GPT-NeoX (its packed q/k/v factor pair reordered for GroupQueryAttention, the delta's
     rows reordered the same way at load) and GPT-2 (factor pairs where Conv1D layers were) in the fused graph."""
