@@ -116,10 +116,11 @@ def _check_opt(config: Any) -> None:
 def _check_falcon(config: Any) -> None:
     if getattr(config, "model_type", "") != "falcon":
         return
-    if config.alibi:
+    # getattr with FalconConfig's defaults: the planner checks a config.json, which older Falcons write sparsely
+    if getattr(config, "alibi", False):
         raise UnsupportedArchitecture("the fused graph has rotary positions, this Falcon uses ALiBi; build with "
                                       "--graph optimum")
-    if config.new_decoder_architecture and not config.parallel_attn:
+    if getattr(config, "new_decoder_architecture", False) and not getattr(config, "parallel_attn", True):
         raise UnsupportedArchitecture("the fused graph has Falcon's newer layout with parallel attention only")
 
 

@@ -6,7 +6,8 @@ rotary embedding applied inside (cos/sin caches) and a KV cache shared between p
 (one preallocated buffer of ``context`` positions per layer and kind), an o projection, and a
 SwiGLU MLP with packed gate/up projections. Linear layers are float32 MatMul or int4 / int8 MatMulNBits
 (``linear.py``); the tied embedding is stored once. What other members of the family change (Qwen, Phi-3,
-Gemma, Granite, SmolLM3: norms, multipliers, activations, windows, rotary) is read by ``family.py``.
+Gemma, Granite, SmolLM3: norms, multipliers, activations, windows, rotary) is read by ``family.py``;
+GPT-2, GPT-NeoX, OPT and Falcon are read through ``views.py``, which gives their modules Llama's names.
 
 Graph contract (what ``runtime/fused_decoder.py`` binds):
     inputs   input_ids int64 [1, S]; seqlens_k int32 [1] (= positions after this step - 1);
@@ -82,8 +83,8 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
         cos, sin = rotary["local" if "local" in rotary and _window(cfg, i) > 0 else "global"] if rotary else ("", "")
         attn = _attention(b, lin, x, layer.self_attn, (cfg, family, norm), past, (seqlens, total, cos, sin), i,
                           kv_shape)
-        if family.parallel:  # Phi: the MLP reads the same normed input; both outputs join the residual
-            if family.parallel_norms:  # GPT-NeoX: the MLP's own norm of the same residual
+        if family.parallel:  # Phi, Falcon: the MLP reads the same normed input; both outputs join the residual
+            if family.parallel_norms:  # GPT-NeoX, newer Falcons: the MLP's own norm of the same residual
                 x = norm.alone(residual, layer.post_attention_layernorm, f"layers.{i}.mlp_norm")
             mlp = _mlp(b, lin, x, layer.mlp, family.activation, f"layers.{i}.mlp")
             pending = b.op1("Add", [attn, mlp], f"layers.{i}/parallel")
@@ -127,7 +128,7 @@ def _last_positions(b: GraphBuilder, x: str, keep: str) -> str:
 
 
 def _positioned(b: GraphBuilder, hidden: str, ids: str, total: str, table: np.ndarray) -> str:
-    """hidden + the learned embeddings of positions total - S .. total - 1 (GPT-2): one Slice of the table."""
+    """hidden + the learned embeddings of positions total - S .. total - 1 (GPT-2, OPT): one Slice of the table."""
     steps = b.op1("Shape", [ids], "positions/steps", start=1, end=2)
     end = b.op1("Reshape", [b.op1("Cast", [total], "positions/cast", to=INT64), b.const([1])], "positions/end")
     start = b.op1("Sub", [end, steps], "positions/start")
@@ -325,7 +326,7 @@ def _activate(b: GraphBuilder, x: str, activation: str, name: str) -> str:
 def _rotaries(model: Any) -> dict[str, Any]:
     """The model's rotary embeddings: "global", and Gemma 3's "local" one for sliding-window layers
     (another base frequency)."""
-    if model.model.rotary_emb is None:  # GPT-2: learned positions instead
+    if model.model.rotary_emb is None:  # GPT-2, OPT: learned positions instead
         return {}
     local = getattr(model.model, "rotary_emb_local", None)
     return {"global": model.model.rotary_emb} | ({"local": local} if local is not None else {})
