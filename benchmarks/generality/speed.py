@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 
-from benchmarks.common import folder_size, markdown_table, results_dir  # noqa: E402
+from common import folder_size, markdown_table, results_dir  # noqa: E402
 
 SHAPE = {"layers": 12, "hidden": 768, "heads": 12, "ffn": 3072}
 FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "falcon", "phi")
