@@ -264,7 +264,7 @@ def evaluate(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     print(f"perplexity {result.perplexity:.3f} over {result.tokens} tokens "
-          f"({result.windows} windows of {result.context})")
+          f"({result.windows} window{'s' if result.windows != 1 else ''} of {result.context})")
     return 0
 
 

@@ -169,7 +169,7 @@ def test_eval_default_text_and_errors(tiny_package, tmp_path, capsys):
     assert code == 2 and "--context" in err
     # The tiny package holds 256 positions: the default 512-token window shrinks to it, a longer one is refused.
     code, out, _ = run_cli(["eval", str(tiny_package), "--max-windows", "1"], capsys)
-    assert code == 0 and "1 windows of 256" in out
+    assert code == 0 and "1 window of 256" in out
     code, _, err = run_cli(["eval", str(tiny_package), "--context", "300"], capsys)
     assert code == 2 and "pass --context 256 or less" in err
 

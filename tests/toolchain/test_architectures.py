@@ -218,3 +218,10 @@ def test_device_plans_name_each_familys_own_layers(arch, models, tmp_path):
     plan, manifest = build_for_device(str(src), str(path), tmp_path / "pkg", context=128)
     assert plan.ranks and set(plan.ranks) <= set(expected)
     assert manifest.plan["compression"]["ranks"] == plan.ranks
+
+
+def test_falcon_plans_its_grouped_kv_heads(models):
+    # FalconConfig names them num_kv_heads: the planner sized Falcon's KV cache for all 4 heads
+    from edgepack.toolchain.planner.plan import model_shape
+
+    assert model_shape(str(models("falcon"))).kv_heads == 2

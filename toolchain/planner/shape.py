@@ -44,9 +44,18 @@ def from_config(cfg: dict[str, Any], spec: str) -> memory.ModelShape:
     hidden = int(config.hidden_size)
     return memory.ModelShape(
         layers=len(per_layer), hidden=hidden, intermediate=max(max(o, k) for _, o, k in templates), heads=heads,
-        kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+        kv_heads=_kv_heads(config, heads),
         head_dim=int(getattr(config, "head_dim", None) or hidden // heads), vocab=int(config.vocab_size),
         tied=bool(cfg.get("tie_word_embeddings", True)), layer_linears=tuple(templates))
+
+
+def _kv_heads(config: Any, heads: int) -> int:
+    """Key/value heads the KV cache holds (Falcon spells them num_kv_heads, 1 with multi-query attention)."""
+    if getattr(config, "model_type", "") == "falcon":
+        from edgepack.export.fused.views import falcon_kv_heads
+
+        return falcon_kv_heads(config)
+    return int(getattr(config, "num_key_value_heads", None) or heads)
 
 
 def _template(name: str, index: int) -> str:
