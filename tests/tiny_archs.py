@@ -74,6 +74,8 @@ ARCHS: dict[str, Callable[[], Any]] = {
                      new_decoder_architecture=True, num_kv_heads=2, max_position_embeddings=256),
     "bloom": _plain("BloomConfig", hidden_size=64, n_layer=2, n_head=4),
     "gptj": _plain("GPTJConfig", n_embd=64, n_layer=2, n_head=4, n_positions=256, rotary_dim=8),
+    # 64-wide heads, 16 of them rotated: the fused graph's GPT-J (the one above falls back to optimum's)
+    "gptj-wide": _plain("GPTJConfig", n_embd=256, n_layer=2, n_head=4, n_positions=256, rotary_dim=16),
     "gemma3_text": _cfg("Gemma3TextConfig", head_dim=16, sliding_window=32),
     "cohere": _cfg("CohereConfig"),
     "olmo2": _cfg("Olmo2Config"),

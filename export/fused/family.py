@@ -15,8 +15,10 @@ one normed input ("parallel"), with LayerNorms, biases everywhere and a partial 
 by side too, each on its own norm of the residual (``parallel_norms``; or one after the other when
 ``use_parallel_residual`` is off). GPT-2 and OPT have no rotary: they add learned position embeddings to the token's
 (OPT's MLP is a ReLU). Falcon runs attention and MLP side by side on one norm, or on two in its newer layout.
-GPT-2, GPT-NeoX, OPT and Falcon reach the graph through ``views.py``, which gives their modules the Llama layout's
-names.
+Cohere runs attention and a SwiGLU MLP side by side on one LayerNorm without bias, rotates interleaved pairs of
+dimensions and scales its logits; GPT-J rotates interleaved pairs too, of the first ``rotary_dim`` dimensions of a
+head, with attention and MLP side by side. GPT-2, GPT-NeoX, OPT, Falcon and GPT-J reach the graph through
+``views.py``, which gives their modules the Llama layout's names.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from typing import Any
 from edgepack.runtime.errors import UnsupportedArchitecture
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma", "gemma2",
-                   "gemma3_text", "stablelm", "olmo", "olmo2", "phi", "gpt_neox", "gpt2", "opt", "falcon")
-LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon")
+                   "gemma3_text", "stablelm", "olmo", "olmo2", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere",
+                   "gptj")
+LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj")
 POSITION_TABLE_TYPES = ("gpt2", "opt")  # learned absolute positions, no rotary
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -55,6 +58,7 @@ class Family:
     parallel: bool = False  # attention and MLP read the same normed input, both added to the residual (Phi)
     parallel_norms: bool = False  # parallel, the MLP reading its own norm of the residual (GPT-NeoX)
     positions: bool = False  # learned absolute position embeddings added to the token embeddings (GPT-2)
+    rotary_interleaved: bool = False  # the rotary turns pairs (x0, x1), (x2, x3), ... (Cohere), not halves
 
 
 def check_supported(config: Any) -> None:
@@ -79,12 +83,19 @@ def check_supported(config: Any) -> None:
     head = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
     share = 0.0 if model_type in POSITION_TABLE_TYPES else float(getattr(config, "partial_rotary_factor", None) or 1.0)
     rotated = int(head * share)
+    if model_type == "gptj":
+        if not getattr(config, "rotary_dim", 64):  # transformers' GPT-J then rotates by a hidden-wide table
+            raise UnsupportedArchitecture("the fused graph needs GPT-J's rotary_dim; build with --graph optimum")
+        rotated = int(getattr(config, "rotary_dim", 64))
     if head and rotated % 16:  # GroupQueryAttention's kernel rotates in groups of 16 dimensions
         raise UnsupportedArchitecture(f"the fused graph rotates multiples of 16 dimensions of a head, this model "
                                       f"rotates {rotated}; build with --graph optimum")
     _check_gpt2(config)
     _check_opt(config)
     _check_falcon(config)
+    if model_type == "cohere" and getattr(config, "use_qk_norm", False):
+        raise UnsupportedArchitecture("the fused graph has no per-head LayerNorm of q/k (Cohere's use_qk_norm); "
+                                      "build with --graph optimum")
     stablelm_parallel = model_type == "stablelm" and getattr(config, "use_parallel_residual", False)
     if getattr(config, "qk_layernorm", False) or stablelm_parallel:
         raise UnsupportedArchitecture("the fused graph has no per-head LayerNorm of q/k and no parallel residual "
@@ -150,15 +161,17 @@ def family_of(config: Any, head_dim: int) -> Family:
         attention_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0),
         logit_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0),
         residual_scale=float(config.residual_multiplier) if granite else None,
-        logit_scale=1.0 / float(config.logits_scaling) if granite else None,
+        logit_scale=1.0 / float(config.logits_scaling) if granite else float(config.logit_scale)
+        if config.model_type == "cohere" else None,
         rotary_layers=tuple(bool(r) for r in rotary) if rotary is not None else None,
         layer_norm=config.model_type in LAYER_NORM_TYPES,
         norm_eps=_norm_eps(config),
         pre_norm=config.model_type != "olmo2",
         qk_norm_per_head=config.model_type != "olmo2",
-        parallel=config.model_type == "phi" or neox_parallel or falcon_parallel,
+        parallel=config.model_type in ("phi", "cohere", "gptj") or neox_parallel or falcon_parallel,
         parallel_norms=two_norms,
         positions=config.model_type in POSITION_TABLE_TYPES,
+        rotary_interleaved=config.model_type in ("cohere", "gptj"),
     )
 
 
@@ -167,11 +180,11 @@ def _norm_eps(config: Any) -> float:
     parameter-free LayerNorm takes none from the config)."""
     if config.model_type == "olmo":
         return 1e-5
-    if config.model_type in ("stablelm", "phi", "gpt_neox"):
+    if config.model_type in ("stablelm", "phi", "gpt_neox", "cohere"):
         return float(config.layer_norm_eps)
     if config.model_type == "opt":
         return 1e-5  # torch's LayerNorm default, which OPT's layers use
-    if config.model_type in ("gpt2", "falcon"):
+    if config.model_type in ("gpt2", "falcon", "gptj"):
         return float(config.layer_norm_epsilon)
     return float(config.rms_norm_eps)
 
@@ -181,8 +194,8 @@ def _activation_name(config: Any) -> str:
     (Gemma too) from ``hidden_act``."""
     if getattr(config, "model_type", "") == "falcon":
         return getattr(config, "activation", "gelu")
-    if getattr(config, "model_type", "") in ("gpt2", "opt"):
-        return getattr(config, "activation_function", "gelu_new" if config.model_type == "gpt2" else "relu")
+    if getattr(config, "model_type", "") in ("gpt2", "opt", "gptj"):
+        return getattr(config, "activation_function", "relu" if config.model_type == "opt" else "gelu_new")
     if getattr(config, "model_type", "") in ("gemma2", "gemma3_text"):
         return getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"  # their configs' default
     return getattr(config, "hidden_act", "silu")

@@ -112,6 +112,11 @@ class LinearEmitter:
         y = b.op1("Add", [y, b.op1("MatMul", [low, b_in], f"{name}/delta_b")], f"{name}/add_delta")
         return self._bias_deltas(y, modules, name)
 
+    def head_bias_delta(self, y: str, head: Any) -> str:
+        """``y`` (the logits) plus a dense slot for the LM head's bias, when it has one (Phi, GPT-J: a full
+        fine-tune moves it; the head's weight is not a delta layer)."""
+        return self._bias_deltas(y, [head], "lm_head") if self.delta_slots else y
+
     def _bias_deltas(self, y: str, modules: list[Any], name: str) -> str:
         """``y`` plus dense slots for the modules' biases (a fine-tune moves Qwen2's q/k/v biases too): the
         biases themselves are baked into the projection's op, so their changes are added after it."""

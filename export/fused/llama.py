@@ -109,7 +109,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     elif tied:  # one float32 copy: the head reads the embedding transposed
         logits = b.op1("FusedMatMul", [x, "embed.weight"], "lm_head/FusedMatMul", domain=MS_DOMAIN, transB=1)
     else:
-        logits = lin.module(x, model.lm_head, "lm_head")
+        logits = lin.head_bias_delta(lin.module(x, model.lm_head, "lm_head"), model.lm_head)
     logits = _scaled(b, logits, family.logit_scale, "lm_head")
     if family.logit_softcap:
         logits = _softcap(b, logits, family.logit_softcap, "lm_head")
@@ -234,7 +234,7 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tu
     b.op_named("GroupQueryAttention", [*qkv, *past, seqlens, total, cos, sin], [out, *present], f"{name}/gqa",
                domain=MS_DOMAIN, num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
                do_rotary=int(bool(cos) and (family.rotary_layers is None or family.rotary_layers[i])),
-               rotary_interleaved=0,
+               rotary_interleaved=int(family.rotary_interleaved),
                scale=family.attention_scale, softcap=family.attention_softcap,
                local_window_size=_window(cfg, i))
     for p in present:

@@ -1,5 +1,5 @@
-"""GPT-2, GPT-NeoX, OPT and Falcon seen through the Llama layout's names, so the fused graph (``llama.py``) builds
-them too.
+"""GPT-2, GPT-NeoX, OPT, Falcon and GPT-J seen through the Llama layout's names, so the fused graph (``llama.py``)
+builds them too.
 
 The graph reads ``model.model.{embed_tokens, layers, norm, rotary_emb}``, each layer's two norms, ``self_attn``
 and ``mlp``, and ``model.lm_head``. GPT-2 and GPT-NeoX hold the same parts under other names, and two in another
@@ -9,7 +9,8 @@ packed projection's output rows are permuted once here. A delta slot on it recor
 permutes a delta's rows the same way (``runtime/delta.py``). OPT's learned position table starts at row 2 (its
 ``offset``); the graph reads it from there. Falcon packs q/k/v by key-value group (the group's query heads, then
 its key, then its value) in its newer layout, all q then one k and one v with multi-query attention, and head by
-head (as GPT-NeoX) otherwise. Every copy keeps the source model's path, which is what deltas and the
+head (as GPT-NeoX) otherwise. GPT-J has no rotary module (its attention keeps a sin/cos table); the view gives it
+one holding the same inverse frequencies. Every copy keeps the source model's path, which is what deltas and the
 package's slot metadata name.
 """
 
@@ -52,6 +53,8 @@ def layout(model: Any) -> Layout:
         return _opt(model)
     if kind == "falcon":
         return _falcon(model)
+    if kind == "gptj":
+        return _gptj(model)
     return Layout(model, _names(model), {})
 
 
@@ -164,6 +167,23 @@ def _falcon(model: Any) -> Layout:
     inner = SimpleNamespace(embed_tokens=t.word_embeddings, embed_positions=None, layers=layers, norm=t.ln_f,
                             rotary_emb=t.rotary_emb)
     return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), names, rows)
+
+
+def _gptj(model: Any) -> Layout:
+    import torch
+
+    t, cfg = model.transformer, model.config
+    layers = [SimpleNamespace(input_layernorm=h.ln_1, post_attention_layernorm=None,
+                              self_attn=SimpleNamespace(q_proj=h.attn.q_proj, k_proj=h.attn.k_proj,
+                                                        v_proj=h.attn.v_proj, o_proj=h.attn.out_proj),
+                              mlp=SimpleNamespace(fc1=h.mlp.fc_in, fc2=h.mlp.fc_out))
+              for h in t.h]
+    dim = int(cfg.rotary_dim)  # as transformers' create_sinusoidal_positions computes them
+    rotary = SimpleNamespace(inv_freq=1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64) / dim)),
+                             rope_type="default", attention_scaling=1.0, config=None)
+    config = _Config(cfg, hidden_act=cfg.activation_function, **_heads(cfg))
+    inner = SimpleNamespace(embed_tokens=t.wte, embed_positions=None, layers=layers, norm=t.ln_f, rotary_emb=rotary)
+    return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), _names(model), {})
 
 
 def _linear_of(module: Any) -> Any:

@@ -56,6 +56,11 @@ VARIANTS = {
     "opt": ("opt", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
     # q/k/v packed by key-value group; attention and MLP side by side on two norms (newer layout), on one
     # (multi-query), or one after the other; head by head without multi-query
+    # attention and SwiGLU side by side on one bias-free LayerNorm, interleaved rotary, scaled logits
+    "cohere": ("cohere", {"logit_scale": 0.5}),
+    # attention and MLP side by side on one LayerNorm, 16 of each 64-wide head rotated in interleaved pairs, a head
+    # with a bias
+    "gptj": ("gptj", {"hidden_size": 256, "rotary_dim": 16, "tie_word_embeddings": False}),
     "falcon-new": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "hidden_size": 128}),
     "falcon-mq": ("falcon", {"multi_query": True, "hidden_size": 128}),
     "falcon-seq": ("falcon", {"multi_query": False, "parallel_attn": False, "num_kv_heads": 4, "hidden_size": 128,
@@ -137,7 +142,7 @@ def test_other_attention_kinds_are_refused_by_name():
 
 
 @pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3", "phi3", "stablelm", "olmo2", "phi", "gpt_neox",
-                                     "gpt2", "opt", "falcon-new"])
+                                     "gpt2", "opt", "falcon-new", "cohere", "gptj"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -161,7 +166,8 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     delta = make(str(tmp_path / "base"), str(tmp_path / "tuned"), DeltaConfig(method="truncsvd", rank=8))
     moved = {"qwen2": "q_proj.bias", "phi3": "input_layernorm.weight",
              "stablelm": "input_layernorm.bias", "phi": "fc1.bias", "gpt_neox": "query_key_value.bias",
-             "gpt2": "c_attn.bias", "opt": "fc1.bias", "falcon-new": "ln_attn.weight"}.get(variant, "q_norm.weight")
+             "gpt2": "c_attn.bias", "opt": "fc1.bias", "falcon-new": "ln_attn.weight",
+             "cohere": "input_layernorm.weight", "gptj": "fc_in.bias"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
@@ -188,12 +194,14 @@ def test_softcapped_attention_loads_eager_so_the_reference_computes_the_cap(tmp_
 
 def test_layouts_the_fused_graph_lacks_fall_back_by_name():
     # checked on the config, so `build --graph auto` falls back to optimum's graph instead of failing later
-    from transformers import OlmoConfig, OPTConfig, StableLmConfig
+    from transformers import CohereConfig, OlmoConfig, OPTConfig, StableLmConfig
 
     with pytest.raises(UnsupportedArchitecture, match="rotates 4"):  # 16-wide heads, a quarter rotates
         check_supported(StableLmConfig(hidden_size=64, num_attention_heads=4, partial_rotary_factor=0.25))
     with pytest.raises(UnsupportedArchitecture, match="parallel residual"):
         check_supported(StableLmConfig(hidden_size=256, num_attention_heads=4, use_parallel_residual=True))
+    with pytest.raises(UnsupportedArchitecture, match="use_qk_norm"):
+        check_supported(CohereConfig(hidden_size=64, num_attention_heads=4, use_qk_norm=True))
     with pytest.raises(UnsupportedArchitecture, match="OPT-350m"):
         check_supported(OPTConfig(do_layer_norm_before=False))
     with pytest.raises(UnsupportedArchitecture, match="embedding width"):
@@ -202,7 +210,7 @@ def test_layouts_the_fused_graph_lacks_fall_back_by_name():
         check_supported(OlmoConfig(hidden_size=64, num_attention_heads=4, clip_qkv=8.0))
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox-wide", "gpt2", "falcon"])
+@pytest.mark.parametrize("arch", ["gpt_neox-wide", "gpt2", "falcon", "gptj-wide", "cohere"])
 def test_factorized_views_take_deltas(arch, tmp_path):
     """A ResSVD-compressed GPT-NeoX (its packed q/k/v factor pair reordered for GroupQueryAttention, the delta's
     rows reordered the same way at load) and GPT-2 (factor pairs where Conv1D layers were) in the fused graph."""

@@ -53,7 +53,7 @@ def test_package_evaluates_like_pytorch_at_its_default_window(arch, models, text
     code, _, _ = run_cli(["build", src, "-o", pkg], capsys)
     assert code == 0
     code, ours, _ = run_cli(["eval", pkg, "--text", text, "--max-windows", "1"], capsys)
-    assert code == 0 and "1 windows of 256" in ours
+    assert code == 0 and "1 window of 256" in ours
     code, theirs, _ = run_cli(["eval", src, "--text", text, "--context", "256", "--max-windows", "1"], capsys)
     assert code == 0 and abs(_ppl(ours) - _ppl(theirs)) / _ppl(theirs) < 1e-3
 
@@ -175,7 +175,7 @@ def test_source_eval_window_stays_within_the_model_positions(models, text, capsy
     # GPT-2's learned position table has 256 rows here: the default 512-token window raised IndexError
     src = models("gpt2")
     code, out, _ = run_cli(["eval", src, "--text", text, "--max-windows", "1"], capsys)
-    assert code == 0 and "1 windows of 256" in out
+    assert code == 0 and "1 window of 256" in out
     code, _, err = run_cli(["eval", src, "--text", text, "--context", "300"], capsys)
     assert code == 2 and "pass --context 256 or less" in err
 
