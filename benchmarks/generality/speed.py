@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 from common import folder_size, markdown_table, results_dir  # noqa: E402
 
 SHAPE = {"layers": 12, "hidden": 768, "heads": 12, "ffn": 3072}
-FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "falcon", "phi")
+FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "falcon", "phi", "gptj", "cohere")
 GRAPHS = ("fused", "optimum")
 
 
@@ -50,6 +50,11 @@ def _config(family: str):
         "phi": lambda: transformers.PhiConfig(hidden_size=s["hidden"], intermediate_size=s["ffn"],
                                               num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                                               partial_rotary_factor=0.5, **ids),
+        "gptj": lambda: transformers.GPTJConfig(n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
+                                                rotary_dim=32, **ids),
+        "cohere": lambda: transformers.CohereConfig(hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                                                    num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                                                    num_key_value_heads=4, **ids),
     }[family]()
 
 
