@@ -225,11 +225,28 @@ def _factor_rounding(config: BuildConfig) -> str:
 
 
 def _exportable_check(graph: str) -> Any:
-    if graph == "fused":
-        from edgepack.export import fused
+    from edgepack.export import fused
 
+    if graph == "fused":
         return fused.check_supported
-    return onnx_export.check_exportable
+    if graph == "optimum":
+        return onnx_export.check_exportable
+    return _either_graph  # auto
+
+
+def _either_graph(model_config: Any) -> None:
+    """``--graph auto``'s check: the fused graph or optimum's exporter takes the model (types optimum cannot
+    export, such as StarCoder2 or EXAONE 4, build on the fused graph)."""
+    from edgepack.export import fused
+    from edgepack.runtime.errors import UnsupportedArchitecture
+
+    try:
+        fused.check_supported(model_config)
+    except UnsupportedArchitecture as no_fused:
+        try:
+            onnx_export.check_exportable(model_config)
+        except UnsupportedArchitecture as e:
+            raise UnsupportedArchitecture(f"{e}; nor has it a fused graph ({str(no_fused).split(';')[0]})") from None
 
 
 def _dtype(config: BuildConfig) -> str:

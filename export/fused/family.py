@@ -17,8 +17,11 @@ by side too, each on its own norm of the residual (``parallel_norms``; or one af
 (OPT's MLP is a ReLU). Falcon runs attention and MLP side by side on one norm, or on two in its newer layout.
 Cohere runs attention and a SwiGLU MLP side by side on one LayerNorm without bias, rotates interleaved pairs of
 dimensions and scales its logits; GPT-J rotates interleaved pairs too, of the first ``rotary_dim`` dimensions of a
-head, with attention and MLP side by side. GPT-2, GPT-NeoX, OPT, Falcon and GPT-J reach the graph through
-``views.py``, which gives their modules the Llama layout's names.
+head, with attention and MLP side by side. Ministral, Seed-OSS and ERNIE 4.5 (interleaved rotary) are Llama's
+layout; StarCoder2 has LayerNorms with biases and a plain MLP; OLMo 3 is OLMo 2 with sliding-window layers (each
+kind its own rotary); EXAONE 4 norms block outputs only, q and k per head, and rotates only its sliding-window
+layers; VaultGemma is Gemma 2 without the norms on block outputs. GPT-2, GPT-NeoX, OPT, Falcon and GPT-J reach
+the graph through ``views.py``, which gives their modules the Llama layout's names.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from edgepack.runtime.errors import UnsupportedArchitecture
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma", "gemma2",
                    "gemma3_text", "stablelm", "olmo", "olmo2", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere",
-                   "gptj")
-LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj")
+                   "gptj", "ministral", "olmo3", "seed_oss", "starcoder2", "vaultgemma", "ernie4_5", "exaone4")
+LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj", "starcoder2")
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "vaultgemma")  # norms by 1 + w, embedding scaled by sqrt(hidden)
+POST_NORM_TYPES = ("olmo2", "olmo3", "exaone4")  # norms on each block's output only
 POSITION_TABLE_TYPES = ("gpt2", "opt")  # learned absolute positions, no rotary
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -142,10 +147,12 @@ def _falcon_norms(config: Any) -> int:
 
 
 def family_of(config: Any, head_dim: int) -> Family:
-    gemma = config.model_type.startswith("gemma")
+    gemma = config.model_type in GEMMA_TYPES
     granite = config.model_type == "granite"
     scalar = getattr(config, "query_pre_attn_scalar", None) if gemma else None
     rotary = getattr(config, "no_rope_layers", None) if config.model_type == "smollm3" else None
+    if config.model_type == "exaone4" and getattr(config, "sliding_window", None):  # global layers have no rotary
+        rotary = [kind == "sliding_attention" for kind in config.layer_types]
     neox_parallel = config.model_type == "gpt_neox" and bool(config.use_parallel_residual)
     falcon = config.model_type == "falcon"
     falcon_parallel = falcon and bool(config.new_decoder_architecture or config.parallel_attn)
@@ -166,12 +173,12 @@ def family_of(config: Any, head_dim: int) -> Family:
         rotary_layers=tuple(bool(r) for r in rotary) if rotary is not None else None,
         layer_norm=config.model_type in LAYER_NORM_TYPES,
         norm_eps=_norm_eps(config),
-        pre_norm=config.model_type != "olmo2",
-        qk_norm_per_head=config.model_type != "olmo2",
+        pre_norm=config.model_type not in POST_NORM_TYPES,
+        qk_norm_per_head=config.model_type not in ("olmo2", "olmo3"),
         parallel=config.model_type in ("phi", "cohere", "gptj") or neox_parallel or falcon_parallel,
         parallel_norms=two_norms,
         positions=config.model_type in POSITION_TABLE_TYPES,
-        rotary_interleaved=config.model_type in ("cohere", "gptj"),
+        rotary_interleaved=config.model_type in ("cohere", "gptj", "ernie4_5"),
     )
 
 
@@ -186,6 +193,8 @@ def _norm_eps(config: Any) -> float:
         return 1e-5  # torch's LayerNorm default, which OPT's layers use
     if config.model_type in ("gpt2", "falcon", "gptj"):
         return float(config.layer_norm_epsilon)
+    if config.model_type == "starcoder2":
+        return float(config.norm_epsilon)
     return float(config.rms_norm_eps)
 
 
@@ -196,6 +205,6 @@ def _activation_name(config: Any) -> str:
         return getattr(config, "activation", "gelu")
     if getattr(config, "model_type", "") in ("gpt2", "opt", "gptj"):
         return getattr(config, "activation_function", "relu" if config.model_type == "opt" else "gelu_new")
-    if getattr(config, "model_type", "") in ("gemma2", "gemma3_text"):
+    if getattr(config, "model_type", "") in ("gemma2", "gemma3_text", "vaultgemma"):
         return getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"  # their configs' default
     return getattr(config, "hidden_act", "silu")

@@ -93,7 +93,9 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
             attn = norm.alone(attn, layer.post_attention_layernorm, f"layers.{i}.attn_out_norm")
         attn = _scaled(b, attn, family.residual_scale, f"layers.{i}.attn")
         if family.pre_norm:
-            mlp_norm = layer.pre_feedforward_layernorm if family.sandwich else layer.post_attention_layernorm
+            # Gemma 2 / 3 (and VaultGemma, which has no post_attention_layernorm) name the MLP's norm differently
+            mlp_norm = layer.pre_feedforward_layernorm if family.sandwich or not hasattr(
+                layer, "post_attention_layernorm") else layer.post_attention_layernorm
             x, residual = norm.add(attn, residual, mlp_norm, f"layers.{i}.post_norm")
         else:
             x = residual = _added(b, residual, attn, f"layers.{i}/residual_attn")
@@ -281,11 +283,13 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str,
     """down(act(gate(x)) * up(x)), with gate and up as one packed projection when both are plain."""
     import torch.nn as nn
 
-    if hasattr(mlp, "fc1"):  # Phi: a plain two-layer MLP, fc2(act(fc1(x))), with biases
-        hidden = lin.delta(x, lin.module(x, mlp.fc1, f"{name}.fc1"), _in_features(mlp.fc1), [mlp.fc1], f"{name}.fc1")
+    plain = (mlp.fc1, mlp.fc2) if hasattr(mlp, "fc1") else (mlp.c_fc, mlp.c_proj) if hasattr(mlp, "c_fc") else None
+    if plain:  # Phi, StarCoder2: a plain two-layer MLP, fc2(act(fc1(x))), with biases
+        up, down = plain
+        hidden = lin.delta(x, lin.module(x, up, f"{name}.fc1"), _in_features(up), [up], f"{name}.fc1")
         activated = _activate(b, hidden, activation, name)
-        out = lin.module(activated, mlp.fc2, f"{name}.fc2")
-        return lin.delta(activated, out, _in_features(mlp.fc2), [mlp.fc2], f"{name}.fc2")
+        out = lin.module(activated, down, f"{name}.fc2")
+        return lin.delta(activated, out, _in_features(down), [down], f"{name}.fc2")
     if hasattr(mlp, "gate_up_proj"):  # Phi-3: one packed projection, gate first
         both = lin.delta(x, lin.module(x, mlp.gate_up_proj, f"{name}.gate_up"), _in_features(mlp.gate_up_proj),
                          [mlp.gate_up_proj], f"{name}.gate_up")
@@ -326,6 +330,9 @@ def _activate(b: GraphBuilder, x: str, activation: str, name: str) -> str:
 def _rotaries(model: Any) -> dict[str, Any]:
     """The model's rotary embeddings: "global", and Gemma 3's "local" one for sliding-window layers
     (another base frequency)."""
+    embs = getattr(model.model, "rotary_embs", None)  # OLMo 3: one per attention kind
+    if embs is not None:
+        return {"global": embs["full_attention"], "local": embs["sliding_attention"]}
     if model.model.rotary_emb is None:  # GPT-2, OPT: learned positions instead
         return {}
     local = getattr(model.model, "rotary_emb_local", None)

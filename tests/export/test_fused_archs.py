@@ -56,6 +56,20 @@ VARIANTS = {
     "opt": ("opt", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
     # q/k/v packed by key-value group; attention and MLP side by side on two norms (newer layout), on one
     # (multi-query), or one after the other; head by head without multi-query
+    # Llama-layout types optimum cannot export (stop 23): Ministral's per-layer windows, OLMo 3 (OLMo 2 + a rotary
+    # per attention kind), Seed-OSS's q/k/v and o biases, StarCoder2's LayerNorms and plain c_fc / c_proj MLP,
+    # VaultGemma (Gemma 2 without post norms), ERNIE 4.5's interleaved rotary, EXAONE 4 (post norms, per-head q/k
+    # norms, rotary on sliding layers only)
+    "ministral": ("ministral", {"head_dim": 16, "sliding_window": 5,
+                                "layer_types": ["sliding_attention", "full_attention"]}),
+    "olmo3": ("olmo3", {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]}),
+    "seed_oss": ("seed_oss", {"attention_bias": True, "attention_out_bias": True}),
+    "starcoder2": ("starcoder2", {"sliding_window": 7, "use_bias": True}),
+    "vaultgemma": ("vaultgemma", {"head_dim": 16, "sliding_window": 6, "query_pre_attn_scalar": 24,
+                                  "attn_logit_softcapping": 3.0, "final_logit_softcapping": 5.0,
+                                  "layer_types": ["sliding_attention", "full_attention"]}),
+    "ernie4_5": ("ernie4_5", {"use_bias": True}),
+    "exaone4": ("exaone4", {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]}),
     # attention and SwiGLU side by side on one bias-free LayerNorm, interleaved rotary, scaled logits
     "cohere": ("cohere", {"logit_scale": 0.5}),
     # attention and MLP side by side on one LayerNorm, 16 of each 64-wide head rotated in interleaved pairs, a head
@@ -142,7 +156,8 @@ def test_other_attention_kinds_are_refused_by_name():
 
 
 @pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3", "phi3", "stablelm", "olmo2", "phi", "gpt_neox",
-                                     "gpt2", "opt", "falcon-new", "cohere", "gptj"])
+                                     "gpt2", "opt", "falcon-new", "cohere", "gptj",
+                                     "starcoder2", "exaone4", "ernie4_5", "vaultgemma"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -167,7 +182,9 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     moved = {"qwen2": "q_proj.bias", "phi3": "input_layernorm.weight",
              "stablelm": "input_layernorm.bias", "phi": "fc1.bias", "gpt_neox": "query_key_value.bias",
              "gpt2": "c_attn.bias", "opt": "fc1.bias", "falcon-new": "ln_attn.weight",
-             "cohere": "input_layernorm.weight", "gptj": "fc_in.bias"}.get(variant, "q_norm.weight")
+             "cohere": "input_layernorm.weight", "gptj": "fc_in.bias", "starcoder2": "c_fc.bias",
+             "exaone4": "post_feedforward_layernorm.weight", "ernie4_5": "o_proj.bias",
+             "vaultgemma": "pre_feedforward_layernorm.weight"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")

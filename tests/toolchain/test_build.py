@@ -58,3 +58,16 @@ def test_parity_prompts_leave_room_for_the_decode_steps_in_a_short_context():
     assert max(map(len, full)) > 16  # the prose passages are long: clipping is what is under test
     short = build_mod.parity_prompts(tokenizer, context=16)
     assert [p[:16 - DECODE_STEPS] for p in full] == short
+
+
+def test_auto_takes_either_graph_and_refuses_with_both_reasons():
+    from types import SimpleNamespace
+
+    from edgepack.runtime.errors import UnsupportedArchitecture
+    from transformers import BloomConfig, Starcoder2Config
+
+    check = build_mod._exportable_check("auto")
+    check(Starcoder2Config())  # optimum cannot export it, the fused graph builds it
+    check(BloomConfig())  # the other way round
+    with pytest.raises(UnsupportedArchitecture, match="cannot be exported with a KV cache.*nor has it a fused graph"):
+        check(SimpleNamespace(model_type="rwkv"))
