@@ -20,8 +20,9 @@ dimensions and scales its logits; GPT-J rotates interleaved pairs too, of the fi
 head, with attention and MLP side by side. Ministral, Seed-OSS and ERNIE 4.5 (interleaved rotary) are Llama's
 layout; StarCoder2 has LayerNorms with biases and a plain MLP; OLMo 3 is OLMo 2 with sliding-window layers (each
 kind its own rotary); EXAONE 4 norms block outputs only, q and k per head, and rotates only its sliding-window
-layers; VaultGemma is Gemma 2 without the norms on block outputs. GPT-2, GPT-NeoX, OPT, Falcon and GPT-J reach
-the graph through ``views.py``, which gives their modules the Llama layout's names.
+layers; VaultGemma is Gemma 2 without the norms on block outputs; Cohere 2 is Cohere with sliding-window layers,
+only those rotated. GPT-2, GPT-NeoX, OPT, Falcon and GPT-J reach the graph through ``views.py``, which gives
+their modules the Llama layout's names.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ from edgepack.runtime.errors import UnsupportedArchitecture
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma", "gemma2",
                    "gemma3_text", "stablelm", "olmo", "olmo2", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere",
-                   "gptj", "ministral", "olmo3", "seed_oss", "starcoder2", "vaultgemma", "ernie4_5", "exaone4")
-LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj", "starcoder2")
+                   "gptj", "ministral", "olmo3", "seed_oss", "starcoder2", "vaultgemma", "ernie4_5", "exaone4",
+                   "cohere2")
+LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj", "starcoder2",
+                    "cohere2")
+COHERE_TYPES = ("cohere", "cohere2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "vaultgemma")  # norms by 1 + w, embedding scaled by sqrt(hidden)
 POST_NORM_TYPES = ("olmo2", "olmo3", "exaone4")  # norms on each block's output only
 POSITION_TABLE_TYPES = ("gpt2", "opt")  # learned absolute positions, no rotary
@@ -98,7 +102,7 @@ def check_supported(config: Any) -> None:
     _check_gpt2(config)
     _check_opt(config)
     _check_falcon(config)
-    if model_type == "cohere" and getattr(config, "use_qk_norm", False):
+    if model_type in COHERE_TYPES and getattr(config, "use_qk_norm", False):
         raise UnsupportedArchitecture("the fused graph has no per-head LayerNorm of q/k (Cohere's use_qk_norm); "
                                       "build with --graph optimum")
     stablelm_parallel = model_type == "stablelm" and getattr(config, "use_parallel_residual", False)
@@ -151,8 +155,8 @@ def family_of(config: Any, head_dim: int) -> Family:
     granite = config.model_type == "granite"
     scalar = getattr(config, "query_pre_attn_scalar", None) if gemma else None
     rotary = getattr(config, "no_rope_layers", None) if config.model_type == "smollm3" else None
-    if config.model_type == "exaone4" and getattr(config, "sliding_window", None):  # global layers have no rotary
-        rotary = [kind == "sliding_attention" for kind in config.layer_types]
+    if config.model_type == "exaone4" and getattr(config, "sliding_window", None) or config.model_type == "cohere2":
+        rotary = [kind == "sliding_attention" for kind in config.layer_types]  # global layers have no rotary
     neox_parallel = config.model_type == "gpt_neox" and bool(config.use_parallel_residual)
     falcon = config.model_type == "falcon"
     falcon_parallel = falcon and bool(config.new_decoder_architecture or config.parallel_attn)
@@ -169,16 +173,16 @@ def family_of(config: Any, head_dim: int) -> Family:
         logit_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0),
         residual_scale=float(config.residual_multiplier) if granite else None,
         logit_scale=1.0 / float(config.logits_scaling) if granite else float(config.logit_scale)
-        if config.model_type == "cohere" else None,
+        if config.model_type in COHERE_TYPES else None,
         rotary_layers=tuple(bool(r) for r in rotary) if rotary is not None else None,
         layer_norm=config.model_type in LAYER_NORM_TYPES,
         norm_eps=_norm_eps(config),
         pre_norm=config.model_type not in POST_NORM_TYPES,
         qk_norm_per_head=config.model_type not in ("olmo2", "olmo3"),
-        parallel=config.model_type in ("phi", "cohere", "gptj") or neox_parallel or falcon_parallel,
+        parallel=config.model_type in ("phi", "gptj", *COHERE_TYPES) or neox_parallel or falcon_parallel,
         parallel_norms=two_norms,
         positions=config.model_type in POSITION_TABLE_TYPES,
-        rotary_interleaved=config.model_type in ("cohere", "gptj", "ernie4_5"),
+        rotary_interleaved=config.model_type in ("gptj", "ernie4_5", *COHERE_TYPES),
     )
 
 
@@ -187,7 +191,7 @@ def _norm_eps(config: Any) -> float:
     parameter-free LayerNorm takes none from the config)."""
     if config.model_type == "olmo":
         return 1e-5
-    if config.model_type in ("stablelm", "phi", "gpt_neox", "cohere"):
+    if config.model_type in ("stablelm", "phi", "gpt_neox", *COHERE_TYPES):
         return float(config.layer_norm_eps)
     if config.model_type == "opt":
         return 1e-5  # torch's LayerNorm default, which OPT's layers use

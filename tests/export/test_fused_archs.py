@@ -72,6 +72,8 @@ VARIANTS = {
     "exaone4": ("exaone4", {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]}),
     # attention and SwiGLU side by side on one bias-free LayerNorm, interleaved rotary, scaled logits
     "cohere": ("cohere", {"logit_scale": 0.5}),
+    "cohere2": ("cohere2", {"logit_scale": 0.5, "sliding_window": 5,
+                            "layer_types": ["sliding_attention", "full_attention"]}),  # full layers: no rotary
     # attention and MLP side by side on one LayerNorm, 16 of each 64-wide head rotated in interleaved pairs, a head
     # with a bias
     "gptj": ("gptj", {"hidden_size": 256, "rotary_dim": 16, "tie_word_embeddings": False}),
