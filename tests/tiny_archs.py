@@ -90,6 +90,8 @@ ARCHS: dict[str, Callable[[], Any]] = {
                        layer_types=["sliding_attention", "full_attention"]),
     "ernie4_5": _cfg("Ernie4_5Config", use_bias=True),
     "exaone4": _cfg("Exaone4Config", sliding_window=32, layer_types=["sliding_attention", "full_attention"]),
+    "glm": _cfg("GlmConfig", head_dim=32),  # 16 of each 32-wide head rotated
+    "glm4": _cfg("Glm4Config", head_dim=32),
     "cohere2": _cfg("Cohere2Config", sliding_window=32, layer_types=["sliding_attention", "full_attention"]),
     "qwen3_moe": _cfg("Qwen3MoeConfig", head_dim=16, num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=32),

@@ -21,8 +21,9 @@ head, with attention and MLP side by side. Ministral, Seed-OSS and ERNIE 4.5 (in
 layout; StarCoder2 has LayerNorms with biases and a plain MLP; OLMo 3 is OLMo 2 with sliding-window layers (each
 kind its own rotary); EXAONE 4 norms block outputs only, q and k per head, and rotates only its sliding-window
 layers; VaultGemma is Gemma 2 without the norms on block outputs; Cohere 2 is Cohere with sliding-window layers,
-only those rotated. GPT-2, GPT-NeoX, OPT, Falcon and GPT-J reach the graph through ``views.py``, which gives
-their modules the Llama layout's names.
+only those rotated. GLM packs gate/up (as Phi-3) and rotates interleaved pairs of part of each head; GLM 4 adds
+Gemma 2's norms on block outputs, under other names. GPT-2, GPT-NeoX, OPT, Falcon, GPT-J and GLM 4 reach the graph
+through ``views.py``, which gives their modules the Llama layout's names.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from edgepack.runtime.errors import UnsupportedArchitecture
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma", "gemma2",
                    "gemma3_text", "stablelm", "olmo", "olmo2", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere",
                    "gptj", "ministral", "olmo3", "seed_oss", "starcoder2", "vaultgemma", "ernie4_5", "exaone4",
-                   "cohere2")
+                   "cohere2", "glm", "glm4")
 LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj", "starcoder2",
                     "cohere2")
 COHERE_TYPES = ("cohere", "cohere2")
@@ -166,7 +167,7 @@ def family_of(config: Any, head_dim: int) -> Family:
         norm_offset=1.0 if gemma else 0.0,
         embed_scale=math.sqrt(config.hidden_size) if gemma else float(config.embedding_multiplier) if granite else None,
         activation=ACTIVATIONS[_activation_name(config)],
-        sandwich=config.model_type in ("gemma2", "gemma3_text"),
+        sandwich=config.model_type in ("gemma2", "gemma3_text", "glm4"),
         attention_scale=float(config.attention_multiplier) if granite else 1.0 if unscaled else
         float(scalar or head_dim) ** -0.5,
         attention_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0),
@@ -182,7 +183,7 @@ def family_of(config: Any, head_dim: int) -> Family:
         parallel=config.model_type in ("phi", "gptj", *COHERE_TYPES) or neox_parallel or falcon_parallel,
         parallel_norms=two_norms,
         positions=config.model_type in POSITION_TABLE_TYPES,
-        rotary_interleaved=config.model_type in ("gptj", "ernie4_5", *COHERE_TYPES),
+        rotary_interleaved=config.model_type in ("gptj", "ernie4_5", "glm", "glm4", *COHERE_TYPES),
     )
 
 

@@ -1,5 +1,5 @@
-"""GPT-2, GPT-NeoX, OPT, Falcon and GPT-J seen through the Llama layout's names, so the fused graph (``llama.py``)
-builds them too.
+"""GPT-2, GPT-NeoX, OPT, Falcon, GPT-J and GLM 4 seen through the Llama layout's names, so the fused graph
+(``llama.py``) builds them too.
 
 The graph reads ``model.model.{embed_tokens, layers, norm, rotary_emb}``, each layer's two norms, ``self_attn``
 and ``mlp``, and ``model.lm_head``. GPT-2 and GPT-NeoX hold the same parts under other names, and two in another
@@ -10,8 +10,8 @@ permutes a delta's rows the same way (``runtime/delta.py``). OPT's learned posit
 ``offset``); the graph reads it from there. Falcon packs q/k/v by key-value group (the group's query heads, then
 its key, then its value) in its newer layout, all q then one k and one v with multi-query attention, and head by
 head (as GPT-NeoX) otherwise. GPT-J has no rotary module (its attention keeps a sin/cos table); the view gives it
-one holding the same inverse frequencies. Every copy keeps the source model's path, which is what deltas and the
-package's slot metadata name.
+one holding the same inverse frequencies. GLM 4's four norms a layer get Gemma 2's names. Every copy keeps the
+source model's path, which is what deltas and the package's slot metadata name.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def layout(model: Any) -> Layout:
         return _falcon(model)
     if kind == "gptj":
         return _gptj(model)
+    if kind == "glm4":
+        return _glm4(model)
     return Layout(model, _names(model), {})
 
 
@@ -184,6 +186,19 @@ def _gptj(model: Any) -> Layout:
     config = _Config(cfg, hidden_act=cfg.activation_function, **_heads(cfg))
     inner = SimpleNamespace(embed_tokens=t.wte, embed_positions=None, layers=layers, norm=t.ln_f, rotary_emb=rotary)
     return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), _names(model), {})
+
+
+def _glm4(model: Any) -> Layout:
+    """GLM 4's four norms a layer under Gemma 2's names (its post_attention_layernorm is the MLP's input norm)."""
+    layers = [SimpleNamespace(input_layernorm=layer.input_layernorm,
+                              post_attention_layernorm=layer.post_self_attn_layernorm,
+                              pre_feedforward_layernorm=layer.post_attention_layernorm,
+                              post_feedforward_layernorm=layer.post_mlp_layernorm, self_attn=layer.self_attn,
+                              mlp=layer.mlp)
+              for layer in model.model.layers]
+    inner = SimpleNamespace(embed_tokens=model.model.embed_tokens, embed_positions=None, layers=layers,
+                            norm=model.model.norm, rotary_emb=model.model.rotary_emb)
+    return Layout(SimpleNamespace(config=model.config, model=inner, lm_head=model.lm_head), _names(model), {})
 
 
 def _linear_of(module: Any) -> Any:

@@ -70,6 +70,9 @@ VARIANTS = {
                                   "layer_types": ["sliding_attention", "full_attention"]}),
     "ernie4_5": ("ernie4_5", {"use_bias": True}),
     "exaone4": ("exaone4", {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]}),
+    # packed gate/up, q/k/v biases, half of each 32-wide head rotated in interleaved pairs; GLM 4 adds output norms
+    "glm": ("glm", {"head_dim": 32, "attention_bias": True}),
+    "glm4": ("glm4", {"head_dim": 32, "attention_bias": True}),
     # attention and SwiGLU side by side on one bias-free LayerNorm, interleaved rotary, scaled logits
     "cohere": ("cohere", {"logit_scale": 0.5}),
     "cohere2": ("cohere2", {"logit_scale": 0.5, "sliding_window": 5,
@@ -159,7 +162,7 @@ def test_other_attention_kinds_are_refused_by_name():
 
 @pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3", "phi3", "stablelm", "olmo2", "phi", "gpt_neox",
                                      "gpt2", "opt", "falcon-new", "cohere", "gptj",
-                                     "starcoder2", "exaone4", "ernie4_5", "vaultgemma"])
+                                     "starcoder2", "exaone4", "ernie4_5", "vaultgemma", "glm4"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -186,7 +189,8 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
              "gpt2": "c_attn.bias", "opt": "fc1.bias", "falcon-new": "ln_attn.weight",
              "cohere": "input_layernorm.weight", "gptj": "fc_in.bias", "starcoder2": "c_fc.bias",
              "exaone4": "post_feedforward_layernorm.weight", "ernie4_5": "o_proj.bias",
-             "vaultgemma": "pre_feedforward_layernorm.weight"}.get(variant, "q_norm.weight")
+             "vaultgemma": "pre_feedforward_layernorm.weight",
+             "glm4": "post_mlp_layernorm.weight"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
