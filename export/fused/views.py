@@ -43,7 +43,8 @@ class _Config:
 
 
 def layout(model: Any) -> Layout:
-    """``model`` itself for the Llama family; a view of it with the Llama layout's names for GPT-2, GPT-NeoX, OPT."""
+    """``model`` itself for the Llama layout; a view of it with that layout's names for GPT-2, GPT-NeoX, OPT, Falcon,
+    GPT-J and GLM 4."""
     kind = getattr(model.config, "model_type", "")
     if kind == "gpt2":
         return _gpt2(model)
@@ -62,6 +63,19 @@ def layout(model: Any) -> Layout:
 
 def _names(model: Any) -> dict[int, str]:
     return {id(m): n for n, m in model.named_modules()} | {id(p): n for n, p in model.named_parameters()}
+
+
+def _head_by_head(heads: int, dim: int) -> np.ndarray:
+    """Source row of each graph row for q/k/v packed head by head: (head h, kind t, feature d) is row
+    h·3·dim + t·dim + d; the graph wants t·heads·dim + h·dim + d."""
+    return np.arange(3 * heads * dim).reshape(heads, 3, dim).transpose(1, 0, 2).reshape(-1)
+
+
+def _reordered(module: Any, order: np.ndarray, names: dict[int, str], rows: dict[int, np.ndarray]) -> Any:
+    """A copy of ``module`` with its output rows in ``order``, registered under the source's path."""
+    copy = _rows_permuted(module, order)
+    names[id(copy)], rows[id(copy)] = names[id(module)], order
+    return copy
 
 
 def _heads(config: Any) -> dict[str, int]:
@@ -90,19 +104,12 @@ def _gpt2(model: Any) -> Layout:
 def _neox(model: Any) -> Layout:
     names, rows = _names(model), {}
     n = model.gpt_neox
-    heads, dim = int(model.config.num_attention_heads), int(model.config.hidden_size) // int(
-        model.config.num_attention_heads)
-    # source row of (kind t, head h, feature d) is h·3·dim + t·dim + d; the graph wants t·heads·dim + h·dim + d
-    order = np.arange(3 * heads * dim).reshape(heads, 3, dim).transpose(1, 0, 2).reshape(-1)
-
-    def qkv(module: Any) -> Any:
-        copy = _rows_permuted(module, order)
-        names[id(copy)], rows[id(copy)] = names[id(module)], order
-        return copy
-
+    heads = int(model.config.num_attention_heads)
+    order = _head_by_head(heads, int(model.config.hidden_size) // heads)
     layers = [SimpleNamespace(input_layernorm=layer.input_layernorm,
                               post_attention_layernorm=layer.post_attention_layernorm,
-                              self_attn=SimpleNamespace(qkv_proj=qkv(layer.attention.query_key_value),
+                              self_attn=SimpleNamespace(qkv_proj=_reordered(layer.attention.query_key_value, order,
+                                                                            names, rows),
                                                         o_proj=layer.attention.dense),
                               mlp=SimpleNamespace(fc1=layer.mlp.dense_h_to_4h, fc2=layer.mlp.dense_4h_to_h))
               for layer in n.layers]
@@ -144,16 +151,12 @@ def _falcon(model: Any) -> Layout:
         source = np.arange(kv * group * dim).reshape(kv, group, dim)
         order = np.concatenate([source[:, :-2].reshape(-1), source[:, -2].reshape(-1), source[:, -1].reshape(-1)])
     elif not cfg.multi_query:  # head by head, as GPT-NeoX
-        order = np.arange(3 * heads * dim).reshape(heads, 3, dim).transpose(1, 0, 2).reshape(-1)
+        order = _head_by_head(heads, dim)
     else:
         order = None  # already all q, then k, then v
 
     def qkv(module: Any) -> Any:
-        if order is None:
-            return module
-        copy = _rows_permuted(module, order)
-        names[id(copy)], rows[id(copy)] = names[id(module)], order
-        return copy
+        return module if order is None else _reordered(module, order, names, rows)
 
     def norms(h: Any) -> dict[str, Any]:
         if hasattr(h, "ln_attn"):  # two norms side by side (the newer layout)
