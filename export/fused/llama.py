@@ -7,7 +7,8 @@ rotary embedding applied inside (cos/sin caches) and a KV cache shared between p
 SwiGLU MLP with packed gate/up projections. Linear layers are float32 MatMul or int4 / int8 MatMulNBits
 (``linear.py``); the tied embedding is stored once. What other members of the family change (Qwen, Phi-3,
 Gemma, Granite, SmolLM3: norms, multipliers, activations, windows, rotary) is read by ``family.py``;
-GPT-2, GPT-NeoX, OPT and Falcon are read through ``views.py``, which gives their modules Llama's names.
+GPT-2, GPT-NeoX, OPT, Falcon, GPT-J and GLM 4 are read through ``views.py``, which gives their modules Llama's
+names.
 
 Graph contract (what ``runtime/fused_decoder.py`` binds):
     inputs   input_ids int64 [1, S]; seqlens_k int32 [1] (= positions after this step - 1);

@@ -45,20 +45,8 @@ class _Config:
 def layout(model: Any) -> Layout:
     """``model`` itself for the Llama layout; a view of it with that layout's names for GPT-2, GPT-NeoX, OPT, Falcon,
     GPT-J and GLM 4."""
-    kind = getattr(model.config, "model_type", "")
-    if kind == "gpt2":
-        return _gpt2(model)
-    if kind == "gpt_neox":
-        return _neox(model)
-    if kind == "opt":
-        return _opt(model)
-    if kind == "falcon":
-        return _falcon(model)
-    if kind == "gptj":
-        return _gptj(model)
-    if kind == "glm4":
-        return _glm4(model)
-    return Layout(model, _names(model), {})
+    view = _VIEWS.get(getattr(model.config, "model_type", ""))
+    return view(model) if view else Layout(model, _names(model), {})
 
 
 def _names(model: Any) -> dict[int, str]:
@@ -71,10 +59,16 @@ def _head_by_head(heads: int, dim: int) -> np.ndarray:
     return np.arange(3 * heads * dim).reshape(heads, 3, dim).transpose(1, 0, 2).reshape(-1)
 
 
+def _registered(copy: Any, source: Any, names: dict[int, str]) -> Any:
+    """``copy`` of ``source``, named by the source's path (what deltas and slot metadata name)."""
+    names[id(copy)] = names[id(source)]
+    return copy
+
+
 def _reordered(module: Any, order: np.ndarray, names: dict[int, str], rows: dict[int, np.ndarray]) -> Any:
     """A copy of ``module`` with its output rows in ``order``, registered under the source's path."""
-    copy = _rows_permuted(module, order)
-    names[id(copy)], rows[id(copy)] = names[id(module)], order
+    copy = _registered(_rows_permuted(module, order), module, names)
+    rows[id(copy)] = order
     return copy
 
 
@@ -88,9 +82,7 @@ def _gpt2(model: Any) -> Layout:
     t = model.transformer
 
     def linear(module: Any) -> Any:
-        copy = _linear_of(module)
-        names[id(copy)] = names[id(module)]
-        return copy
+        return _registered(_linear_of(module), module, names)
 
     layers = [SimpleNamespace(input_layernorm=h.ln_1, post_attention_layernorm=h.ln_2,
                               self_attn=SimpleNamespace(qkv_proj=linear(h.attn.c_attn), o_proj=linear(h.attn.c_proj)),
@@ -238,3 +230,6 @@ def _index(order: np.ndarray, device: Any) -> Any:
     import torch
 
     return torch.as_tensor(order, dtype=torch.long, device=device)
+
+
+_VIEWS = {"gpt2": _gpt2, "gpt_neox": _neox, "opt": _opt, "falcon": _falcon, "gptj": _gptj, "glm4": _glm4}
