@@ -65,9 +65,14 @@ class ModelShape:
     # (name with "{i}" for the layer index, out, in) of each linear layer ResSVD may compress, read from the
     # model's modules by the toolchain (toolchain/planner/shape.py); empty: the Llama block below.
     layer_linears: tuple[tuple[str, int, int], ...] = ()
+    # (out, in, count in the whole model) of the linear layers ResSVD never compresses: a mixture of experts'
+    # routed experts and routers, stored at the package's weight width (the fused graph keeps its routers in
+    # float32, a few MB the estimate leaves out).
+    fixed_linears: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:  # from JSON the entries arrive as lists
         object.__setattr__(self, "layer_linears", tuple(tuple(e) for e in self.layer_linears))
+        object.__setattr__(self, "fixed_linears", tuple(tuple(e) for e in self.fixed_linears))
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ModelShape:
@@ -96,7 +101,8 @@ class ModelShape:
 
     @property
     def parameters(self) -> int:
-        linear = sum(o * k for layer in self.linears() for _, o, k in layer)
+        linear = sum(o * k for layer in self.linears() for _, o, k in layer) + sum(
+            o * k * n for o, k, n in self.fixed_linears)
         norms = self.hidden * (2 * self.layers + 1)
         return linear + norms + self.vocab * self.hidden * (1 if self.tied else 2)
 
@@ -161,12 +167,19 @@ def weight_bytes(shape: ModelShape, dtype: str, ranks: dict[str, int] | None = N
         # ResSVD factors take integer zero points there (export/fused/linear.py), not the Q4_1 form, or 8 bits
         factor_size = int8_bytes if factor_bits == 8 else int4_bytes
         return {"linear": _linear_bytes(shape, ranks, fused_int4_bytes, factor_size, block_qkv=True),
-                "embedding": embedding, "lm_head": lm_head, "norms": norms}
+                "embedding": embedding, "lm_head": lm_head, "norms": norms,
+                "experts": _fixed_bytes(shape, int4_bytes)}  # QMoE: integer zero points (export/fused/moe.py)
     linear = _linear_bytes(shape, ranks, lambda out, inner: matrix_bytes(out, inner, dtype), block_qkv=graph == "fused")
     embedding = vocab * F32 if dtype == "float32" else matrix_bytes(shape.vocab, shape.hidden, dtype)
     shared = dtype in ("float32", "int8") and shape.tied  # the head reads the embedding's table
     lm_head = 0 if shared else matrix_bytes(shape.vocab, shape.hidden, dtype)
-    return {"linear": linear, "embedding": embedding, "lm_head": lm_head, "norms": norms}
+    return {"linear": linear, "embedding": embedding, "lm_head": lm_head, "norms": norms,
+            "experts": _fixed_bytes(shape, lambda out, inner: matrix_bytes(out, inner, dtype))}
+
+
+def _fixed_bytes(shape: ModelShape, size: Any) -> int:
+    """Bytes of the linear layers compression never touches (``ModelShape.fixed_linears``) at ``size``."""
+    return sum(size(out, inner) * count for out, inner, count in shape.fixed_linears)
 
 
 @dataclass(frozen=True)

@@ -205,7 +205,7 @@ def resolve_graph(config: BuildConfig, model_config: Any) -> BuildConfig:
     from edgepack.export import fused
     from edgepack.runtime.errors import UnsupportedArchitecture
 
-    reason = "the all-int4 layout is made on it" if config.int4_all else ""
+    reason = "the all-int4 layout is made on it" if config.int4_all else _expert_slots(config, model_config)
     if not reason:
         try:
             fused.check_supported(model_config)
@@ -214,6 +214,23 @@ def resolve_graph(config: BuildConfig, model_config: Any) -> BuildConfig:
             reason = f"no fused graph: {str(e).split(';')[0]}"
     print(f"edgepack: building optimum's graph ({reason})", file=sys.stderr)
     return dataclasses.replace(config, graph="optimum")
+
+
+def _expert_slots(config: BuildConfig, model_config: Any) -> str:
+    """Why a ``--delta-slots`` build of a mixture of experts goes to optimum's graph ("" where it does not): the
+    fused graph's MoE op has no slots for the experts, which a full fine-tune's delta changes, and optimum's graph
+    has one beside every expert's MatMul. A model optimum cannot export keeps the fused graph, whose other layers
+    take deltas."""
+    from edgepack.export.fused.moe import experts_of
+    from edgepack.runtime.errors import UnsupportedArchitecture
+
+    if not config.delta_slots or experts_of(model_config) < 2:
+        return ""
+    try:
+        onnx_export.check_exportable(model_config)
+    except UnsupportedArchitecture:
+        return ""
+    return "delta slots for the experts of a mixture of experts"
 
 
 def _factor_rounding(config: BuildConfig) -> str:

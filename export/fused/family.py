@@ -32,12 +32,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from edgepack.export.fused.moe import MOE_TYPES, check_moe
 from edgepack.runtime.errors import UnsupportedArchitecture
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma", "gemma2",
                    "gemma3_text", "stablelm", "olmo", "olmo2", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere",
                    "gptj", "ministral", "olmo3", "seed_oss", "starcoder2", "vaultgemma", "ernie4_5", "exaone4",
-                   "cohere2", "glm", "glm4")
+                   "cohere2", "glm", "glm4", *MOE_TYPES)
 LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj", "starcoder2",
                     "cohere2")
 COHERE_TYPES = ("cohere", "cohere2")
@@ -103,6 +104,7 @@ def check_supported(config: Any) -> None:
     _check_gpt2(config)
     _check_opt(config)
     _check_falcon(config)
+    check_moe(config)
     if model_type in COHERE_TYPES and getattr(config, "use_qk_norm", False):
         raise UnsupportedArchitecture("the fused graph has no per-head LayerNorm of q/k (Cohere's use_qk_norm); "
                                       "build with --graph optimum")
@@ -179,7 +181,7 @@ def family_of(config: Any, head_dim: int) -> Family:
         layer_norm=config.model_type in LAYER_NORM_TYPES,
         norm_eps=_norm_eps(config),
         pre_norm=config.model_type not in POST_NORM_TYPES,
-        qk_norm_per_head=config.model_type not in ("olmo2", "olmo3"),
+        qk_norm_per_head=config.model_type not in ("olmo2", "olmo3", "olmoe"),
         parallel=config.model_type in ("phi", "gptj", *COHERE_TYPES) or neox_parallel or falcon_parallel,
         parallel_norms=two_norms,
         positions=config.model_type in POSITION_TABLE_TYPES,

@@ -169,6 +169,10 @@ class LinearEmitter:
             y = self.builder.op1("Add", [y, self.builder.weight(f"{name}.bias", bias)], f"{name}/bias")
         return y
 
+    def float_weight(self, x: str, weight: np.ndarray, name: str) -> str:
+        """``x @ weight.T`` in float32 at every width (a mixture of experts' router: moe.py)."""
+        return self._float(x, weight, name)
+
     def _nbits_inputs(self, x: str, tensors: list[str], bias: np.ndarray | None, name: str) -> list[str]:
         """MatMulNBits' inputs: A, B, scales[, zero_points], then g_idx left out and the bias, when there is one."""
         if bias is None:

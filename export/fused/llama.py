@@ -30,6 +30,7 @@ import numpy as np
 from edgepack.export.fused.builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
 from edgepack.export.fused.family import Family, check_supported, family_of
 from edgepack.export.fused.linear import LinearEmitter, embed_8bit, head_8bit, is_joint, is_pairs, table_8bit
+from edgepack.export.fused.moe import block_of, is_sparse, moe_block
 from edgepack.export.fused.views import layout
 from edgepack.runtime.delta import DELTA_SLOTS_KEY  # JSON: each slot's inputs, input width, (module, width) parts
 from edgepack.runtime.errors import UnsupportedArchitecture
@@ -87,7 +88,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
         if family.parallel:  # Phi, Falcon: the MLP reads the same normed input; both outputs join the residual
             if family.parallel_norms:  # GPT-NeoX, newer Falcons: the MLP's own norm of the same residual
                 x = norm.alone(residual, layer.post_attention_layernorm, f"layers.{i}.mlp_norm")
-            mlp = _mlp(b, lin, x, layer.mlp, family.activation, f"layers.{i}.mlp")
+            mlp = _block(lin, x, block_of(layer), family.activation, cfg, f"layers.{i}.mlp")
             pending = b.op1("Add", [attn, mlp], f"layers.{i}/parallel")
             continue
         if post_norms:  # the block's output is normed before the residual add
@@ -100,7 +101,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
             x, residual = norm.add(attn, residual, mlp_norm, f"layers.{i}.post_norm")
         else:
             x = residual = _added(b, residual, attn, f"layers.{i}/residual_attn")
-        pending = _mlp(b, lin, x, layer.mlp, family.activation, f"layers.{i}.mlp")
+        pending = _block(lin, x, block_of(layer), family.activation, cfg, f"layers.{i}.mlp")
         if post_norms:
             pending = norm.alone(pending, layer.post_feedforward_layernorm, f"layers.{i}.mlp_out_norm")
         pending = _scaled(b, pending, family.residual_scale, f"layers.{i}.mlp")
@@ -278,6 +279,14 @@ def _qk_norms(b: GraphBuilder, norm: _Norms, qkv: list[str], attn: Any, cfg: Any
         out = norm.alone(per_head, module, f"{name}.{kind}_norm")
         normed.append(b.op1("Reshape", [out, b.const([0, 0, heads * dim])], f"{name}/{kind}_flat"))
     return [*normed, v]
+
+
+def _block(lin: LinearEmitter, x: str, block: Any, activation: str, cfg: Any, name: str) -> str:
+    """A layer's MLP: a mixture of experts (moe.py) or one dense MLP."""
+    def dense(inp: str, mlp: Any, mlp_name: str) -> str:
+        return _mlp(lin.builder, lin, inp, mlp, activation, mlp_name)
+
+    return moe_block(lin, x, block, cfg, name, dense) if is_sparse(block) else dense(x, block, name)
 
 
 def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str, name: str) -> str:

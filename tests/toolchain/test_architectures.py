@@ -47,8 +47,9 @@ def _ppl(out: str) -> float:
 
 @pytest.mark.parametrize("arch", ["gemma", "gpt_neox", "qwen3_moe"])
 def test_package_evaluates_like_pytorch_at_its_default_window(arch, models, text, tmp_path, capsys):
-    # GPT-NeoX and Qwen3-MoE fall back to optimum's graph; eval's default window is capped by the package's
-    # context (it failed on optimum packages, whose decoder has no context of its own).
+    # The tiny GPT-NeoX (16-wide heads) falls back to optimum's graph, Qwen3-MoE builds the fused one (its MoE op);
+    # eval's default window is capped by the package's context (it failed on optimum packages, whose decoder has
+    # no context of its own).
     src, pkg = models(arch), tmp_path / "pkg"
     code, _, _ = run_cli(["build", src, "-o", pkg], capsys)
     assert code == 0
@@ -113,14 +114,46 @@ def test_delta_tune_runs_on_gpt_neox(models, text, tmp_path, capsys):
     assert code == 0 and out.is_file() and "8 layers" in err
 
 
-@pytest.mark.parametrize("arch, words", [("qwen3_moe", "mixture of experts"), ("mixtral", "mixture of experts")])
-def test_planner_refuses_what_its_memory_model_cannot_describe(arch, words, tmp_path):
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("dtype", ["float32", "int4"])
+def test_planner_counts_the_expert_bytes_the_fused_graph_stores(arch, dtype, tmp_path):
+    """A mixture of experts is planned with all its experts resident: the memory model's expert bytes are what
+    the fused graph's MoE / QMoE op stores (float32, or int4 with integer zero points), routers aside."""
+    import onnx
+    from edgepack.export.fused.builder import save
+    from edgepack.export.fused.llama import build_llama
+    from edgepack.runtime import memory
+    from edgepack.toolchain.planner.plan import model_shape
+
+    model = tiny_archs.make_model(arch)
+    model.config.save_pretrained(tmp_path)  # the planner reads config.json only
+    shape = model_shape(str(tmp_path))
+    save(build_llama(model, 64, int4=dtype == "int4"), tmp_path / "m.onnx")
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    stored = sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer if ".experts." in t.name)
+    assert stored > 0 and memory.weight_bytes(shape, dtype, graph="fused")["experts"] - stored == sum(
+        memory.matrix_bytes(o, k, dtype) * n for o, k, n in shape.fixed_linears if o == 4)  # the routers: 4 experts
+
+
+def test_a_plan_holds_every_expert(tmp_path):
+    """More experts (the same top-2 routing) make a package larger by exactly their bytes at the plan's width."""
+    from edgepack.runtime import memory
     from edgepack.runtime.profiles import load_profile
     from edgepack.toolchain.planner.plan import plan_for
 
-    tiny_archs.ARCHS[arch]().save_pretrained(tmp_path)  # the planner reads config.json only
-    with pytest.raises(UnsupportedArchitecture, match=words):
-        plan_for(str(tmp_path), load_profile("raspberry-pi-4"))
+    plans = {}
+    for experts in (4, 12):
+        config = tiny_archs.ARCHS["mixtral"]()
+        config.num_local_experts = experts
+        config.save_pretrained(tmp_path / str(experts))
+        plans[experts] = plan_for(str(tmp_path / str(experts)), load_profile("raspberry-pi-4"))
+    small, large = plans[4], plans[12]
+    assert (small.dtype, small.graph) == (large.dtype, large.graph) == (small.dtype, "fused")
+    config = tiny_archs.ARCHS["mixtral"]()
+    hidden, inner, dtype = config.hidden_size, config.intermediate_size, small.dtype
+    expert = 2 * memory.matrix_bytes(inner, hidden, dtype) + memory.matrix_bytes(hidden, inner, dtype)
+    router_growth = memory.matrix_bytes(12, hidden, dtype) - memory.matrix_bytes(4, hidden, dtype)
+    assert large.package_bytes - small.package_bytes == config.num_hidden_layers * (8 * expert + router_growth)
 
 
 def test_rank_map_naming_missing_layers_is_refused():

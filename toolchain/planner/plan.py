@@ -208,14 +208,6 @@ def model_shape(spec: str) -> memory.ModelShape:
 
 def _shape(cfg: dict[str, Any], spec: str) -> memory.ModelShape:
     """The memory model's view of ``cfg``, or a refusal by name of what it cannot describe."""
-    from edgepack.runtime.errors import UnsupportedArchitecture
-
-    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
-    if experts and int(experts) > 1:
-        # Counted as one dense MLP, a mixture of experts would be planned at a fraction of its weights.
-        raise UnsupportedArchitecture(f"{spec}: model type '{cfg.get('model_type')}' is a mixture of experts "
-                                      f"({experts} a layer), which the planner's memory model does not describe; "
-                                      "build it with --int4 or --ratio instead of --device")
     from edgepack.toolchain.planner import shape
 
     return shape.from_config(cfg, spec)

@@ -42,11 +42,37 @@ def from_config(cfg: dict[str, Any], spec: str) -> memory.ModelShape:
                                           "--device")
     heads = int(config.num_attention_heads)
     hidden = int(config.hidden_size)
+    fixed = _fixed_linears(model, {id(m) for layer in per_layer for _, m in layer})
     return memory.ModelShape(
-        layers=len(per_layer), hidden=hidden, intermediate=max(max(o, k) for _, o, k in templates), heads=heads,
+        layers=len(per_layer), hidden=hidden, intermediate=_intermediate(templates, fixed, config), heads=heads,
         kv_heads=_kv_heads(config, heads),
         head_dim=int(getattr(config, "head_dim", None) or hidden // heads), vocab=int(config.vocab_size),
-        tied=bool(cfg.get("tie_word_embeddings", True)), layer_linears=tuple(templates))
+        tied=bool(cfg.get("tie_word_embeddings", True)), layer_linears=tuple(templates), fixed_linears=fixed)
+
+
+def _fixed_linears(model: Any, compressible: set[int]) -> tuple[tuple[int, int, int], ...]:
+    """(out, in, count) of the decoder's linear layers outside ResSVD's targets: a mixture of experts' experts and
+    routers (a dense model has none; its LM head is counted apart)."""
+    from edgepack.toolchain.ressvd import selection
+    from torch import nn
+
+    counts: dict[tuple[int, int], int] = {}
+    for _, module in selection.decoder_layers(model).named_modules():
+        if isinstance(module, nn.Linear) and id(module) not in compressible:
+            key = (int(module.out_features), int(module.in_features))
+            counts[key] = counts.get(key, 0) + 1
+    return tuple((o, k, n) for (o, k), n in sorted(counts.items()))
+
+
+def _intermediate(templates: list[tuple[str, int, int]], fixed: tuple[tuple[int, int, int], ...], config: Any) -> int:
+    """The widest MLP activation a token makes: of a dense layer, or of its top-k experts side by side."""
+    from edgepack.export.fused.moe import experts_of
+
+    widest = max(max(o, k) for _, o, k in templates)
+    if experts_of(config) < 2 or not fixed:
+        return widest
+    expert = int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size)
+    return max(widest, int(getattr(config, "num_experts_per_tok", 1) or 1) * expert)
 
 
 def _kv_heads(config: Any, heads: int) -> int:
