@@ -56,6 +56,12 @@ class DeltaSlots:
                 raise PackageError(f"delta parameter {name} is {list(array.shape)}, the package's is "
                                    f"{self._dense[name]['shape']}")
         for name, layer in delta.layers.items():
+            if name not in self._layers and ".experts." in name:
+                # the fused graph's MoE op takes stacked expert weights, no side branches (export/fused/moe.py)
+                raise PackageError(f"the delta changes expert layer {name}, and this package's mixture-of-experts op "
+                                   "has no delta slots for experts; build the base with --graph optimum "
+                                   "--delta-slots where optimum exports the model, or fine-tune with the experts "
+                                   "frozen")
             if name not in self._layers:
                 raise PackageError(f"the delta changes layer {name}, which this package has no delta slot for; "
                                    "was it made for another architecture?")

@@ -96,6 +96,9 @@ ARCHS: dict[str, Callable[[], Any]] = {
     "qwen3_moe": _cfg("Qwen3MoeConfig", head_dim=16, num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=32),
     "mixtral": _cfg("MixtralConfig", num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": _cfg("Qwen2MoeConfig", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=64),
+    "olmoe": _cfg("OlmoeConfig", num_experts=4, num_experts_per_tok=2),
 }
 
 

@@ -1,6 +1,6 @@
 """Fused graph against optimum's, family by family, at a size where speed means something.
 
-    python benchmarks/generality/speed.py [--families gpt2 gpt_neox ...] [--rounds 3] [--threads 2]
+    python benchmarks/generality/speed.py [--families gpt2 gpt_neox ...] [--rounds 3] [--threads 2] [--tag T]
 
 Each family gets a random model of 12 layers × 768 (the shape of GPT-2 small / OPT-125m / Pythia-160m) with
 the tests' 512-token tokenizer (``tests/tiny.py``), built int4 with ``--graph fused`` and ``--graph optimum``
@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 from common import folder_size, markdown_table, results_dir  # noqa: E402
 
 SHAPE = {"layers": 12, "hidden": 768, "heads": 12, "ffn": 3072}
-FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "falcon", "phi", "gptj", "cohere")
+FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "falcon", "phi", "gptj", "cohere", "qwen3_moe")
 GRAPHS = ("fused", "optimum")
 
 
@@ -52,6 +52,11 @@ def _config(family: str):
                                               partial_rotary_factor=0.5, **ids),
         "gptj": lambda: transformers.GPTJConfig(n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
                                                 rotary_dim=32, **ids),
+        # 8 experts of 768 (the MLP's 3072 split four ways), 2 a token: a quarter of the MLP weights read per token
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(hidden_size=s["hidden"], moe_intermediate_size=s["ffn"] // 4,
+                                                         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                                                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                                                         num_key_value_heads=4, head_dim=64, **ids),
         "cohere": lambda: transformers.CohereConfig(hidden_size=s["hidden"], intermediate_size=s["ffn"],
                                                     num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                                                     num_key_value_heads=4, **ids),
@@ -90,6 +95,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--work", default="/tmp/edgepack-family-speed")
+    ap.add_argument("--tag", default="", help="write results/speed-TAG.md / .png (a subset of families)")
     args = ap.parse_args()
     work = Path(args.work)
     packages, notes = {}, []
@@ -124,14 +130,16 @@ def main() -> None:
                "optimum tokens/s", "optimum first token (ms)", "optimum peak RSS (MiB)", "optimum MiB",
                "decode ratio (median of rounds)"]
     out = results_dir(__file__)
+    subset = f" --families {' '.join(args.families)} --tag {args.tag}" if args.tag else ""
     text = (f"# Fused graph against optimum's, by family\n\nCommand: `python benchmarks/generality/speed.py "
-            f"--rounds {args.rounds} --threads {args.threads}`; random models of {SHAPE['layers']} layers × "
+            f"--rounds {args.rounds} --threads {args.threads}{subset}`; random models of {SHAPE['layers']} layers × "
             f"{SHAPE['hidden']}, 512-token vocabulary, int4, context 512, `edgepack bench` with "
             f"{args.max_tokens} new tokens per prompt, {args.threads} threads, packages interleaved round by "
             f"round ({time.time() - start:.0f} s of benchmarking). Cells list each round.\n\n"
             + markdown_table(headers, rows) + ("\n" + "\n".join(notes) + "\n" if notes else ""))
-    (out / "speed.md").write_text(text, encoding="utf-8")
-    _plot(args.families, runs, out / "speed.png")
+    stem = f"speed-{args.tag}" if args.tag else "speed"
+    (out / f"{stem}.md").write_text(text, encoding="utf-8")
+    _plot(args.families, runs, out / f"{stem}.png")
     print(text)
 
 
