@@ -99,6 +99,10 @@ ARCHS: dict[str, Callable[[], Any]] = {
     "qwen2_moe": _cfg("Qwen2MoeConfig", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=64),
     "olmoe": _cfg("OlmoeConfig", num_experts=4, num_experts_per_tok=2),
+    "flex_olmo": _cfg("FlexOlmoConfig", num_experts=4, num_experts_per_tok=2),
+    "granitemoe": _cfg("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2),
+    "granitemoeshared": _cfg("GraniteMoeSharedConfig", num_local_experts=4, num_experts_per_tok=2,
+                             shared_intermediate_size=64),
 }
 
 

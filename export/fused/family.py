@@ -43,8 +43,9 @@ LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falco
                     "cohere2")
 COHERE_TYPES = ("cohere", "cohere2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "vaultgemma")  # norms by 1 + w, embedding scaled by sqrt(hidden)
-POST_NORM_TYPES = ("olmo2", "olmo3", "exaone4")  # norms on each block's output only
+POST_NORM_TYPES = ("olmo2", "olmo3", "exaone4", "flex_olmo")  # norms on each block's output only
 POSITION_TABLE_TYPES = ("gpt2", "opt")  # learned absolute positions, no rotary
+GRANITE_TYPES = ("granite", "granitemoe", "granitemoeshared")  # embedding, residual, attention, logit multipliers
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
                "gelu": "gelu", "relu": "relu"}
@@ -155,7 +156,7 @@ def _falcon_norms(config: Any) -> int:
 
 def family_of(config: Any, head_dim: int) -> Family:
     gemma = config.model_type in GEMMA_TYPES
-    granite = config.model_type == "granite"
+    granite = config.model_type in GRANITE_TYPES
     scalar = getattr(config, "query_pre_attn_scalar", None) if gemma else None
     rotary = getattr(config, "no_rope_layers", None) if config.model_type == "smollm3" else None
     if config.model_type == "exaone4" and getattr(config, "sliding_window", None) or config.model_type == "cohere2":
@@ -181,7 +182,7 @@ def family_of(config: Any, head_dim: int) -> Family:
         layer_norm=config.model_type in LAYER_NORM_TYPES,
         norm_eps=_norm_eps(config),
         pre_norm=config.model_type not in POST_NORM_TYPES,
-        qk_norm_per_head=config.model_type not in ("olmo2", "olmo3", "olmoe"),
+        qk_norm_per_head=config.model_type not in ("olmo2", "olmo3", "olmoe", "flex_olmo"),
         parallel=config.model_type in ("phi", "gptj", *COHERE_TYPES) or neox_parallel or falcon_parallel,
         parallel_norms=two_norms,
         positions=config.model_type in POSITION_TABLE_TYPES,

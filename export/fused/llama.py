@@ -88,7 +88,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
         if family.parallel:  # Phi, Falcon: the MLP reads the same normed input; both outputs join the residual
             if family.parallel_norms:  # GPT-NeoX, newer Falcons: the MLP's own norm of the same residual
                 x = norm.alone(residual, layer.post_attention_layernorm, f"layers.{i}.mlp_norm")
-            mlp = _block(lin, x, block_of(layer), family.activation, cfg, f"layers.{i}.mlp")
+            mlp = _block(lin, x, layer, family.activation, cfg, f"layers.{i}.mlp")
             pending = b.op1("Add", [attn, mlp], f"layers.{i}/parallel")
             continue
         if post_norms:  # the block's output is normed before the residual add
@@ -101,7 +101,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
             x, residual = norm.add(attn, residual, mlp_norm, f"layers.{i}.post_norm")
         else:
             x = residual = _added(b, residual, attn, f"layers.{i}/residual_attn")
-        pending = _block(lin, x, block_of(layer), family.activation, cfg, f"layers.{i}.mlp")
+        pending = _block(lin, x, layer, family.activation, cfg, f"layers.{i}.mlp")
         if post_norms:
             pending = norm.alone(pending, layer.post_feedforward_layernorm, f"layers.{i}.mlp_out_norm")
         pending = _scaled(b, pending, family.residual_scale, f"layers.{i}.mlp")
@@ -281,12 +281,15 @@ def _qk_norms(b: GraphBuilder, norm: _Norms, qkv: list[str], attn: Any, cfg: Any
     return [*normed, v]
 
 
-def _block(lin: LinearEmitter, x: str, block: Any, activation: str, cfg: Any, name: str) -> str:
+def _block(lin: LinearEmitter, x: str, layer: Any, activation: str, cfg: Any, name: str) -> str:
     """A layer's MLP: a mixture of experts (moe.py) or one dense MLP."""
     def dense(inp: str, mlp: Any, mlp_name: str) -> str:
         return _mlp(lin.builder, lin, inp, mlp, activation, mlp_name)
 
-    return moe_block(lin, x, block, cfg, name, dense) if is_sparse(block) else dense(x, block, name)
+    block = block_of(layer)
+    if not is_sparse(block):
+        return dense(x, block, name)
+    return moe_block(lin, x, block, cfg, name, dense, getattr(layer, "shared_mlp", None))
 
 
 def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str, name: str) -> str:

@@ -1,5 +1,5 @@
-"""Mixture-of-experts MLP blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) as one onnxruntime ``MoE`` op, or
-``QMoE`` in int4 / int8 graphs.
+"""Mixture-of-experts MLP blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE and its shared-MLP
+variant) as one onnxruntime ``MoE`` op, or ``QMoE`` in int4 / int8 graphs.
 
 onnxruntime's CPU kernels take the router's logits, softmax them, pick the top k experts per token (renormalizing
 their weights when ``normalize_routing_weights`` is set: Mixtral always, the others by ``norm_topk_prob``) and run
@@ -9,13 +9,16 @@ float32 MatMul at every width: the top-k choice is a comparison of its outputs, 
 tokens to other experts. QMoE's experts are int4 with integer zero points or symmetric int8, blocks of 32 along
 the input, as the factor pairs of ``linear.py``; it needs hidden and expert widths that are whole blocks, and a
 model whose widths are not keeps float32 experts in an int4 graph. Qwen2-MoE's shared expert is a plain MLP
-beside the routed ones, scaled by sigmoid(a linear gate). Experts have no delta slots (the op takes stacked
+beside the routed ones, scaled by sigmoid(a linear gate); GraniteMoE-shared's shared MLP is added unscaled. GraniteMoE
+keeps its experts as 3-D parameters (gate and up halves of one [E, 2·inter, hidden] tensor) and takes softmax over
+the top-k logits, which is the renormalized top-k of the full softmax. Experts have no delta slots (the op takes stacked
 weights, not side branches): a delta that changes them is refused when it is loaded (runtime/delta.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -24,7 +27,7 @@ from edgepack.export.fused.builder import MS_DOMAIN
 from edgepack.export.fused.linear import ACCURACY_LEVEL, LinearEmitter
 from edgepack.runtime.errors import UnsupportedArchitecture
 
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "granitemoe", "granitemoeshared")
 
 
 def experts_of(config: Any) -> int:
@@ -36,8 +39,11 @@ def experts_of(config: Any) -> int:
 
 def check_moe(config: Any) -> None:
     """Refuse, by name, mixture-of-experts settings the MoE op does not compute."""
-    if getattr(config, "model_type", "") not in MOE_TYPES or experts_of(config) < 2:
+    if getattr(config, "model_type", "") not in MOE_TYPES:
         return
+    if experts_of(config) < 2:  # GraniteMoE with no experts has no MLP block at all
+        raise UnsupportedArchitecture(f"model type '{config.model_type}' with {experts_of(config)} experts a layer "
+                                      "has no MLP the fused graph describes; build with --graph optimum")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise UnsupportedArchitecture(f"the fused graph's experts are SwiGLU MLPs, this model's use "
                                       f"{config.hidden_act}; build with --graph optimum")
@@ -53,20 +59,26 @@ def block_of(layer: Any) -> Any:
 
 
 def is_sparse(block: Any) -> bool:
-    return hasattr(block, "experts") and hasattr(block, "gate")
+    return hasattr(block, "experts") and hasattr(block, "gate") or _parallel(block)
+
+
+def _parallel(block: Any) -> bool:
+    """GraniteMoE's block: a router module and the experts as 3-D parameters."""
+    return hasattr(block, "router") and hasattr(block, "input_linear")
 
 
 def moe_block(lin: LinearEmitter, x: str, block: Any, config: Any, name: str,
-              dense_mlp: Callable[[str, Any, str], str]) -> str:
+              dense_mlp: Callable[[str, Any, str], str], shared_mlp: Any = None) -> str:
     """The routed experts of ``block`` applied to ``x`` [1, S, hidden], plus its shared expert when it has one
-    (``dense_mlp`` emits that one as the model's other MLPs are emitted)."""
+    (Qwen2-MoE's in the block, GraniteMoE-shared's ``shared_mlp`` in the layer; ``dense_mlp`` emits it as the
+    model's other MLPs are emitted)."""
     b = lin.builder
-    experts = list(block.experts)
-    router = lin.float_weight(x, _array(block.gate.weight), f"{name}.router")
-    router = lin.delta(x, router, block.gate.in_features, [block.gate], f"{name}.router")
-    logits = b.op1("Reshape", [router, b.const([-1, len(experts)])], f"{name}/router_rows")
-    gate_up, down = _stacked(experts)
-    biases = _biases(experts)
+    gate = block.router.layer if _parallel(block) else block.gate
+    router = lin.delta(x, lin.float_weight(x, _array(gate.weight), f"{name}.router"), gate.in_features, [gate],
+                       f"{name}.router")
+    logits = b.op1("Reshape", [router, b.const([-1, gate.out_features])], f"{name}/router_rows")
+    gate_up, down = _stacked_parameters(block) if _parallel(block) else _stacked(list(block.experts))
+    biases = (None, None) if _parallel(block) else _biases(list(block.experts))
     attrs = dict(k=int(config.num_experts_per_tok), activation_type="swiglu", swiglu_fusion=1,
                  activation_alpha=1.0, activation_beta=0.0,
                  normalize_routing_weights=int(bool(getattr(block, "norm_topk_prob", True))))
@@ -77,6 +89,9 @@ def moe_block(lin: LinearEmitter, x: str, block: Any, config: Any, name: str,
         inputs = [x, logits, b.weight(f"{name}.experts.gate_up", gate_up), _optional(lin, biases[0], f"{name}.gate_up"),
                   b.weight(f"{name}.experts.down", down), _optional(lin, biases[1], f"{name}.down")]
         out = b.op1("MoE", _trimmed(inputs), f"{name}/MoE", domain=MS_DOMAIN, **attrs)
+    if shared_mlp is not None:  # GraniteMoE-shared: input_linear packs gate and up (gate first), as Phi-3's gate_up
+        view = SimpleNamespace(gate_up_proj=shared_mlp.input_linear, down_proj=shared_mlp.output_linear)
+        return b.op1("Add", [out, dense_mlp(x, view, f"{name}.shared_mlp")], f"{name}/with_shared")
     shared = getattr(block, "shared_expert", None)
     if shared is None:
         return out
@@ -129,6 +144,14 @@ def _stacked(experts: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         gate_up.append(pair.reshape(-1, pair.shape[-1]))
         down.append(_array(out.weight))
     return np.stack(gate_up), np.stack(down)
+
+
+def _stacked_parameters(block: Any) -> tuple[np.ndarray, np.ndarray]:
+    """GraniteMoE's 3-D experts: input_linear [E, 2·inter, hidden] (gate rows, then up rows) interleaved row by row."""
+    both = _array(block.input_linear.weight)
+    inter = both.shape[1] // 2
+    gate_up = np.stack([both[:, :inter], both[:, inter:]], axis=2).reshape(both.shape)
+    return np.ascontiguousarray(gate_up), _array(block.output_linear.weight)
 
 
 def _biases(experts: list[Any]) -> tuple[np.ndarray | None, np.ndarray | None]:

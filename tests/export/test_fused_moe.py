@@ -31,6 +31,12 @@ VARIANTS = {
                                        "norm_topk_prob": False, "mlp_only_layers": [0], **_ROUTED}),
     "olmoe": ("olmoe", {"num_experts": 4, **_ROUTED}),  # q/k normed over their whole width
     "mixtral-top1": ("mixtral", {"num_local_experts": 3, "num_experts_per_tok": 1}),
+    "flex_olmo": ("flex_olmo", {"num_experts": 4, **_ROUTED}),  # OLMo 2's norms on block outputs, OLMoE's block
+    # 3-D expert parameters, Granite's multipliers; the shared variant adds an unscaled dense MLP
+    "granitemoe": ("granitemoe", {"num_local_experts": 4, "embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+                                  "attention_multiplier": 0.3, "logits_scaling": 2.0, **_ROUTED}),
+    "granitemoeshared": ("granitemoeshared", {"num_local_experts": 4, "shared_intermediate_size": 96,
+                                              "residual_multiplier": 0.5, **_ROUTED}),
 }
 
 
@@ -109,7 +115,8 @@ def test_moe_settings_the_op_lacks_are_refused_by_name():
 
 
 def _saved(tmp_path, variant: str, move: str) -> tuple:
-    """A base and a fine-tune of ``variant`` whose decoder parameters move, the experts' only with ``move="all"``."""
+    """A base and a fine-tune of ``variant`` whose decoder parameters move, the experts' (GraniteMoE's 3-D ones
+    included) only with ``move="all"``."""
     model_type, overrides = VARIANTS[variant]
     make_model(model_type, **overrides).save_pretrained(tmp_path / "base")
     tiny.make_tokenizer().save_pretrained(tmp_path / "base")
@@ -117,14 +124,15 @@ def _saved(tmp_path, variant: str, move: str) -> tuple:
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in tuned.named_parameters():
-            if "layers." in name and (move == "all" or ".experts." not in name):
+            expert = ".experts." in name or "block_sparse_moe.input_linear" in name or "_moe.output_linear" in name
+            if "layers." in name and (move == "all" or not expert):
                 p.add_(0.05 * torch.randn(p.shape, generator=gen) * p.abs().mean())
     tuned.save_pretrained(tmp_path / "tuned")
     tiny.make_tokenizer().save_pretrained(tmp_path / "tuned")
     return tmp_path / "base", tmp_path / "tuned"
 
 
-@pytest.mark.parametrize("variant", ["qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("variant", ["qwen2_moe", "olmoe", "granitemoeshared"])
 def test_a_delta_outside_the_experts_matches_merged_weights(variant, tmp_path):
     """Attention, norms, routers and Qwen2-MoE's shared expert (and its gate) take deltas in the fused graph."""
     from edgepack.runtime import delta_file, load
@@ -135,7 +143,7 @@ def test_a_delta_outside_the_experts_matches_merged_weights(variant, tmp_path):
     manifest = build(BuildConfig(model=str(base), graph="fused", delta_slots=True, context=CONTEXT), tmp_path / "pkg")
     assert manifest.plan["graph"] == "fused"
     delta = make(str(base), str(tuned), DeltaConfig(method="truncsvd", rank=8))
-    assert any(name.endswith("mlp.gate") for name in delta.layers)  # the router moved
+    assert any(name.endswith(("mlp.gate", "router.layer")) for name in delta.layers)  # the router moved
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
     got = model.decoder.forward(PROMPTS[0], model.decoder.new_cache(), all_logits=True)

@@ -114,7 +114,7 @@ def test_delta_tune_runs_on_gpt_neox(models, text, tmp_path, capsys):
     assert code == 0 and out.is_file() and "8 layers" in err
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "granitemoe"])  # GraniteMoE: 3-D expert parameters
 @pytest.mark.parametrize("dtype", ["float32", "int4"])
 def test_planner_counts_the_expert_bytes_the_fused_graph_stores(arch, dtype, tmp_path):
     """A mixture of experts is planned with all its experts resident: the memory model's expert bytes are what

@@ -51,16 +51,23 @@ def from_config(cfg: dict[str, Any], spec: str) -> memory.ModelShape:
 
 
 def _fixed_linears(model: Any, compressible: set[int]) -> tuple[tuple[int, int, int], ...]:
-    """(out, in, count) of the decoder's linear layers outside ResSVD's targets: a mixture of experts' experts and
-    routers (a dense model has none; its LM head is counted apart)."""
+    """(out, in, count) of the decoder's linear weights outside ResSVD's targets: a mixture of experts' experts
+    (``nn.Linear`` each, or GraniteMoE's 3-D [experts, out, in] parameters) and routers (a dense model has none;
+    its LM head is counted apart)."""
     from edgepack.toolchain.ressvd import selection
     from torch import nn
 
     counts: dict[tuple[int, int], int] = {}
+
+    def add(out: int, inner: int, n: int = 1) -> None:
+        counts[out, inner] = counts.get((out, inner), 0) + n
+
     for _, module in selection.decoder_layers(model).named_modules():
         if isinstance(module, nn.Linear) and id(module) not in compressible:
-            key = (int(module.out_features), int(module.in_features))
-            counts[key] = counts.get(key, 0) + 1
+            add(int(module.out_features), int(module.in_features))
+        for param in module.parameters(recurse=False):
+            if param.dim() == 3:
+                add(int(param.shape[1]), int(param.shape[2]), int(param.shape[0]))
     return tuple((o, k, n) for (o, k), n in sorted(counts.items()))
 
 
