@@ -107,13 +107,17 @@ def make_model(model_type: str, seed: int = 0, **overrides):
     return model
 
 
+def assert_float_parity(model_type: str, overrides: dict, path) -> None:
+    """The float32 fused graph of a tiny ``model_type`` (written to ``path``) computes what transformers does."""
+    model = make_model(model_type, **overrides)
+    save(build_llama(model, CONTEXT), path)
+    report = parity.compare(model, path, PROMPTS, decode_steps=4, decoder_class=FusedDecoder)
+    assert report.passed and report.max_abs_diff < 1e-4 and report.top1_agreement == 1.0
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_float_graph_matches_pytorch(variant, tmp_path):
-    model_type, overrides = VARIANTS[variant]
-    model = make_model(model_type, **overrides)
-    save(build_llama(model, CONTEXT), tmp_path / "f32.onnx")
-    report = parity.compare(model, tmp_path / "f32.onnx", PROMPTS, decode_steps=4, decoder_class=FusedDecoder)
-    assert report.passed and report.max_abs_diff < 1e-4 and report.top1_agreement == 1.0
+    assert_float_parity(*VARIANTS[variant], tmp_path / "f32.onnx")
 
 
 def test_qwen3_norms_are_per_head_and_int4_graph_runs(tmp_path):

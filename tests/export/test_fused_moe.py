@@ -16,7 +16,7 @@ from edgepack.export.fused.llama import build_llama, check_supported
 from edgepack.runtime.errors import PackageError, UnsupportedArchitecture
 from edgepack.runtime.fused_decoder import FusedDecoder
 
-from tests.export.test_fused_archs import CONTEXT, PROMPTS, make_model
+from tests.export.test_fused_archs import CONTEXT, PROMPTS, assert_float_parity, make_model
 
 _ROUTED = {"num_experts_per_tok": 2}
 VARIANTS = {
@@ -46,11 +46,7 @@ def _ops(path) -> list[str]:
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_float_graph_matches_pytorch(variant, tmp_path):
-    model_type, overrides = VARIANTS[variant]
-    model = make_model(model_type, **overrides)
-    save(build_llama(model, CONTEXT), tmp_path / "f32.onnx")
-    report = parity.compare(model, tmp_path / "f32.onnx", PROMPTS, decode_steps=4, decoder_class=FusedDecoder)
-    assert report.passed and report.max_abs_diff < 1e-4 and report.top1_agreement == 1.0
+    assert_float_parity(*VARIANTS[variant], tmp_path / "f32.onnx")
     sparse = 1 if variant == "qwen3_moe-dense0" else 2
     assert _ops(tmp_path / "f32.onnx").count("MoE") == sparse
 
