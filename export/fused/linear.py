@@ -164,14 +164,10 @@ class LinearEmitter:
             return self._int4(x, weight, name, self.exact and not factor, bias)
         if self.int8:
             return self._int8(x, weight, name, bias)
-        y = self._float(x, weight, name)
+        y = self.float_weight(x, weight, name)
         if bias is not None:
             y = self.builder.op1("Add", [y, self.builder.weight(f"{name}.bias", bias)], f"{name}/bias")
         return y
-
-    def float_weight(self, x: str, weight: np.ndarray, name: str) -> str:
-        """``x @ weight.T`` in float32 at every width (a mixture of experts' router: moe.py)."""
-        return self._float(x, weight, name)
 
     def _nbits_inputs(self, x: str, tensors: list[str], bias: np.ndarray | None, name: str) -> list[str]:
         """MatMulNBits' inputs: A, B, scales[, zero_points], then g_idx left out and the bias, when there is one."""
@@ -179,7 +175,8 @@ class LinearEmitter:
             return [x, *tensors]
         return [x, *tensors, *[""] * (3 - len(tensors)), "", self.builder.weight(f"{name}.bias", bias)]
 
-    def _float(self, x: str, weight: np.ndarray, name: str) -> str:
+    def float_weight(self, x: str, weight: np.ndarray, name: str) -> str:
+        """``x @ weight.T`` in float32, whatever the graph's width (also a mixture of experts' router: moe.py)."""
         w = self.builder.weight(f"{name}.weight", np.ascontiguousarray(weight.T))
         return self.builder.op1("MatMul", [x, w], f"{name}/MatMul")
 

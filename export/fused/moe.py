@@ -77,8 +77,11 @@ def moe_block(lin: LinearEmitter, x: str, block: Any, config: Any, name: str,
     router = lin.delta(x, lin.float_weight(x, _array(gate.weight), f"{name}.router"), gate.in_features, [gate],
                        f"{name}.router")
     logits = b.op1("Reshape", [router, b.const([-1, gate.out_features])], f"{name}/router_rows")
-    gate_up, down = _stacked_parameters(block) if _parallel(block) else _stacked(list(block.experts))
-    biases = (None, None) if _parallel(block) else _biases(list(block.experts))
+    if _parallel(block):
+        (gate_up, down), biases = _stacked_parameters(block), (None, None)
+    else:
+        projections = [_projections(e) for e in block.experts]
+        (gate_up, down), biases = _stacked(projections), _biases(projections)
     attrs = dict(k=int(config.num_experts_per_tok), activation_type="swiglu", swiglu_fusion=1,
                  activation_alpha=1.0, activation_beta=0.0,
                  normalize_routing_weights=int(bool(getattr(block, "norm_topk_prob", True))))
@@ -135,11 +138,10 @@ def _quantized(stacked: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, 
     return np.stack(codes), np.stack(scales), np.stack(zero_points) if zero_points else None
 
 
-def _stacked(experts: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+def _stacked(projections: list[tuple[Any, Any, Any]]) -> tuple[np.ndarray, np.ndarray]:
     """Gate and up of every expert as [E, 2·inter, hidden] with their rows interleaved, and down [E, hidden, inter]."""
     gate_up, down = [], []
-    for expert in experts:
-        gate, up, out = _projections(expert)
+    for gate, up, out in projections:
         pair = np.stack([_array(gate.weight), _array(up.weight)], axis=1)  # [inter, 2, hidden]
         gate_up.append(pair.reshape(-1, pair.shape[-1]))
         down.append(_array(out.weight))
@@ -154,9 +156,8 @@ def _stacked_parameters(block: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(gate_up), _array(block.output_linear.weight)
 
 
-def _biases(experts: list[Any]) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _biases(parts: list[tuple[Any, Any, Any]]) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Interleaved gate/up biases [E, 2·inter] and down biases [E, hidden], None where no expert has one."""
-    parts = [_projections(e) for e in experts]
     gate_up = down = None
     if any(g.bias is not None or u.bias is not None for g, u, _ in parts):
         gate_up = np.stack([np.stack([_bias_or_zeros(g), _bias_or_zeros(u)], axis=1).reshape(-1) for g, u, _ in parts])

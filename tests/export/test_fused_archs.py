@@ -115,6 +115,22 @@ def assert_float_parity(model_type: str, overrides: dict, path) -> None:
     assert report.passed and report.max_abs_diff < 1e-4 and report.top1_agreement == 1.0
 
 
+def save_finetuned(model_type: str, overrides: dict, tmp_path, moves) -> tuple:
+    """A tiny ``model_type`` saved as ``tmp_path/base``, and as ``tmp_path/tuned`` with every parameter whose name
+    ``moves`` accepts moved by 5 % of its mean magnitude (seeded); returns both folders."""
+    make_model(model_type, **overrides).save_pretrained(tmp_path / "base")
+    tiny.make_tokenizer().save_pretrained(tmp_path / "base")
+    tuned = make_model(model_type, **overrides)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if moves(name):
+                p.add_(0.05 * torch.randn(p.shape, generator=gen) * p.abs().mean())
+    tuned.save_pretrained(tmp_path / "tuned")
+    tiny.make_tokenizer().save_pretrained(tmp_path / "tuned")
+    return tmp_path / "base", tmp_path / "tuned"
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_float_graph_matches_pytorch(variant, tmp_path):
     assert_float_parity(*VARIANTS[variant], tmp_path / "f32.onnx")
@@ -174,17 +190,8 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     from edgepack.toolchain.build import BuildConfig, build
     from edgepack.toolchain.delta.make import DeltaConfig, make
 
-    model_type, overrides = VARIANTS[variant]
-    make_model(model_type, **overrides).save_pretrained(tmp_path / "base")
-    tiny.make_tokenizer().save_pretrained(tmp_path / "base")
-    tuned = make_model(model_type, **overrides)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in tuned.named_parameters():
-            if "layers." in name or ".h." in name:  # the decoder blocks (GPT-2 calls them h)
-                p.add_(0.05 * torch.randn(p.shape, generator=gen) * p.abs().mean())
-    tuned.save_pretrained(tmp_path / "tuned")
-    tiny.make_tokenizer().save_pretrained(tmp_path / "tuned")
+    # the decoder blocks (GPT-2 calls them h)
+    save_finetuned(*VARIANTS[variant], tmp_path, lambda name: "layers." in name or ".h." in name)
 
     build(BuildConfig(model=str(tmp_path / "base"), graph="auto", delta_slots=True, context=CONTEXT), tmp_path / "pkg")
     delta = make(str(tmp_path / "base"), str(tmp_path / "tuned"), DeltaConfig(method="truncsvd", rank=8))

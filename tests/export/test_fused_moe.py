@@ -16,7 +16,7 @@ from edgepack.export.fused.llama import build_llama, check_supported
 from edgepack.runtime.errors import PackageError, UnsupportedArchitecture
 from edgepack.runtime.fused_decoder import FusedDecoder
 
-from tests.export.test_fused_archs import CONTEXT, PROMPTS, assert_float_parity, make_model
+from tests.export.test_fused_archs import CONTEXT, PROMPTS, assert_float_parity, make_model, save_finetuned
 
 _ROUTED = {"num_experts_per_tok": 2}
 VARIANTS = {
@@ -113,19 +113,11 @@ def test_moe_settings_the_op_lacks_are_refused_by_name():
 def _saved(tmp_path, variant: str, move: str) -> tuple:
     """A base and a fine-tune of ``variant`` whose decoder parameters move, the experts' (GraniteMoE's 3-D ones
     included) only with ``move="all"``."""
-    model_type, overrides = VARIANTS[variant]
-    make_model(model_type, **overrides).save_pretrained(tmp_path / "base")
-    tiny.make_tokenizer().save_pretrained(tmp_path / "base")
-    tuned = make_model(model_type, **overrides)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in tuned.named_parameters():
-            expert = ".experts." in name or "block_sparse_moe.input_linear" in name or "_moe.output_linear" in name
-            if "layers." in name and (move == "all" or not expert):
-                p.add_(0.05 * torch.randn(p.shape, generator=gen) * p.abs().mean())
-    tuned.save_pretrained(tmp_path / "tuned")
-    tiny.make_tokenizer().save_pretrained(tmp_path / "tuned")
-    return tmp_path / "base", tmp_path / "tuned"
+    def moves(name: str) -> bool:
+        expert = ".experts." in name or "block_sparse_moe.input_linear" in name or "_moe.output_linear" in name
+        return "layers." in name and (move == "all" or not expert)
+
+    return save_finetuned(*VARIANTS[variant], tmp_path, moves)
 
 
 @pytest.mark.parametrize("variant", ["qwen2_moe", "olmoe", "granitemoeshared"])
