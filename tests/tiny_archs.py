@@ -103,6 +103,22 @@ ARCHS: dict[str, Callable[[], Any]] = {
     "granitemoe": _cfg("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2),
     "granitemoeshared": _cfg("GraniteMoeSharedConfig", num_local_experts=4, num_experts_per_tok=2,
                              shared_intermediate_size=64),
+    # more families (stop 25): common small models optimum exports, and newer Llama-like ones it does not
+    "gpt_neo": _plain("GPTNeoConfig", hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=256,
+                      attention_types=[[["global", "local"], 1]], window_size=32, intermediate_size=128),
+    "gpt_bigcode": _plain("GPTBigCodeConfig", n_embd=64, n_layer=2, n_head=4, n_positions=256, multi_query=True),
+    "codegen": _plain("CodeGenConfig", n_embd=64, n_layer=2, n_head=4, n_positions=256, n_ctx=256, rotary_dim=8),
+    "mpt": _plain("MptConfig", d_model=64, n_heads=4, n_layers=2, max_seq_len=256, expansion_ratio=2),
+    "xglm": _plain("XGLMConfig", d_model=64, num_layers=2, attention_heads=4, ffn_dim=128,
+                   max_position_embeddings=256),
+    "helium": _cfg("HeliumConfig", head_dim=16),
+    "nemotron": _cfg("NemotronConfig", head_dim=32, partial_rotary_factor=0.5),  # 16 of each head rotated
+    "arcee": _cfg("ArceeConfig"),
+    "apertus": _cfg("ApertusConfig"),
+    "hunyuan_v1_dense": _cfg("HunYuanDenseV1Config", head_dim=16),
+    "bitnet": _cfg("BitNetConfig"),
+    "lfm2": _cfg("Lfm2Config", layer_types=["conv", "full_attention"]),
+    "phimoe": _cfg("PhimoeConfig", num_local_experts=4, num_experts_per_tok=2),
 }
 
 

@@ -1,29 +1,31 @@
-"""What sets a Llama-family decoder apart from Llama, read from a model's config: the fused graph
-(``llama.py``) is one layout, and these are its switches.
+"""What sets a Llama-family decoder apart from Llama, read from a model's config: the fused graph (``llama.py``) is one
+layout, and these are its switches.
 
-Gemma's differences are all local: norms scale by ``1 + w``, the embedding is multiplied by
-sqrt(hidden), the MLP gate is a tanh-approximated GELU, attention scales by ``query_pre_attn_scalar``,
-Gemma 2 caps attention scores and final logits with ``c·tanh(x/c)``, and Gemma 2 / 3 also norm each
-block's output before the residual add ("sandwich" norms). Qwen3 and Gemma 3 norm each head of q and
-k; Gemma 3 rotates sliding-window layers with their own base frequency. Phi-3 packs q/k/v and gate/up in
-its checkpoint and may rotate only part of each head. SmolLM3 skips the rotary on some layers; Granite
-scales the embedding, each block's output, the attention scores and the logits by constants. StableLM and OLMo
-norm with LayerNorm (mean subtracted; StableLM's has weights and biases, OLMo's none) instead of RMSNorm, and
-StableLM rotates part of each head. OLMo 2 norms only each block's output (no norm before a block) and norms q
-and k over their whole width, not per head. Phi (1.5 / 2) runs attention and a plain two-layer MLP side by side on
-one normed input ("parallel"), with LayerNorms, biases everywhere and a partial rotary. GPT-NeoX runs them side
-by side too, each on its own norm of the residual (``parallel_norms``; or one after the other when
+Gemma's differences are all local: norms scale by ``1 + w``, the embedding is multiplied by sqrt(hidden), the MLP
+gate is a tanh-approximated GELU, attention scales by ``query_pre_attn_scalar``, Gemma 2 caps attention scores and
+final logits with ``c·tanh(x/c)``, and Gemma 2 / 3 also norm each block's output before the residual add ("sandwich"
+norms). Qwen3 and Gemma 3 norm each head of q and k; Gemma 3 rotates sliding-window layers with their own base
+frequency. Phi-3 packs q/k/v and gate/up in its checkpoint and may rotate only part of each head. SmolLM3 skips the
+rotary on some layers; Granite scales the embedding, each block's output, the attention scores and the logits by
+constants. StableLM and OLMo norm with LayerNorm (mean subtracted; StableLM's has weights and biases, OLMo's none)
+instead of RMSNorm, and StableLM rotates part of each head. OLMo 2 norms only each block's output (no norm before a
+block) and norms q and k over their whole width, not per head. Phi (1.5 / 2) runs attention and a plain two-layer
+MLP side by side on one normed input ("parallel"), with LayerNorms, biases everywhere and a partial rotary. GPT-NeoX
+runs them side by side too, each on its own norm of the residual (``parallel_norms``; or one after the other when
 ``use_parallel_residual`` is off). GPT-2 and OPT have no rotary: they add learned position embeddings to the token's
-(OPT's MLP is a ReLU). Falcon runs attention and MLP side by side on one norm, or on two in its newer layout.
-Cohere runs attention and a SwiGLU MLP side by side on one LayerNorm without bias, rotates interleaved pairs of
-dimensions and scales its logits; GPT-J rotates interleaved pairs too, of the first ``rotary_dim`` dimensions of a
-head, with attention and MLP side by side. Ministral, Seed-OSS and ERNIE 4.5 (interleaved rotary) are Llama's
-layout; StarCoder2 has LayerNorms with biases and a plain MLP; OLMo 3 is OLMo 2 with sliding-window layers (each
-kind its own rotary); EXAONE 4 norms block outputs only, q and k per head, and rotates only its sliding-window
-layers; VaultGemma is Gemma 2 without the norms on block outputs; Cohere 2 is Cohere with sliding-window layers,
-only those rotated. GLM packs gate/up (as Phi-3) and rotates interleaved pairs of part of each head; GLM 4 adds
-Gemma 2's norms on block outputs, under other names. GPT-2, GPT-NeoX, OPT, Falcon, GPT-J and GLM 4 reach the graph
-through ``views.py``, which gives their modules the Llama layout's names.
+(OPT's MLP is a ReLU). Falcon runs attention and MLP side by side on one norm, or on two in its newer layout. Cohere
+runs attention and a SwiGLU MLP side by side on one LayerNorm without bias, rotates interleaved pairs of dimensions
+and scales its logits; GPT-J rotates interleaved pairs too, of the first ``rotary_dim`` dimensions of a head, with
+attention and MLP side by side. Ministral, Seed-OSS and ERNIE 4.5 (interleaved rotary) are Llama's layout;
+StarCoder2 has LayerNorms with biases and a plain MLP; OLMo 3 is OLMo 2 with sliding-window layers (each kind its
+own rotary); EXAONE 4 norms block outputs only, q and k per head, and rotates only its sliding-window layers;
+VaultGemma is Gemma 2 without the norms on block outputs; Cohere 2 is Cohere with sliding-window layers, only those
+rotated. GLM packs gate/up (as Phi-3) and rotates interleaved pairs of part of each head; GLM 4 adds Gemma 2's norms
+on block outputs, under other names. Helium is Llama with an interleaved rotary; Arcee has a plain MLP with a
+squared ReLU; Nemotron too, with LayerNorms that scale by 1 + w and a partial rotary; Apertus has the plain MLP with
+xIELU (its parameters per layer) and per-head q/k norms, under other norm names; HunYuan norms each head of q and k
+after the rotary, so the graph rotates them itself and GroupQueryAttention does not. GPT-2, GPT-NeoX, OPT, Falcon,
+GPT-J, GLM 4 and Apertus reach the graph through ``views.py``, which gives their modules the Llama layout's names.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from edgepack.runtime.errors import UnsupportedArchitecture
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma", "gemma2",
                    "gemma3_text", "stablelm", "olmo", "olmo2", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere",
                    "gptj", "ministral", "olmo3", "seed_oss", "starcoder2", "vaultgemma", "ernie4_5", "exaone4",
-                   "cohere2", "glm", "glm4", *MOE_TYPES)
+                   "cohere2", "glm", "glm4", "helium", "arcee", "nemotron", "apertus", "hunyuan_v1_dense", *MOE_TYPES)
 LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj", "starcoder2",
-                    "cohere2")
+                    "cohere2", "nemotron")
 COHERE_TYPES = ("cohere", "cohere2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "vaultgemma")  # norms by 1 + w, embedding scaled by sqrt(hidden)
 POST_NORM_TYPES = ("olmo2", "olmo3", "exaone4", "flex_olmo")  # norms on each block's output only
@@ -48,7 +50,7 @@ POSITION_TABLE_TYPES = ("gpt2", "opt")  # learned absolute positions, no rotary
 GRANITE_TYPES = ("granite", "granitemoe", "granitemoeshared")  # embedding, residual, attention, logit multipliers
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
-               "gelu": "gelu", "relu": "relu"}
+               "gelu": "gelu", "relu": "relu", "relu2": "relu2", "xielu": "xielu"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class Family:
     parallel_norms: bool = False  # parallel, the MLP reading its own norm of the residual (GPT-NeoX)
     positions: bool = False  # learned absolute position embeddings added to the token embeddings (GPT-2)
     rotary_interleaved: bool = False  # the rotary turns pairs (x0, x1), (x2, x3), ... (Cohere), not halves
+    qk_norm_after_rotary: bool = False  # q/k norms on the rotated heads (HunYuan), not before the rotary
 
 
 def check_supported(config: Any) -> None:
@@ -167,7 +170,7 @@ def family_of(config: Any, head_dim: int) -> Family:
     two_norms = neox_parallel or falcon and bool(config.new_decoder_architecture) and _falcon_norms(config) == 2
     unscaled = config.model_type == "gpt2" and not getattr(config, "scale_attn_weights", True)
     return Family(
-        norm_offset=1.0 if gemma else 0.0,
+        norm_offset=1.0 if gemma or config.model_type == "nemotron" else 0.0,
         embed_scale=math.sqrt(config.hidden_size) if gemma else float(config.embedding_multiplier) if granite else None,
         activation=ACTIVATIONS[_activation_name(config)],
         sandwich=config.model_type in ("gemma2", "gemma3_text", "glm4"),
@@ -186,7 +189,8 @@ def family_of(config: Any, head_dim: int) -> Family:
         parallel=config.model_type in ("phi", "gptj", *COHERE_TYPES) or neox_parallel or falcon_parallel,
         parallel_norms=two_norms,
         positions=config.model_type in POSITION_TABLE_TYPES,
-        rotary_interleaved=config.model_type in ("gptj", "ernie4_5", "glm", "glm4", *COHERE_TYPES),
+        rotary_interleaved=config.model_type in ("gptj", "ernie4_5", "glm", "glm4", "helium", *COHERE_TYPES),
+        qk_norm_after_rotary=config.model_type == "hunyuan_v1_dense",
     )
 
 
@@ -203,6 +207,8 @@ def _norm_eps(config: Any) -> float:
         return float(config.layer_norm_epsilon)
     if config.model_type == "starcoder2":
         return float(config.norm_epsilon)
+    if config.model_type == "nemotron":
+        return float(config.norm_eps)
     return float(config.rms_norm_eps)
 
 

@@ -72,6 +72,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     hidden = _scaled(b, hidden, family.embed_scale, "embed")
     if family.positions:
         hidden = _positioned(b, hidden, ids, total, _array(model.model.embed_positions.weight))
+    offset = _span(b, ids, total)[0] if family.qk_norm_after_rotary else ""  # the graph rotates q and k itself
     norm = _Norms(lin, family.norm_eps, family.norm_offset, family.layer_norm)
     residual, pending = hidden, None  # pending: a block output not yet added to the residual
     kv_shape = [1, cfg.num_key_value_heads, "capacity", head_dim(cfg)]
@@ -83,8 +84,8 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
             x = residual = _added(b, residual, pending, f"layers.{i}/residual_in")
         past = [b.add_input(f"past_key_values.{i}.{kind}", FLOAT, kv_shape) for kind in ("key", "value")]
         cos, sin = rotary["local" if "local" in rotary and _window(cfg, i) > 0 else "global"] if rotary else ("", "")
-        attn = _attention(b, lin, x, layer.self_attn, (cfg, family, norm), past, (seqlens, total, cos, sin), i,
-                          kv_shape)
+        attn = _attention(b, lin, x, layer.self_attn, (cfg, family, norm), past, (seqlens, total, cos, sin, offset),
+                          i, kv_shape)
         if family.parallel:  # Phi, Falcon: the MLP reads the same normed input; both outputs join the residual
             if family.parallel_norms:  # GPT-NeoX, newer Falcons: the MLP's own norm of the same residual
                 x = norm.alone(residual, layer.post_attention_layernorm, f"layers.{i}.mlp_norm")
@@ -131,11 +132,16 @@ def _last_positions(b: GraphBuilder, x: str, keep: str) -> str:
     return b.op1("Slice", [x, start, b.const([2**62]), b.const([1])], "lm_head/keep")
 
 
-def _positioned(b: GraphBuilder, hidden: str, ids: str, total: str, table: np.ndarray) -> str:
-    """hidden + the learned embeddings of positions total - S .. total - 1 (GPT-2, OPT): one Slice of the table."""
+def _span(b: GraphBuilder, ids: str, total: str) -> tuple[str, str]:
+    """The positions of this step's tokens as int64 [1] tensors: start = total - S and end = total."""
     steps = b.op1("Shape", [ids], "positions/steps", start=1, end=2)
     end = b.op1("Reshape", [b.op1("Cast", [total], "positions/cast", to=INT64), b.const([1])], "positions/end")
-    start = b.op1("Sub", [end, steps], "positions/start")
+    return b.op1("Sub", [end, steps], "positions/start"), end
+
+
+def _positioned(b: GraphBuilder, hidden: str, ids: str, total: str, table: np.ndarray) -> str:
+    """hidden + the learned embeddings of positions total - S .. total - 1 (GPT-2, OPT): one Slice of the table."""
+    start, end = _span(b, ids, total)
     rows = b.op1("Slice", [b.weight("embed_positions.weight", table), start, end, b.const([0])], "positions/rows")
     return b.op1("Add", [hidden, rows], "positions/add")
 
@@ -230,14 +236,19 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tu
         p_names = [f"{name}.{p_name}" for p_name in ("q", "k", "v")]
         outs = lin.modules(x, list(projections), p_names, f"{name}.qkv_low")
         qkv = [lin.delta(x, y, cfg.hidden_size, [p], n) for y, p, n in zip(outs, projections, p_names)]
-    if getattr(attn, "q_norm", None) is not None:
-        qkv = _qk_norms(b, norm, qkv, attn, cfg, name, family.qk_norm_per_head)
-    seqlens, total, cos, sin = shared
+    seqlens, total, cos, sin, offset = shared
+    rotary = bool(cos) and (family.rotary_layers is None or family.rotary_layers[i])
+    norms = _qk_modules(attn)
+    if norms and family.qk_norm_after_rotary:  # HunYuan: rotate here, so the norms see rotated heads
+        qkv = _rotated(b, _unpacked(b, qkv, cfg, name), cfg, (cos, sin, offset) if rotary else None, family, name)
+        rotary = False
+    if norms:
+        qkv = _qk_norms(b, norm, _unpacked(b, qkv, cfg, name), norms, cfg, name, family.qk_norm_per_head)
     out = b.unique(f"{name}/out")
     present = [f"present.{i}.key", f"present.{i}.value"]
     b.op_named("GroupQueryAttention", [*qkv, *past, seqlens, total, cos, sin], [out, *present], f"{name}/gqa",
                domain=MS_DOMAIN, num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
-               do_rotary=int(bool(cos) and (family.rotary_layers is None or family.rotary_layers[i])),
+               do_rotary=int(rotary),
                rotary_interleaved=int(family.rotary_interleaved),
                scale=family.attention_scale, softcap=family.attention_softcap,
                local_window_size=_window(cfg, i))
@@ -260,23 +271,52 @@ def _window(cfg: Any, i: int) -> int:
     return int(window)
 
 
-def _qk_norms(b: GraphBuilder, norm: _Norms, qkv: list[str], attn: Any, cfg: Any, name: str,
+def _qk_modules(attn: Any) -> tuple[Any, Any] | None:
+    """The q and k norms of an attention block (HunYuan names them query_ / key_layernorm), or None."""
+    for q_name, k_name in (("q_norm", "k_norm"), ("query_layernorm", "key_layernorm")):
+        if getattr(attn, q_name, None) is not None:
+            return getattr(attn, q_name), getattr(attn, k_name)
+    return None
+
+
+def _unpacked(b: GraphBuilder, qkv: list[str], cfg: Any, name: str) -> list[str]:
+    """q, k and v apart: a packed projection split by the widths GroupQueryAttention would have used."""
+    q, k, v = qkv
+    if k:
+        return qkv
+    dim = head_dim(cfg)
+    widths = [cfg.num_attention_heads * dim, cfg.num_key_value_heads * dim, cfg.num_key_value_heads * dim]
+    return b.op("Split", [q, b.const(widths)], f"{name}/split_qkv", 3, axis=-1)
+
+
+def _rotated(b: GraphBuilder, qkv: list[str], cfg: Any, rotary: tuple[str, str, str] | None, family: Family,
+             name: str) -> list[str]:
+    """q and k rotated by onnxruntime's RotaryEmbedding at positions offset, offset + 1, ... (what
+    GroupQueryAttention would do inside); unchanged on a layer without the rotary."""
+    if rotary is None:
+        return qkv
+    cos, sin, offset = rotary
+    q, k, v = qkv
+    out = [b.op1("RotaryEmbedding", [x, offset, cos, sin], f"{name}/{kind}_rotary", domain=MS_DOMAIN,
+                 interleaved=int(family.rotary_interleaved), num_heads=heads)
+           for x, kind, heads in ((q, "q", cfg.num_attention_heads), (k, "k", cfg.num_key_value_heads))]
+    return [*out, v]
+
+
+def _qk_norms(b: GraphBuilder, norm: _Norms, qkv: list[str], modules: tuple[Any, Any], cfg: Any, name: str,
               per_head: bool = True) -> list[str]:
     """Qwen3 / Gemma 3: RMSNorm over each head of q and of k (OLMo 2: over all of q, all of k), before the
     rotary, which GroupQueryAttention applies, so q, k and v go to it unpacked."""
     dim = head_dim(cfg)
     q, k, v = qkv
-    if not k:  # packed: split by the widths GroupQueryAttention would have used
-        widths = [cfg.num_attention_heads * dim, cfg.num_key_value_heads * dim, cfg.num_key_value_heads * dim]
-        q, k, v = b.op("Split", [q, b.const(widths)], f"{name}/split_qkv", 3, axis=-1)
     normed = []
-    for x, module, heads, kind in ((q, attn.q_norm, cfg.num_attention_heads, "q"),
-                                   (k, attn.k_norm, cfg.num_key_value_heads, "k")):
+    for x, module, heads, kind in ((q, modules[0], cfg.num_attention_heads, "q"),
+                                   (k, modules[1], cfg.num_key_value_heads, "k")):
         if not per_head:
             normed.append(norm.alone(x, module, f"{name}.{kind}_norm"))
             continue
-        per_head = b.op1("Reshape", [x, b.const([0, 0, heads, dim])], f"{name}/{kind}_heads")
-        out = norm.alone(per_head, module, f"{name}.{kind}_norm")
+        split = b.op1("Reshape", [x, b.const([0, 0, heads, dim])], f"{name}/{kind}_heads")
+        out = norm.alone(split, module, f"{name}.{kind}_norm")
         normed.append(b.op1("Reshape", [out, b.const([0, 0, heads * dim])], f"{name}/{kind}_flat"))
     return [*normed, v]
 
@@ -296,11 +336,11 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str,
     """down(act(gate(x)) * up(x)), with gate and up as one packed projection when both are plain."""
     import torch.nn as nn
 
-    plain = (mlp.fc1, mlp.fc2) if hasattr(mlp, "fc1") else (mlp.c_fc, mlp.c_proj) if hasattr(mlp, "c_fc") else None
-    if plain:  # Phi, StarCoder2: a plain two-layer MLP, fc2(act(fc1(x))), with biases
+    plain = _plain_mlp(mlp)
+    if plain:  # Phi, StarCoder2, Arcee: a plain two-layer MLP, fc2(act(fc1(x)))
         up, down = plain
         hidden = lin.delta(x, lin.module(x, up, f"{name}.fc1"), _in_features(up), [up], f"{name}.fc1")
-        activated = _activate(b, hidden, activation, name)
+        activated = _activate(lin, hidden, activation, name, getattr(mlp, "act_fn", None))
         out = lin.module(activated, down, f"{name}.fc2")
         return lin.delta(activated, out, _in_features(down), [down], f"{name}.fc2")
     if hasattr(mlp, "gate_up_proj"):  # Phi-3: one packed projection, gate first
@@ -308,7 +348,7 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str,
                          [mlp.gate_up_proj], f"{name}.gate_up")
         gate, up = b.op("Split", [both, b.const([_out_features(mlp.gate_up_proj) // 2] * 2)], f"{name}/split", 2,
                         axis=-1)
-        return _down(b, lin, _activate(b, gate, activation, name), up, mlp, name)
+        return _down(b, lin, _activate(lin, gate, activation, name), up, mlp, name)
     joint = is_joint([mlp.gate_proj, mlp.up_proj])
     if joint or isinstance(mlp.gate_proj, nn.Linear) and isinstance(mlp.up_proj, nn.Linear) and \
             mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
@@ -322,7 +362,17 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str,
         gate, up = lin.modules(x, [mlp.gate_proj, mlp.up_proj], [f"{name}.gate", f"{name}.up"], f"{name}.gate_up_low")
         gate = lin.delta(x, gate, n_in, [mlp.gate_proj], f"{name}.gate")
         up = lin.delta(x, up, n_in, [mlp.up_proj], f"{name}.up")
-    return _down(b, lin, _activate(b, gate, activation, name), up, mlp, name)
+    return _down(b, lin, _activate(lin, gate, activation, name), up, mlp, name)
+
+
+def _plain_mlp(mlp: Any) -> tuple[Any, Any] | None:
+    """(in, out) linear layers of an MLP without a gate, under any of the names the family uses."""
+    for names in (("fc1", "fc2"), ("c_fc", "c_proj")):
+        if hasattr(mlp, names[0]):
+            return getattr(mlp, names[0]), getattr(mlp, names[1])
+    if hasattr(mlp, "up_proj") and not hasattr(mlp, "gate_proj"):  # Arcee, Nemotron, Apertus
+        return mlp.up_proj, mlp.down_proj
+    return None
 
 
 def _down(b: GraphBuilder, lin: LinearEmitter, activated: str, up: str, mlp: Any, name: str) -> str:
@@ -331,13 +381,57 @@ def _down(b: GraphBuilder, lin: LinearEmitter, activated: str, up: str, mlp: Any
     return lin.delta(gated, down, _in_features(mlp.down_proj), [mlp.down_proj], f"{name}.down")
 
 
-def _activate(b: GraphBuilder, x: str, activation: str, name: str) -> str:
+def _activate(lin: LinearEmitter, x: str, activation: str, name: str, module: Any = None) -> str:
+    """``activation`` of x; ``module`` is the MLP's activation module, for one with parameters (xIELU)."""
+    b = lin.builder
     if activation == "silu":
         return b.op1("Mul", [x, b.op1("Sigmoid", [x], f"{name}/sigmoid")], f"{name}/silu")
     if activation == "relu":
         return b.op1("Relu", [x], f"{name}/relu")
+    if activation == "relu2":
+        relu = b.op1("Relu", [x], f"{name}/relu")
+        return b.op1("Mul", [relu, relu], f"{name}/relu2")
+    if activation == "xielu":
+        return _xielu(lin, x, module, name)
     # onnxruntime's FastGelu is GELU's tanh approximation, its Gelu the exact (erf) one
     return b.op1("FastGelu" if activation == "gelu_tanh" else "Gelu", [x], f"{name}/{activation}", domain=MS_DOMAIN)
+
+
+def _xielu(lin: LinearEmitter, x: str, act: Any, name: str) -> str:
+    """xIELU (Apertus), with the layer's own parameters: αp·x² + βx for x > 0, else αn·(e^min(x, ε) − 1 − x) + βx,
+    where αp = softplus(a_p) and αn = β + softplus(a_n). a_p and a_n are graph weights with delta slots."""
+    b = lin.builder
+
+    def scalar(value: Any) -> str:
+        return b.const(np.float32(float(value.detach().float().reshape(-1)[0])), np.float32)
+
+    def rounded(value: str, dtype: Any, kind: str) -> str:
+        # transformers keeps these parameters in bfloat16 even in a float32 model, and computes α in that dtype
+        elem = _ROUNDING.get(str(dtype).removeprefix("torch."))
+        if elem is None:
+            return value
+        return b.op1("Cast", [b.op1("Cast", [value], f"{name}/{kind}_round", to=elem)], f"{name}/{kind}_back", to=FLOAT)
+
+    def softplus(param: Any, kind: str) -> str:
+        raw = rounded(lin.dense_delta(b.weight(f"{name}.act.{kind}", _array(param)), param), param.dtype, kind)
+        return rounded(b.op1("Softplus", [raw], f"{name}/xielu_{kind}"), param.dtype, f"{kind}_softplus")
+
+    beta = scalar(act.beta)
+    alpha_p = softplus(act.alpha_p, "alpha_p")
+    alpha_n = b.op1("Add", [softplus(act.alpha_n, "alpha_n"), beta], f"{name}/xielu_alpha_n")
+    alpha_n = rounded(alpha_n, act.alpha_n.dtype, "alpha_n_sum")
+    linear = b.op1("Mul", [x, beta], f"{name}/xielu_bx")
+    positive = b.op1("Add", [b.op1("Mul", [b.op1("Mul", [x, x], f"{name}/xielu_x2"), alpha_p], f"{name}/xielu_px2"),
+                             linear], f"{name}/xielu_pos")
+    low = b.op1("Exp", [b.op1("Min", [x, scalar(act.eps)], f"{name}/xielu_min")], f"{name}/xielu_exp")
+    below = b.op1("Sub", [b.op1("Sub", [low, b.const(np.float32(1.0), np.float32)], f"{name}/xielu_expm1"), x],
+                  f"{name}/xielu_sub")
+    negative = b.op1("Add", [b.op1("Mul", [below, alpha_n], f"{name}/xielu_neg_scale"), linear], f"{name}/xielu_neg")
+    above = b.op1("Greater", [x, b.const(np.float32(0.0), np.float32)], f"{name}/xielu_above")
+    return b.op1("Where", [above, positive, negative], f"{name}/xielu")
+
+
+_ROUNDING = {"bfloat16": 16, "float16": 10}  # onnx.TensorProto's BFLOAT16 and FLOAT16
 
 
 def _rotaries(model: Any) -> dict[str, Any]:

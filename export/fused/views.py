@@ -1,17 +1,17 @@
-"""GPT-2, GPT-NeoX, OPT, Falcon, GPT-J and GLM 4 seen through the Llama layout's names, so the fused graph
+"""GPT-2, GPT-NeoX, OPT, Falcon, GPT-J, GLM 4 and Apertus seen through the Llama layout's names, so the fused graph
 (``llama.py``) builds them too.
 
-The graph reads ``model.model.{embed_tokens, layers, norm, rotary_emb}``, each layer's two norms, ``self_attn``
-and ``mlp``, and ``model.lm_head``. GPT-2 and GPT-NeoX hold the same parts under other names, and two in another
-form. GPT-2's Conv1D layers store W transposed; they are copied here as ``nn.Linear``. GPT-NeoX packs q/k/v head
-by head (q, k, v of head 0, then of head 1, ...) where GroupQueryAttention takes all of q, then k, then v; the
-packed projection's output rows are permuted once here. A delta slot on it records the permutation, so the runtime
-permutes a delta's rows the same way (``runtime/delta.py``). OPT's learned position table starts at row 2 (its
-``offset``); the graph reads it from there. Falcon packs q/k/v by key-value group (the group's query heads, then
-its key, then its value) in its newer layout, all q then one k and one v with multi-query attention, and head by
-head (as GPT-NeoX) otherwise. GPT-J has no rotary module (its attention keeps a sin/cos table); the view gives it
-one holding the same inverse frequencies. GLM 4's four norms a layer get Gemma 2's names. Every copy keeps the
-source model's path, which is what deltas and the package's slot metadata name.
+The graph reads ``model.model.{embed_tokens, layers, norm, rotary_emb}``, each layer's two norms, ``self_attn`` and
+``mlp``, and ``model.lm_head``. GPT-2 and GPT-NeoX hold the same parts under other names, and two in another form.
+GPT-2's Conv1D layers store W transposed; they are copied here as ``nn.Linear``. GPT-NeoX packs q/k/v head by head
+(q, k, v of head 0, then of head 1, ...) where GroupQueryAttention takes all of q, then k, then v; the packed
+projection's output rows are permuted once here. A delta slot on it records the permutation, so the runtime permutes
+a delta's rows the same way (``runtime/delta.py``). OPT's learned position table starts at row 2 (its ``offset``);
+the graph reads it from there. Falcon packs q/k/v by key-value group (the group's query heads, then its key, then
+its value) in its newer layout, all q then one k and one v with multi-query attention, and head by head (as
+GPT-NeoX) otherwise. GPT-J has no rotary module (its attention keeps a sin/cos table); the view gives it one holding
+the same inverse frequencies. GLM 4's four norms a layer get Gemma 2's names, Apertus's two Llama's. Every copy
+keeps the source model's path, which is what deltas and the package's slot metadata name.
 """
 
 from __future__ import annotations
@@ -196,6 +196,17 @@ def _glm4(model: Any) -> Layout:
     return Layout(SimpleNamespace(config=model.config, model=inner, lm_head=model.lm_head), _names(model), {})
 
 
+def _apertus(model: Any) -> Layout:
+    """Apertus's two norms a layer (attention_layernorm, feedforward_layernorm) under Llama's names."""
+    layers = [SimpleNamespace(input_layernorm=layer.attention_layernorm,
+                              post_attention_layernorm=layer.feedforward_layernorm, self_attn=layer.self_attn,
+                              mlp=layer.mlp)
+              for layer in model.model.layers]
+    inner = SimpleNamespace(embed_tokens=model.model.embed_tokens, embed_positions=None, layers=layers,
+                            norm=model.model.norm, rotary_emb=model.model.rotary_emb)
+    return Layout(SimpleNamespace(config=model.config, model=inner, lm_head=model.lm_head), _names(model), {})
+
+
 def _linear_of(module: Any) -> Any:
     """An ``nn.Linear`` equal to a Conv1D (x·W + b, W [in, out]); other modules (a Linear, a factorized pair)
     unchanged."""
@@ -232,4 +243,5 @@ def _index(order: np.ndarray, device: Any) -> Any:
     return torch.as_tensor(order, dtype=torch.long, device=device)
 
 
-_VIEWS = {"gpt2": _gpt2, "gpt_neox": _neox, "opt": _opt, "falcon": _falcon, "gptj": _gptj, "glm4": _glm4}
+_VIEWS = {"gpt2": _gpt2, "gpt_neox": _neox, "opt": _opt, "falcon": _falcon, "gptj": _gptj, "glm4": _glm4,
+          "apertus": _apertus}

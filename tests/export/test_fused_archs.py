@@ -80,6 +80,16 @@ VARIANTS = {
     # attention and MLP side by side on one LayerNorm, 16 of each 64-wide head rotated in interleaved pairs, a head
     # with a bias
     "gptj": ("gptj", {"hidden_size": 256, "rotary_dim": 16, "tie_word_embeddings": False}),
+    # stop 25: Helium's interleaved rotary; Arcee's and Nemotron's plain squared-ReLU MLP (Nemotron: LayerNorms by
+    # 1 + w with biases, half of each 32-wide head rotated, q/k/v/o and MLP biases); Apertus's xIELU and per-head
+    # q/k norms under other norm names; HunYuan's q/k norms on the rotated heads (the graph rotates them itself)
+    "helium": ("helium", {"head_dim": 16, "attention_bias": True}),
+    "arcee": ("arcee", {}),
+    "nemotron": ("nemotron", {"head_dim": 32, "partial_rotary_factor": 0.5, "attention_bias": True,
+                              "mlp_bias": True}),
+    "apertus": ("apertus", {}),
+    "hunyuan_v1_dense": ("hunyuan_v1_dense", {"head_dim": 16}),
+    "hunyuan-bias": ("hunyuan_v1_dense", {"head_dim": 16, "attention_bias": True}),
     "falcon-new": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "hidden_size": 128}),
     "falcon-mq": ("falcon", {"multi_query": True, "hidden_size": 128}),
     "falcon-seq": ("falcon", {"multi_query": False, "parallel_attn": False, "num_kv_heads": 4, "hidden_size": 128,
@@ -182,7 +192,8 @@ def test_other_attention_kinds_are_refused_by_name():
 
 @pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3", "phi3", "stablelm", "olmo2", "phi", "gpt_neox",
                                      "gpt2", "opt", "falcon-new", "cohere", "gptj",
-                                     "starcoder2", "exaone4", "ernie4_5", "vaultgemma", "glm4"])
+                                     "starcoder2", "exaone4", "ernie4_5", "vaultgemma", "glm4", "nemotron",
+                                     "apertus", "hunyuan-bias", "helium", "arcee"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -201,7 +212,8 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
              "cohere": "input_layernorm.weight", "gptj": "fc_in.bias", "starcoder2": "c_fc.bias",
              "exaone4": "post_feedforward_layernorm.weight", "ernie4_5": "o_proj.bias",
              "vaultgemma": "pre_feedforward_layernorm.weight",
-             "glm4": "post_mlp_layernorm.weight"}.get(variant, "q_norm.weight")
+             "glm4": "post_mlp_layernorm.weight", "nemotron": "up_proj.bias", "hunyuan-bias": "key_layernorm.weight",
+             "helium": "k_proj.bias", "arcee": "post_attention_layernorm.weight"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")

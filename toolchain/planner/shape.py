@@ -19,17 +19,15 @@ from edgepack.runtime.errors import UnsupportedArchitecture
 
 def from_config(cfg: dict[str, Any], spec: str) -> memory.ModelShape:
     """``cfg`` (a config.json or a GGUF's config) as a ModelShape with the architecture's own linear layers."""
-    import torch
     from edgepack.toolchain import conv1d
     from edgepack.toolchain.ressvd import selection
     from edgepack.toolchain.ressvd.config import DEFAULT_TARGETS
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.for_model(**cfg)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, ImportError) as e:
+        model = _empty(config)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, ImportError, NotImplementedError) as e:
         raise UnsupportedArchitecture(f"{spec}: the planner cannot lay out model type '{cfg.get('model_type')}' "
                                       f"({type(e).__name__}: {str(e)[:160]}); build it without --device") from None
     conv1d.to_linear(model)
@@ -48,6 +46,21 @@ def from_config(cfg: dict[str, Any], spec: str) -> memory.ModelShape:
         kv_heads=_kv_heads(config, heads),
         head_dim=int(getattr(config, "head_dim", None) or hidden // heads), vocab=int(config.vocab_size),
         tied=bool(cfg.get("tie_word_embeddings", True)), layer_linears=tuple(templates), fixed_linears=fixed)
+
+
+def _empty(config: Any) -> Any:
+    """The model with its parameters on the meta device (no memory). All of it there first; a model that reads a
+    buffer's value while it is built (Apertus's xIELU calls ``.item()``) gets its buffers on the CPU instead."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except NotImplementedError:
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config)
 
 
 def _fixed_linears(model: Any, compressible: set[int]) -> tuple[tuple[int, int, int], ...]:
