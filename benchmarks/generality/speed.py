@@ -25,7 +25,8 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 from common import folder_size, markdown_table, results_dir  # noqa: E402
 
 SHAPE = {"layers": 12, "hidden": 768, "heads": 12, "ffn": 3072}
-FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "falcon", "phi", "gptj", "cohere", "qwen3_moe")
+FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "falcon", "phi", "gptj", "cohere", "qwen3_moe", "gpt_bigcode",
+            "gpt_neo", "nemotron")
 GRAPHS = ("fused", "optimum")
 
 
@@ -57,6 +58,18 @@ def _config(family: str):
                                                          num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
                                                          num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                                                          num_key_value_heads=4, head_dim=64, **ids),
+        # one key-value head (multi-query), as StarCoder 1 and SantaCoder
+        "gpt_bigcode": lambda: transformers.GPTBigCodeConfig(n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
+                                                             multi_query=True, **ids),
+        # global and local (256-position window) layers in turn, as GPT-Neo 125M
+        "gpt_neo": lambda: transformers.GPTNeoConfig(hidden_size=s["hidden"], num_layers=s["layers"],
+                                                     num_heads=s["heads"], attention_types=[[["global", "local"], 6]],
+                                                     **ids),
+        # squared-ReLU plain MLP, LayerNorm by 1 + w, half of each 64-wide head rotated, 4 key-value heads
+        "nemotron": lambda: transformers.NemotronConfig(hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                                                        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                                                        num_key_value_heads=4, head_dim=64, partial_rotary_factor=0.5,
+                                                        tie_word_embeddings=True, **ids),
         "cohere": lambda: transformers.CohereConfig(hidden_size=s["hidden"], intermediate_size=s["ffn"],
                                                     num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                                                     num_key_value_heads=4, **ids),

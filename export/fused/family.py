@@ -24,7 +24,8 @@ rotated. GLM packs gate/up (as Phi-3) and rotates interleaved pairs of part of e
 on block outputs, under other names. Helium is Llama with an interleaved rotary; Arcee has a plain MLP with a
 squared ReLU; Nemotron too, with LayerNorms that scale by 1 + w and a partial rotary; Apertus has the plain MLP with
 xIELU (its parameters per layer) and per-head q/k norms, under other norm names; HunYuan norms each head of q and k
-after the rotary, so the graph rotates them itself and GroupQueryAttention does not. GPT-2, GPT-NeoX, OPT, Falcon,
+after the rotary, so the graph rotates them itself and GroupQueryAttention does not. BitNet (its unquantized weights)
+norms attention's output before o and the gated MLP's before down, with a squared ReLU. GPT-2, GPT-NeoX, OPT, Falcon,
 GPT-J, GLM 4 and Apertus reach the graph through ``views.py``, which gives their modules the Llama layout's names.
 """
 
@@ -40,13 +41,14 @@ from edgepack.runtime.errors import UnsupportedArchitecture
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma", "gemma2",
                    "gemma3_text", "stablelm", "olmo", "olmo2", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere",
                    "gptj", "ministral", "olmo3", "seed_oss", "starcoder2", "vaultgemma", "ernie4_5", "exaone4",
-                   "cohere2", "glm", "glm4", "helium", "arcee", "nemotron", "apertus", "hunyuan_v1_dense", *MOE_TYPES)
+                   "cohere2", "glm", "glm4", "helium", "arcee", "nemotron", "apertus", "hunyuan_v1_dense",
+                   "gpt_bigcode", "gpt_neo", "bitnet", *MOE_TYPES)
 LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj", "starcoder2",
-                    "cohere2", "nemotron")
+                    "cohere2", "nemotron", "gpt_bigcode", "gpt_neo")
 COHERE_TYPES = ("cohere", "cohere2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "vaultgemma")  # norms by 1 + w, embedding scaled by sqrt(hidden)
 POST_NORM_TYPES = ("olmo2", "olmo3", "exaone4", "flex_olmo")  # norms on each block's output only
-POSITION_TABLE_TYPES = ("gpt2", "opt")  # learned absolute positions, no rotary
+POSITION_TABLE_TYPES = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")  # learned absolute positions, no rotary
 GRANITE_TYPES = ("granite", "granitemoe", "granitemoeshared")  # embedding, residual, attention, logit multipliers
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -82,6 +84,12 @@ def check_supported(config: Any) -> None:
     if model_type not in SUPPORTED_TYPES:
         raise UnsupportedArchitecture(f"model type '{model_type}' has no fused graph yet "
                                       f"(supported: {', '.join(SUPPORTED_TYPES)}); build without --graph fused")
+    quantized = getattr(config, "quantization_config", None)
+    if quantized:  # e.g. a packed BitNet, GPTQ or AWQ checkpoint: its modules hold no float weights to read
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else getattr(
+            quantized, "quant_method", "?")
+        raise UnsupportedArchitecture(f"the fused graph reads float weights, this checkpoint is quantized "
+                                      f"({method}); build from its unquantized weights")
     act = _activation_name(config)
     if act not in ACTIVATIONS:
         raise UnsupportedArchitecture(f"the fused graph has {', '.join(ACTIVATIONS)} MLPs, this model uses {act}")
@@ -122,7 +130,7 @@ def check_supported(config: Any) -> None:
 
 
 def _check_gpt2(config: Any) -> None:
-    if getattr(config, "model_type", "") != "gpt2":
+    if getattr(config, "model_type", "") not in ("gpt2", "gpt_bigcode"):
         return
     if getattr(config, "add_cross_attention", False) or getattr(config, "scale_attn_by_inverse_layer_idx", False):
         raise UnsupportedArchitecture("the fused graph has GPT-2 without cross-attention and with one attention "
@@ -168,7 +176,9 @@ def family_of(config: Any, head_dim: int) -> Family:
     falcon = config.model_type == "falcon"
     falcon_parallel = falcon and bool(config.new_decoder_architecture or config.parallel_attn)
     two_norms = neox_parallel or falcon and bool(config.new_decoder_architecture) and _falcon_norms(config) == 2
-    unscaled = config.model_type == "gpt2" and not getattr(config, "scale_attn_weights", True)
+    # GPT-Neo never scales attention scores; GPT-2 and GPT-BigCode may be told not to
+    unscaled = config.model_type == "gpt_neo" or config.model_type in ("gpt2", "gpt_bigcode") and not getattr(
+        config, "scale_attn_weights", True)
     return Family(
         norm_offset=1.0 if gemma or config.model_type == "nemotron" else 0.0,
         embed_scale=math.sqrt(config.hidden_size) if gemma else float(config.embedding_multiplier) if granite else None,
@@ -203,7 +213,7 @@ def _norm_eps(config: Any) -> float:
         return float(config.layer_norm_eps)
     if config.model_type == "opt":
         return 1e-5  # torch's LayerNorm default, which OPT's layers use
-    if config.model_type in ("gpt2", "falcon", "gptj"):
+    if config.model_type in ("gpt2", "falcon", "gptj", "gpt_bigcode", "gpt_neo"):
         return float(config.layer_norm_epsilon)
     if config.model_type == "starcoder2":
         return float(config.norm_epsilon)
@@ -217,7 +227,7 @@ def _activation_name(config: Any) -> str:
     (Gemma too) from ``hidden_act``."""
     if getattr(config, "model_type", "") == "falcon":
         return getattr(config, "activation", "gelu")
-    if getattr(config, "model_type", "") in ("gpt2", "opt", "gptj"):
+    if getattr(config, "model_type", "") in ("gpt2", "opt", "gptj", "gpt_bigcode", "gpt_neo"):
         return getattr(config, "activation_function", "relu" if config.model_type == "opt" else "gelu_new")
     if getattr(config, "model_type", "") in ("gemma2", "gemma3_text", "vaultgemma"):
         return getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"  # their configs' default

@@ -89,7 +89,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
         if family.parallel:  # Phi, Falcon: the MLP reads the same normed input; both outputs join the residual
             if family.parallel_norms:  # GPT-NeoX, newer Falcons: the MLP's own norm of the same residual
                 x = norm.alone(residual, layer.post_attention_layernorm, f"layers.{i}.mlp_norm")
-            mlp = _block(lin, x, layer, family.activation, cfg, f"layers.{i}.mlp")
+            mlp = _block(lin, x, layer, (family.activation, norm), cfg, f"layers.{i}.mlp")
             pending = b.op1("Add", [attn, mlp], f"layers.{i}/parallel")
             continue
         if post_norms:  # the block's output is normed before the residual add
@@ -102,7 +102,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
             x, residual = norm.add(attn, residual, mlp_norm, f"layers.{i}.post_norm")
         else:
             x = residual = _added(b, residual, attn, f"layers.{i}/residual_attn")
-        pending = _block(lin, x, layer, family.activation, cfg, f"layers.{i}.mlp")
+        pending = _block(lin, x, layer, (family.activation, norm), cfg, f"layers.{i}.mlp")
         if post_norms:
             pending = norm.alone(pending, layer.post_feedforward_layernorm, f"layers.{i}.mlp_out_norm")
         pending = _scaled(b, pending, family.residual_scale, f"layers.{i}.mlp")
@@ -254,6 +254,8 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tu
                local_window_size=_window(cfg, i))
     for p in present:
         b.outputs.append(_value_info(p, kv_shape))
+    if getattr(attn, "attn_sub_norm", None) is not None:  # BitNet: a norm between attention and its o projection
+        out = norm.alone(out, attn.attn_sub_norm, f"{name}.sub_norm")
     o_in = cfg.num_attention_heads * head_dim(cfg)
     o_proj = attn.dense if hasattr(attn, "dense") else attn.o_proj  # Phi calls it dense
     return lin.delta(out, lin.module(out, o_proj, f"{name}.o"), o_in, [o_proj], f"{name}.o")
@@ -321,10 +323,13 @@ def _qk_norms(b: GraphBuilder, norm: _Norms, qkv: list[str], modules: tuple[Any,
     return [*normed, v]
 
 
-def _block(lin: LinearEmitter, x: str, layer: Any, activation: str, cfg: Any, name: str) -> str:
-    """A layer's MLP: a mixture of experts (moe.py) or one dense MLP."""
+def _block(lin: LinearEmitter, x: str, layer: Any, act_norm: tuple[str, _Norms], cfg: Any, name: str) -> str:
+    """A layer's MLP: a mixture of experts (moe.py) or one dense MLP (``act_norm``: its activation, and the model's
+    norms for one with a norm inside)."""
+    activation, norm = act_norm
+
     def dense(inp: str, mlp: Any, mlp_name: str) -> str:
-        return _mlp(lin.builder, lin, inp, mlp, activation, mlp_name)
+        return _mlp(lin.builder, lin, inp, mlp, activation, mlp_name, norm)
 
     block = block_of(layer)
     if not is_sparse(block):
@@ -332,7 +337,8 @@ def _block(lin: LinearEmitter, x: str, layer: Any, activation: str, cfg: Any, na
     return moe_block(lin, x, block, cfg, name, dense, getattr(layer, "shared_mlp", None))
 
 
-def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str, name: str) -> str:
+def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str, name: str,
+         norm: _Norms | None = None) -> str:
     """down(act(gate(x)) * up(x)), with gate and up as one packed projection when both are plain."""
     import torch.nn as nn
 
@@ -348,7 +354,7 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str,
                          [mlp.gate_up_proj], f"{name}.gate_up")
         gate, up = b.op("Split", [both, b.const([_out_features(mlp.gate_up_proj) // 2] * 2)], f"{name}/split", 2,
                         axis=-1)
-        return _down(b, lin, _activate(lin, gate, activation, name), up, mlp, name)
+        return _down(b, lin, _activate(lin, gate, activation, name), up, mlp, name, norm)
     joint = is_joint([mlp.gate_proj, mlp.up_proj])
     if joint or isinstance(mlp.gate_proj, nn.Linear) and isinstance(mlp.up_proj, nn.Linear) and \
             mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
@@ -362,7 +368,7 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str,
         gate, up = lin.modules(x, [mlp.gate_proj, mlp.up_proj], [f"{name}.gate", f"{name}.up"], f"{name}.gate_up_low")
         gate = lin.delta(x, gate, n_in, [mlp.gate_proj], f"{name}.gate")
         up = lin.delta(x, up, n_in, [mlp.up_proj], f"{name}.up")
-    return _down(b, lin, _activate(lin, gate, activation, name), up, mlp, name)
+    return _down(b, lin, _activate(lin, gate, activation, name), up, mlp, name, norm)
 
 
 def _plain_mlp(mlp: Any) -> tuple[Any, Any] | None:
@@ -375,8 +381,11 @@ def _plain_mlp(mlp: Any) -> tuple[Any, Any] | None:
     return None
 
 
-def _down(b: GraphBuilder, lin: LinearEmitter, activated: str, up: str, mlp: Any, name: str) -> str:
+def _down(b: GraphBuilder, lin: LinearEmitter, activated: str, up: str, mlp: Any, name: str,
+          norm: _Norms | None = None) -> str:
     gated = b.op1("Mul", [activated, up], f"{name}/gated")
+    if getattr(mlp, "ffn_sub_norm", None) is not None:  # BitNet: a norm before the down projection
+        gated = norm.alone(gated, mlp.ffn_sub_norm, f"{name}.sub_norm")
     down = lin.module(gated, mlp.down_proj, f"{name}.down")
     return lin.delta(gated, down, _in_features(mlp.down_proj), [mlp.down_proj], f"{name}.down")
 

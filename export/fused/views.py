@@ -196,6 +196,41 @@ def _glm4(model: Any) -> Layout:
     return Layout(SimpleNamespace(config=model.config, model=inner, lm_head=model.lm_head), _names(model), {})
 
 
+def _bigcode(model: Any) -> Layout:
+    """GPT-BigCode (StarCoder 1, SantaCoder): GPT-2's layout with nn.Linear layers, multi-query attention (all q, then
+    one k, then one v) or q/k/v packed head by head, as GPT-NeoX."""
+    names, rows = _names(model), {}
+    t, cfg = model.transformer, model.config
+    heads = int(cfg.num_attention_heads)
+    dim = int(cfg.hidden_size) // heads
+    order = None if cfg.multi_query else _head_by_head(heads, dim)
+    layers = [SimpleNamespace(input_layernorm=h.ln_1, post_attention_layernorm=h.ln_2,
+                              self_attn=SimpleNamespace(qkv_proj=h.attn.c_attn if order is None else _reordered(
+                                  h.attn.c_attn, order, names, rows), o_proj=h.attn.c_proj),
+                              mlp=SimpleNamespace(fc1=h.mlp.c_fc, fc2=h.mlp.c_proj))
+              for h in t.h]
+    config = _Config(cfg, hidden_act=cfg.activation_function, num_key_value_heads=1 if cfg.multi_query else heads,
+                     head_dim=dim)
+    inner = SimpleNamespace(embed_tokens=t.wte, embed_positions=t.wpe, layers=layers, norm=t.ln_f, rotary_emb=None)
+    return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), names, rows)
+
+
+def _neo(model: Any) -> Layout:
+    """GPT-Neo: GPT-2's layout with separate q/k/v (no biases), its local layers as sliding-window ones."""
+    t, cfg = model.transformer, model.config
+    layers = [SimpleNamespace(input_layernorm=h.ln_1, post_attention_layernorm=h.ln_2,
+                              self_attn=SimpleNamespace(q_proj=h.attn.attention.q_proj, k_proj=h.attn.attention.k_proj,
+                                                        v_proj=h.attn.attention.v_proj,
+                                                        o_proj=h.attn.attention.out_proj),
+                              mlp=SimpleNamespace(fc1=h.mlp.c_fc, fc2=h.mlp.c_proj))
+              for h in t.h]
+    kinds = ["sliding_attention" if kind == "local" else "full_attention" for kind in cfg.attention_layers]
+    config = _Config(cfg, hidden_act=cfg.activation_function, sliding_window=int(cfg.window_size), layer_types=kinds,
+                     **_heads(cfg))
+    inner = SimpleNamespace(embed_tokens=t.wte, embed_positions=t.wpe, layers=layers, norm=t.ln_f, rotary_emb=None)
+    return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), _names(model), {})
+
+
 def _apertus(model: Any) -> Layout:
     """Apertus's two norms a layer (attention_layernorm, feedforward_layernorm) under Llama's names."""
     layers = [SimpleNamespace(input_layernorm=layer.attention_layernorm,
@@ -244,4 +279,4 @@ def _index(order: np.ndarray, device: Any) -> Any:
 
 
 _VIEWS = {"gpt2": _gpt2, "gpt_neox": _neox, "opt": _opt, "falcon": _falcon, "gptj": _gptj, "glm4": _glm4,
-          "apertus": _apertus}
+          "apertus": _apertus, "gpt_bigcode": _bigcode, "gpt_neo": _neo}

@@ -90,6 +90,14 @@ VARIANTS = {
     "apertus": ("apertus", {}),
     "hunyuan_v1_dense": ("hunyuan_v1_dense", {"head_dim": 16}),
     "hunyuan-bias": ("hunyuan_v1_dense", {"head_dim": 16, "attention_bias": True}),
+    "hunyuan-alpha": ("hunyuan_v1_dense", {"head_dim": 16, "rope_scaling": {"type": "dynamic", "alpha": 1000.0,
+                                                                          "factor": 1.0}}),  # as HunYuan ships
+    # learned positions, LayerNorms, biases: GPT-BigCode's multi-query attention (one k/v head) or q/k/v packed head
+    # by head; GPT-Neo's unscaled attention, its local layers as sliding windows
+    "bitnet": ("bitnet", {}),  # norms before o and before down, squared-ReLU gate
+    "gpt_bigcode": ("gpt_bigcode", {"multi_query": True}),
+    "gpt_bigcode-mha": ("gpt_bigcode", {"multi_query": False}),
+    "gpt_neo": ("gpt_neo", {"num_layers": 2, "attention_types": [[["global", "local"], 1]], "window_size": 5}),
     "falcon-new": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "hidden_size": 128}),
     "falcon-mq": ("falcon", {"multi_query": True, "hidden_size": 128}),
     "falcon-seq": ("falcon", {"multi_query": False, "parallel_attn": False, "num_kv_heads": 4, "hidden_size": 128,
@@ -185,6 +193,12 @@ def test_a_window_of_one_is_refused():
         check_supported(_config(sliding_window=1))
 
 
+def test_a_quantized_checkpoint_is_refused_by_its_method():
+    # a packed BitNet (or GPTQ, AWQ) checkpoint's modules hold no float weights for the graph to read
+    with pytest.raises(UnsupportedArchitecture, match=r"quantized \(bitnet\)"):
+        check_supported(_config(quantization_config={"quant_method": "bitnet", "linear_class": "autobitlinear"}))
+
+
 def test_other_attention_kinds_are_refused_by_name():
     with pytest.raises(UnsupportedArchitecture, match="chunked_attention"):
         check_supported(_config(layer_types=["full_attention", "chunked_attention"]))
@@ -193,7 +207,8 @@ def test_other_attention_kinds_are_refused_by_name():
 @pytest.mark.parametrize("variant", ["qwen3", "qwen2", "gemma3", "phi3", "stablelm", "olmo2", "phi", "gpt_neox",
                                      "gpt2", "opt", "falcon-new", "cohere", "gptj",
                                      "starcoder2", "exaone4", "ernie4_5", "vaultgemma", "glm4", "nemotron",
-                                     "apertus", "hunyuan-bias", "helium", "arcee"])
+                                     "apertus", "hunyuan-bias", "helium", "arcee", "gpt_bigcode-mha", "gpt_neo",
+                                     "bitnet"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -213,7 +228,8 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
              "exaone4": "post_feedforward_layernorm.weight", "ernie4_5": "o_proj.bias",
              "vaultgemma": "pre_feedforward_layernorm.weight",
              "glm4": "post_mlp_layernorm.weight", "nemotron": "up_proj.bias", "hunyuan-bias": "key_layernorm.weight",
-             "helium": "k_proj.bias", "arcee": "post_attention_layernorm.weight"}.get(variant, "q_norm.weight")
+             "helium": "k_proj.bias", "arcee": "post_attention_layernorm.weight", "gpt_bigcode-mha": "c_attn.bias",
+             "gpt_neo": "out_proj.bias", "bitnet": "ffn_sub_norm.weight"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
@@ -256,7 +272,7 @@ def test_layouts_the_fused_graph_lacks_fall_back_by_name():
         check_supported(OlmoConfig(hidden_size=64, num_attention_heads=4, clip_qkv=8.0))
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox-wide", "gpt2", "falcon", "gptj-wide", "cohere"])
+@pytest.mark.parametrize("arch", ["gpt_neox-wide", "gpt2", "falcon", "gptj-wide", "cohere", "gpt_bigcode", "apertus"])
 def test_factorized_views_take_deltas(arch, tmp_path):
     """A ResSVD-compressed GPT-NeoX (its packed q/k/v factor pair reordered for GroupQueryAttention, the delta's
     rows reordered the same way at load) and GPT-2 (factor pairs where Conv1D layers were) in the fused graph."""
