@@ -21,7 +21,7 @@ from __future__ import annotations
 import mmap
 import re
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from edgepack.runtime.pages import released_while
 GRAPH_NAME = "fused"
 CONTEXT_KEY = "edgepack.context_length"
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_CONV = re.compile(r"^past_conv\.(\d+)$")  # LFM2's convolution states (export/fused/llama.py: _short_conv)
 _REQUIRED = ("input_ids", "seqlens_k", "total_sequence_length")
 LOGITS_KEEP = "logits_to_keep"  # optional input: logits of the last k positions only
 
@@ -51,15 +52,23 @@ class FusedKVCache(KVCache):
     binding: Any = None
     step: dict[str, np.ndarray] | None = None
     delta_version: int = -1  # the decoder's delta when ``binding`` was made (a switch rebuilds it)
+    # convolution states (LFM2), each bound as its layer's past and present: they hold the latest positions only
+    states: list[np.ndarray] = field(default_factory=list)
+    state_values: list[ort.OrtValue] = field(default_factory=list)
 
     @property
     def capacity(self) -> int:
         return self.arrays[0].shape[2] if self.arrays else 0
 
     def truncate(self, length: int) -> None:
-        """Keep the first ``length`` positions: later ones are simply overwritten by the next steps."""
+        """Keep the first ``length`` positions: later ones are simply overwritten by the next steps. A convolution
+        state cannot go back to an earlier position, so with one the cache starts over (``length`` becomes 0)."""
         if length >= self.length:
             return
+        if self.states:
+            for state in self.states:
+                state[...] = 0.0
+            length = 0
         self.length = length
         del self.tokens[length:]
 
@@ -94,6 +103,9 @@ class FusedDecoder:
             raise PackageError(f"the fused graph does not record its context length ({CONTEXT_KEY})")
         self.context_length = int(context)
         self.num_layers = len(self.past_names) // 2
+        convs = sorted((int(m.group(1)), n) for n in inputs if (m := _CONV.match(n)))
+        self.state_names = [n for _, n in convs]
+        self.state_shapes = [tuple(int(d) for d in inputs[n].shape) for n in self.state_names]
         outputs = {o.name: o for o in self.session.get_outputs()}
         if "logits" not in outputs:
             raise PackageError("the fused graph has no 'logits' output")
@@ -104,6 +116,8 @@ class FusedDecoder:
     def new_cache(self) -> FusedKVCache:
         cache = FusedKVCache(values=[])
         self._allocate(cache, min(self.initial_capacity or self.context_length, self.context_length))
+        cache.states = [np.zeros(shape, np.float32) for shape in self.state_shapes]
+        cache.state_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in cache.states]  # shares their memory
         return cache
 
     def _allocate(self, cache: FusedKVCache, capacity: int) -> None:
@@ -149,6 +163,9 @@ class FusedDecoder:
         for past, present, value in zip(self.past_names, self.present_names, cache.values):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
+        for past, value in zip(self.state_names, cache.state_values):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(past.replace("past_conv", "present_conv"), value)
 
     def _prefill(self, tokens: list[int], cache: FusedKVCache, total: int, keep: int) -> np.ndarray:
         binding = self.session.io_binding()

@@ -39,7 +39,7 @@ def reuse_prefix(cache: KVCache, prompt: Sequence[int]) -> list[int]:
         common += 1
     common = min(common, len(prompt) - 1)
     cache.truncate(common)
-    return list(prompt[common:])
+    return list(prompt[cache.length:])  # a cache that cannot go back (a convolution state) starts over
 
 
 class _StopText:

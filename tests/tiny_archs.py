@@ -117,7 +117,7 @@ ARCHS: dict[str, Callable[[], Any]] = {
     "apertus": _cfg("ApertusConfig"),
     "hunyuan_v1_dense": _cfg("HunYuanDenseV1Config", head_dim=16),
     "bitnet": _cfg("BitNetConfig"),  # its unquantized form (plain nn.Linear)
-    "lfm2": _cfg("Lfm2Config", layer_types=["conv", "full_attention"]),
+    "lfm2": _cfg("Lfm2Config", layer_types=["conv", "full_attention"], norm_eps=1e-5),
     "phimoe": _cfg("PhimoeConfig", num_local_experts=4, num_experts_per_tok=2),
 }
 

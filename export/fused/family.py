@@ -42,7 +42,7 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gra
                    "gemma3_text", "stablelm", "olmo", "olmo2", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere",
                    "gptj", "ministral", "olmo3", "seed_oss", "starcoder2", "vaultgemma", "ernie4_5", "exaone4",
                    "cohere2", "glm", "glm4", "helium", "arcee", "nemotron", "apertus", "hunyuan_v1_dense",
-                   "gpt_bigcode", "gpt_neo", "bitnet", *MOE_TYPES)
+                   "gpt_bigcode", "gpt_neo", "bitnet", "lfm2", *MOE_TYPES)
 LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj", "starcoder2",
                     "cohere2", "nemotron", "gpt_bigcode", "gpt_neo")
 COHERE_TYPES = ("cohere", "cohere2")
@@ -97,6 +97,10 @@ def check_supported(config: Any) -> None:
     if window is not None and window < 2:  # onnxruntime's window of 1 does not match transformers' (self only)
         raise UnsupportedArchitecture(f"the fused graph needs a sliding window of at least 2, this model has {window}")
     kinds = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    if model_type == "lfm2":
+        kinds -= {"conv"}  # LFM2's short convolutions, with their state (llama.py)
+        if int(getattr(config, "conv_L_cache", 3)) < 2:
+            raise UnsupportedArchitecture("the fused graph needs LFM2 convolutions of at least 2 positions")
     if kinds:
         raise UnsupportedArchitecture(f"the fused graph has full and sliding-window attention only, this model "
                                       f"has {sorted(kinds)} layers")
@@ -217,7 +221,7 @@ def _norm_eps(config: Any) -> float:
         return float(config.layer_norm_epsilon)
     if config.model_type == "starcoder2":
         return float(config.norm_epsilon)
-    if config.model_type == "nemotron":
+    if config.model_type in ("nemotron", "lfm2"):
         return float(config.norm_eps)
     return float(config.rms_norm_eps)
 

@@ -82,10 +82,14 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
             x, residual = norm.add(pending, residual, layer.input_layernorm, f"layers.{i}.input_norm")
         else:
             x = residual = _added(b, residual, pending, f"layers.{i}/residual_in")
-        past = [b.add_input(f"past_key_values.{i}.{kind}", FLOAT, kv_shape) for kind in ("key", "value")]
-        cos, sin = rotary["local" if "local" in rotary and _window(cfg, i) > 0 else "global"] if rotary else ("", "")
-        attn = _attention(b, lin, x, layer.self_attn, (cfg, family, norm), past, (seqlens, total, cos, sin, offset),
-                          i, kv_shape)
+        if getattr(layer, "conv", None) is not None:  # LFM2's short convolution instead of attention
+            attn = _short_conv(lin, x, layer.conv, i)
+        else:
+            past = [b.add_input(f"past_key_values.{i}.{kind}", FLOAT, kv_shape) for kind in ("key", "value")]
+            cos, sin = rotary["local" if "local" in rotary and _window(cfg, i) > 0 else "global"] if rotary else (
+                "", "")
+            attn = _attention(b, lin, x, layer.self_attn, (cfg, family, norm), past,
+                              (seqlens, total, cos, sin, offset), i, kv_shape)
         if family.parallel:  # Phi, Falcon: the MLP reads the same normed input; both outputs join the residual
             if family.parallel_norms:  # GPT-NeoX, newer Falcons: the MLP's own norm of the same residual
                 x = norm.alone(residual, layer.post_attention_layernorm, f"layers.{i}.mlp_norm")
@@ -259,6 +263,32 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tu
     o_in = cfg.num_attention_heads * head_dim(cfg)
     o_proj = attn.dense if hasattr(attn, "dense") else attn.o_proj  # Phi calls it dense
     return lin.delta(out, lin.module(out, o_proj, f"{name}.o"), o_in, [o_proj], f"{name}.o")
+
+
+def _short_conv(lin: LinearEmitter, x: str, conv: Any, i: int) -> str:
+    """LFM2's gated short convolution: B, C, h = in_proj(x); out_proj(C · conv(B · h)), the convolution causal and
+    per channel over the last L positions. Its state, the last L - 1 values of B · h, is the graph's input
+    ``past_conv.i`` and output ``present_conv.i`` [1, hidden, L - 1]: the runtime binds one buffer as both, as it
+    does the KV cache (the Concat that reads it runs before the Slice that writes it)."""
+    b = lin.builder
+    name = f"layers.{i}.conv"
+    hidden, width = int(conv.conv.weight.shape[0]), int(conv.conv.kernel_size[0])
+    projected = lin.delta(x, lin.module(x, conv.in_proj, f"{name}.in_proj"), _in_features(conv.in_proj),
+                          [conv.in_proj], f"{name}.in_proj")
+    gate_in, gate_out, h = b.op("Split", [projected, b.const([hidden] * 3)], f"{name}/split", 3, axis=-1)
+    gated = b.op1("Transpose", [b.op1("Mul", [gate_in, h], f"{name}/gate_in")], f"{name}/channels", perm=[0, 2, 1])
+    past = b.add_input(f"past_conv.{i}", FLOAT, [1, hidden, width - 1])
+    window = b.op1("Concat", [past, gated], f"{name}/window", axis=2)
+    present = f"present_conv.{i}"
+    b.op_named("Slice", [window, b.const([1 - width]), b.const([2**62]), b.const([2])], [present], f"{name}/state")
+    b.outputs.append(_value_info(present, [1, hidden, width - 1]))
+    weight = lin.dense_delta(b.weight(f"{name}.weight", _array(conv.conv.weight)), conv.conv.weight)
+    inputs = [window, weight]
+    if conv.conv.bias is not None:
+        inputs.append(lin.dense_delta(b.weight(f"{name}.bias", _array(conv.conv.bias)), conv.conv.bias))
+    mixed = b.op1("Conv", inputs, f"{name}/conv", group=hidden, kernel_shape=[width])
+    y = b.op1("Mul", [b.op1("Transpose", [mixed], f"{name}/positions", perm=[0, 2, 1]), gate_out], f"{name}/gate_out")
+    return lin.delta(y, lin.module(y, conv.out_proj, f"{name}.out_proj"), hidden, [conv.out_proj], f"{name}.out_proj")
 
 
 def _window(cfg: Any, i: int) -> int:

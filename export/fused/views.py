@@ -231,6 +231,26 @@ def _neo(model: Any) -> Layout:
     return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), _names(model), {})
 
 
+def _lfm2(model: Any) -> Layout:
+    """LFM2: attention layers (out_proj, q/k_layernorm) and short-convolution layers (kept as ``conv``: the graph
+    builds them with their state, ``llama.py``), each before a SwiGLU MLP named w1 / w3 / w2; the final norm is
+    embedding_norm."""
+    def mixer(layer: Any) -> dict[str, Any]:
+        if not layer.is_attention_layer:
+            return {"conv": layer.conv}
+        a = layer.self_attn
+        return {"self_attn": SimpleNamespace(q_proj=a.q_proj, k_proj=a.k_proj, v_proj=a.v_proj, o_proj=a.out_proj,
+                                             q_norm=a.q_layernorm, k_norm=a.k_layernorm)}
+
+    layers = [SimpleNamespace(input_layernorm=layer.operator_norm, post_attention_layernorm=layer.ffn_norm,
+                              mlp=SimpleNamespace(gate_proj=layer.feed_forward.w1, up_proj=layer.feed_forward.w3,
+                                                  down_proj=layer.feed_forward.w2), **mixer(layer))
+              for layer in model.model.layers]
+    inner = SimpleNamespace(embed_tokens=model.model.embed_tokens, embed_positions=None, layers=layers,
+                            norm=model.model.embedding_norm, rotary_emb=model.model.pos_emb)
+    return Layout(SimpleNamespace(config=model.config, model=inner, lm_head=model.lm_head), _names(model), {})
+
+
 def _apertus(model: Any) -> Layout:
     """Apertus's two norms a layer (attention_layernorm, feedforward_layernorm) under Llama's names."""
     layers = [SimpleNamespace(input_layernorm=layer.attention_layernorm,
@@ -279,4 +299,5 @@ def _index(order: np.ndarray, device: Any) -> Any:
 
 
 _VIEWS = {"gpt2": _gpt2, "gpt_neox": _neox, "opt": _opt, "falcon": _falcon, "gptj": _gptj, "glm4": _glm4,
-          "apertus": _apertus, "gpt_bigcode": _bigcode, "gpt_neo": _neo}
+          "apertus": _apertus, "gpt_bigcode": _bigcode, "gpt_neo": _neo,
+          "lfm2": _lfm2}

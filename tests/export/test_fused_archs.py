@@ -95,6 +95,10 @@ VARIANTS = {
     # learned positions, LayerNorms, biases: GPT-BigCode's multi-query attention (one k/v head) or q/k/v packed head
     # by head; GPT-Neo's unscaled attention, its local layers as sliding windows
     "bitnet": ("bitnet", {}),  # norms before o and before down, squared-ReLU gate
+    # LFM2: short-convolution layers with their state beside attention layers with per-head q/k norms
+    "lfm2": ("lfm2", {"layer_types": ["conv", "full_attention"]}),
+    "lfm2-bias": ("lfm2", {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"],
+                           "conv_bias": True, "conv_L_cache": 4}),
     "gpt_bigcode": ("gpt_bigcode", {"multi_query": True}),
     "gpt_bigcode-mha": ("gpt_bigcode", {"multi_query": False}),
     "gpt_neo": ("gpt_neo", {"num_layers": 2, "attention_types": [[["global", "local"], 1]], "window_size": 5}),
@@ -208,7 +212,7 @@ def test_other_attention_kinds_are_refused_by_name():
                                      "gpt2", "opt", "falcon-new", "cohere", "gptj",
                                      "starcoder2", "exaone4", "ernie4_5", "vaultgemma", "glm4", "nemotron",
                                      "apertus", "hunyuan-bias", "helium", "arcee", "gpt_bigcode-mha", "gpt_neo",
-                                     "bitnet"])
+                                     "bitnet", "lfm2-bias"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -229,7 +233,8 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
              "vaultgemma": "pre_feedforward_layernorm.weight",
              "glm4": "post_mlp_layernorm.weight", "nemotron": "up_proj.bias", "hunyuan-bias": "key_layernorm.weight",
              "helium": "k_proj.bias", "arcee": "post_attention_layernorm.weight", "gpt_bigcode-mha": "c_attn.bias",
-             "gpt_neo": "out_proj.bias", "bitnet": "ffn_sub_norm.weight"}.get(variant, "q_norm.weight")
+             "gpt_neo": "out_proj.bias", "bitnet": "ffn_sub_norm.weight",
+             "lfm2-bias": "conv.conv.weight"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
@@ -272,7 +277,8 @@ def test_layouts_the_fused_graph_lacks_fall_back_by_name():
         check_supported(OlmoConfig(hidden_size=64, num_attention_heads=4, clip_qkv=8.0))
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox-wide", "gpt2", "falcon", "gptj-wide", "cohere", "gpt_bigcode", "apertus"])
+@pytest.mark.parametrize("arch", ["gpt_neox-wide", "gpt2", "falcon", "gptj-wide", "cohere", "gpt_bigcode", "apertus",
+                                  "lfm2"])
 def test_factorized_views_take_deltas(arch, tmp_path):
     """A ResSVD-compressed GPT-NeoX (its packed q/k/v factor pair reordered for GroupQueryAttention, the delta's
     rows reordered the same way at load) and GPT-2 (factor pairs where Conv1D layers were) in the fused graph."""
