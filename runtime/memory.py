@@ -69,10 +69,16 @@ class ModelShape:
     # routed experts and routers, stored at the package's weight width (the fused graph keeps its routers in
     # float32, a few MB the estimate leaves out).
     fixed_linears: tuple[tuple[int, int, int], ...] = ()
+    # Layers that differ in their linear layers (LFM2: convolution and attention layers): per layer, (full name,
+    # out, in) of each; when given it replaces ``layer_linears``.
+    per_layer_linears: tuple[tuple[tuple[str, int, int], ...], ...] = ()
+    kv_layers: int | None = None  # layers with a KV cache (LFM2: its attention layers only); None: all
 
     def __post_init__(self) -> None:  # from JSON the entries arrive as lists
         object.__setattr__(self, "layer_linears", tuple(tuple(e) for e in self.layer_linears))
         object.__setattr__(self, "fixed_linears", tuple(tuple(e) for e in self.fixed_linears))
+        object.__setattr__(self, "per_layer_linears", tuple(tuple(tuple(e) for e in layer)
+                                                            for layer in self.per_layer_linears))
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ModelShape:
@@ -90,6 +96,8 @@ class ModelShape:
 
     def linears(self) -> list[list[tuple[str, int, int]]]:
         """Per layer, (name, out, in) of the decoder's linear layers, in ResSVD's naming."""
+        if self.per_layer_linears:
+            return [list(layer) for layer in self.per_layer_linears]
         if self.layer_linears:
             return [[(name.format(i=n), o, k) for name, o, k in self.layer_linears] for n in range(self.layers)]
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -204,7 +212,8 @@ class MemoryEstimate:
 
 
 def kv_cache_bytes(shape: ModelShape, context: int) -> int:
-    return 2 * shape.layers * shape.kv_heads * shape.head_dim * context * F32
+    layers = shape.layers if shape.kv_layers is None else shape.kv_layers
+    return 2 * layers * shape.kv_heads * shape.head_dim * context * F32
 
 
 def activation_bytes(shape: ModelShape, context: int, chunk: int, fused: bool = False) -> int:

@@ -186,7 +186,8 @@ def test_factor_tune_replays_bloom_whose_alibi_folds_windows_with_heads(models, 
 
 
 @pytest.mark.parametrize("arch, norm", [("opt", "model.decoder.final_layer_norm"), ("gpt2", "transformer.ln_f"),
-                                        ("gpt_neox", "gpt_neox.final_layer_norm"), ("llama", "model.norm")])
+                                        ("gpt_neox", "gpt_neox.final_layer_norm"), ("llama", "model.norm"),
+                                        ("lfm2", "model.embedding_norm")])
 def test_factor_tune_finds_each_family_final_norm(arch, norm):
     from edgepack.toolchain.ressvd.tune import _final_norm
 
@@ -224,7 +225,7 @@ def test_calibration_and_validation_windows_fit_a_short_position_table(models, t
     assert code == 0 and (tmp_path / "d.safetensors").is_file()
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox", "opt", "gpt2"])
+@pytest.mark.parametrize("arch", ["gpt_neox", "opt", "gpt2", "lfm2"])  # LFM2: convolution and attention layers
 def test_device_plans_name_each_familys_own_layers(arch, models, tmp_path):
     # The planner's memory model read Llama's block from config keys: it refused GPT-2 (n_head) and OPT
     # (ffn_dim), and planned GPT-NeoX with Llama's layer names, which compression then refused.
@@ -258,3 +259,17 @@ def test_falcon_plans_its_grouped_kv_heads(models):
     from edgepack.toolchain.planner.plan import model_shape
 
     assert model_shape(str(models("falcon"))).kv_heads == 2
+
+
+def test_lfm2_is_planned_layer_by_layer_with_a_kv_cache_for_its_attention_layers(models):
+    # its convolution layers have in_proj / out_proj and keep no KV cache; its attention layers q/k/v / out_proj
+    from edgepack.runtime import memory
+    from edgepack.toolchain.planner.plan import model_shape
+
+    shape = model_shape(str(models("lfm2")))
+    names = [[n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n, _, _ in layer] for layer in shape.linears()]
+    assert names[0] == ["conv.in_proj", "conv.out_proj", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2"]
+    assert names[1][:4] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"]
+    assert shape.kv_layers == 1
+    assert memory.kv_cache_bytes(shape, 100) == 2 * shape.kv_heads * shape.head_dim * 100 * 4
+    assert memory.ModelShape(**json.loads(json.dumps(shape.to_dict()))) == shape  # as a manifest records it

@@ -33,19 +33,29 @@ def from_config(cfg: dict[str, Any], spec: str) -> memory.ModelShape:
     conv1d.to_linear(model)
     per_layer = selection.target_linears(model, DEFAULT_TARGETS)
     templates = [(_template(name, 0), *conv1d.dims(m)) for name, m in per_layer[0]]
-    for i, layer in enumerate(per_layer):
-        if [(_template(name, i), *conv1d.dims(m)) for name, m in layer] != templates:
-            raise UnsupportedArchitecture(f"{spec}: decoder layer {i} differs from the first in its linear layers, "
-                                          "which the planner's memory model does not describe; build it without "
-                                          "--device")
+    uniform = all([(_template(name, i), *conv1d.dims(m)) for name, m in layer] == templates
+                  for i, layer in enumerate(per_layer))
+    # layers that differ (LFM2's convolution and attention layers) are listed one by one
+    layers = () if uniform else tuple(tuple((name, *conv1d.dims(m)) for name, m in layer) for layer in per_layer)
     heads = int(config.num_attention_heads)
     hidden = int(config.hidden_size)
     fixed = _fixed_linears(model, {id(m) for layer in per_layer for _, m in layer})
+    widest = [(name, o, k) for layer in (layers or (templates,)) for name, o, k in layer]
     return memory.ModelShape(
-        layers=len(per_layer), hidden=hidden, intermediate=_intermediate(templates, fixed, config), heads=heads,
+        layers=len(per_layer), hidden=hidden, intermediate=_intermediate(widest, fixed, config), heads=heads,
         kv_heads=_kv_heads(config, heads),
         head_dim=int(getattr(config, "head_dim", None) or hidden // heads), vocab=int(config.vocab_size),
-        tied=bool(cfg.get("tie_word_embeddings", True)), layer_linears=tuple(templates), fixed_linears=fixed)
+        tied=bool(cfg.get("tie_word_embeddings", True)), layer_linears=() if layers else tuple(templates),
+        fixed_linears=fixed, per_layer_linears=layers, kv_layers=_kv_layers(config, len(per_layer)))
+
+
+def _kv_layers(config: Any, layers: int) -> int | None:
+    """Layers that keep a KV cache, where some keep none (LFM2's convolution layers); None: all of them."""
+    kinds = getattr(config, "layer_types", None)
+    if not kinds:
+        return None
+    attending = sum(kind in ("full_attention", "sliding_attention") for kind in kinds)
+    return None if attending == layers else attending
 
 
 def _empty(config: Any) -> Any:
