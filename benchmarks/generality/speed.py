@@ -26,7 +26,7 @@ from common import folder_size, markdown_table, results_dir  # noqa: E402
 
 SHAPE = {"layers": 12, "hidden": 768, "heads": 12, "ffn": 3072}
 FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "falcon", "phi", "gptj", "cohere", "qwen3_moe", "gpt_bigcode",
-            "gpt_neo", "nemotron")
+            "gpt_neo", "nemotron", "lfm2")
 GRAPHS = ("fused", "optimum")
 
 
@@ -70,6 +70,12 @@ def _config(family: str):
                                                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                                                         num_key_value_heads=4, head_dim=64, partial_rotary_factor=0.5,
                                                         tie_word_embeddings=True, **ids),
+        # convolution, convolution, attention, ... (LFM2-350M's pattern; optimum cannot export it: fused only)
+        "lfm2": lambda: transformers.Lfm2Config(hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                                                num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                                                num_key_value_heads=4, block_auto_adjust_ff_dim=False,
+                                                layer_types=["full_attention" if i % 3 == 2 else "conv"
+                                                             for i in range(s["layers"])], **ids),
         "cohere": lambda: transformers.CohereConfig(hidden_size=s["hidden"], intermediate_size=s["ffn"],
                                                     num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                                                     num_key_value_heads=4, **ids),
