@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from edgepack.export.fused.activations import activate
 from edgepack.export.fused.builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
 from edgepack.export.fused.family import Family, check_supported, family_of
 from edgepack.export.fused.linear import LinearEmitter, embed_8bit, head_8bit, is_joint, is_pairs, table_8bit
@@ -376,7 +377,7 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str,
     if plain:  # Phi, StarCoder2, Arcee: a plain two-layer MLP, fc2(act(fc1(x)))
         up, down = plain
         hidden = lin.delta(x, lin.module(x, up, f"{name}.fc1"), _in_features(up), [up], f"{name}.fc1")
-        activated = _activate(lin, hidden, activation, name, getattr(mlp, "act_fn", None))
+        activated = activate(lin, hidden, activation, name, getattr(mlp, "act_fn", None))
         out = lin.module(activated, down, f"{name}.fc2")
         return lin.delta(activated, out, _in_features(down), [down], f"{name}.fc2")
     if hasattr(mlp, "gate_up_proj"):  # Phi-3: one packed projection, gate first
@@ -384,7 +385,7 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str,
                          [mlp.gate_up_proj], f"{name}.gate_up")
         gate, up = b.op("Split", [both, b.const([_out_features(mlp.gate_up_proj) // 2] * 2)], f"{name}/split", 2,
                         axis=-1)
-        return _down(b, lin, _activate(lin, gate, activation, name), up, mlp, name, norm)
+        return _down(b, lin, activate(lin, gate, activation, name), up, mlp, name, norm)
     joint = is_joint([mlp.gate_proj, mlp.up_proj])
     if joint or isinstance(mlp.gate_proj, nn.Linear) and isinstance(mlp.up_proj, nn.Linear) and \
             mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
@@ -398,7 +399,7 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str,
         gate, up = lin.modules(x, [mlp.gate_proj, mlp.up_proj], [f"{name}.gate", f"{name}.up"], f"{name}.gate_up_low")
         gate = lin.delta(x, gate, n_in, [mlp.gate_proj], f"{name}.gate")
         up = lin.delta(x, up, n_in, [mlp.up_proj], f"{name}.up")
-    return _down(b, lin, _activate(lin, gate, activation, name), up, mlp, name, norm)
+    return _down(b, lin, activate(lin, gate, activation, name), up, mlp, name, norm)
 
 
 def _plain_mlp(mlp: Any) -> tuple[Any, Any] | None:
@@ -418,59 +419,6 @@ def _down(b: GraphBuilder, lin: LinearEmitter, activated: str, up: str, mlp: Any
         gated = norm.alone(gated, mlp.ffn_sub_norm, f"{name}.sub_norm")
     down = lin.module(gated, mlp.down_proj, f"{name}.down")
     return lin.delta(gated, down, _in_features(mlp.down_proj), [mlp.down_proj], f"{name}.down")
-
-
-def _activate(lin: LinearEmitter, x: str, activation: str, name: str, module: Any = None) -> str:
-    """``activation`` of x; ``module`` is the MLP's activation module, for one with parameters (xIELU)."""
-    b = lin.builder
-    if activation == "silu":
-        return b.op1("Mul", [x, b.op1("Sigmoid", [x], f"{name}/sigmoid")], f"{name}/silu")
-    if activation == "relu":
-        return b.op1("Relu", [x], f"{name}/relu")
-    if activation == "relu2":
-        relu = b.op1("Relu", [x], f"{name}/relu")
-        return b.op1("Mul", [relu, relu], f"{name}/relu2")
-    if activation == "xielu":
-        return _xielu(lin, x, module, name)
-    # onnxruntime's FastGelu is GELU's tanh approximation, its Gelu the exact (erf) one
-    return b.op1("FastGelu" if activation == "gelu_tanh" else "Gelu", [x], f"{name}/{activation}", domain=MS_DOMAIN)
-
-
-def _xielu(lin: LinearEmitter, x: str, act: Any, name: str) -> str:
-    """xIELU (Apertus), with the layer's own parameters: αp·x² + βx for x > 0, else αn·(e^min(x, ε) − 1 − x) + βx,
-    where αp = softplus(a_p) and αn = β + softplus(a_n). a_p and a_n are graph weights with delta slots."""
-    b = lin.builder
-
-    def scalar(value: Any) -> str:
-        return b.const(np.float32(float(value.detach().float().reshape(-1)[0])), np.float32)
-
-    def rounded(value: str, dtype: Any, kind: str) -> str:
-        # transformers keeps these parameters in bfloat16 even in a float32 model, and computes α in that dtype
-        elem = _ROUNDING.get(str(dtype).removeprefix("torch."))
-        if elem is None:
-            return value
-        return b.op1("Cast", [b.op1("Cast", [value], f"{name}/{kind}_round", to=elem)], f"{name}/{kind}_back", to=FLOAT)
-
-    def softplus(param: Any, kind: str) -> str:
-        raw = rounded(lin.dense_delta(b.weight(f"{name}.act.{kind}", _array(param)), param), param.dtype, kind)
-        return rounded(b.op1("Softplus", [raw], f"{name}/xielu_{kind}"), param.dtype, f"{kind}_softplus")
-
-    beta = scalar(act.beta)
-    alpha_p = softplus(act.alpha_p, "alpha_p")
-    alpha_n = b.op1("Add", [softplus(act.alpha_n, "alpha_n"), beta], f"{name}/xielu_alpha_n")
-    alpha_n = rounded(alpha_n, act.alpha_n.dtype, "alpha_n_sum")
-    linear = b.op1("Mul", [x, beta], f"{name}/xielu_bx")
-    positive = b.op1("Add", [b.op1("Mul", [b.op1("Mul", [x, x], f"{name}/xielu_x2"), alpha_p], f"{name}/xielu_px2"),
-                             linear], f"{name}/xielu_pos")
-    low = b.op1("Exp", [b.op1("Min", [x, scalar(act.eps)], f"{name}/xielu_min")], f"{name}/xielu_exp")
-    below = b.op1("Sub", [b.op1("Sub", [low, b.const(np.float32(1.0), np.float32)], f"{name}/xielu_expm1"), x],
-                  f"{name}/xielu_sub")
-    negative = b.op1("Add", [b.op1("Mul", [below, alpha_n], f"{name}/xielu_neg_scale"), linear], f"{name}/xielu_neg")
-    above = b.op1("Greater", [x, b.const(np.float32(0.0), np.float32)], f"{name}/xielu_above")
-    return b.op1("Where", [above, positive, negative], f"{name}/xielu")
-
-
-_ROUNDING = {"bfloat16": 16, "float16": 10}  # onnx.TensorProto's BFLOAT16 and FLOAT16
 
 
 def _rotaries(model: Any) -> dict[str, Any]:

@@ -191,8 +191,14 @@ def _glm4(model: Any) -> Layout:
                               post_feedforward_layernorm=layer.post_mlp_layernorm, self_attn=layer.self_attn,
                               mlp=layer.mlp)
               for layer in model.model.layers]
+    return _relaid(model, layers)
+
+
+def _relaid(model: Any, layers: list[Any], norm: Any = None, rotary: Any = None) -> Layout:
+    """A Llama-layout model (``model.model.embed_tokens``, ...) whose layers are given under Llama's names."""
     inner = SimpleNamespace(embed_tokens=model.model.embed_tokens, embed_positions=None, layers=layers,
-                            norm=model.model.norm, rotary_emb=model.model.rotary_emb)
+                            norm=model.model.norm if norm is None else norm,
+                            rotary_emb=model.model.rotary_emb if rotary is None else rotary)
     return Layout(SimpleNamespace(config=model.config, model=inner, lm_head=model.lm_head), _names(model), {})
 
 
@@ -246,9 +252,7 @@ def _lfm2(model: Any) -> Layout:
                               mlp=SimpleNamespace(gate_proj=layer.feed_forward.w1, up_proj=layer.feed_forward.w3,
                                                   down_proj=layer.feed_forward.w2), **mixer(layer))
               for layer in model.model.layers]
-    inner = SimpleNamespace(embed_tokens=model.model.embed_tokens, embed_positions=None, layers=layers,
-                            norm=model.model.embedding_norm, rotary_emb=model.model.pos_emb)
-    return Layout(SimpleNamespace(config=model.config, model=inner, lm_head=model.lm_head), _names(model), {})
+    return _relaid(model, layers, model.model.embedding_norm, model.model.pos_emb)
 
 
 def _apertus(model: Any) -> Layout:
@@ -257,9 +261,7 @@ def _apertus(model: Any) -> Layout:
                               post_attention_layernorm=layer.feedforward_layernorm, self_attn=layer.self_attn,
                               mlp=layer.mlp)
               for layer in model.model.layers]
-    inner = SimpleNamespace(embed_tokens=model.model.embed_tokens, embed_positions=None, layers=layers,
-                            norm=model.model.norm, rotary_emb=model.model.rotary_emb)
-    return Layout(SimpleNamespace(config=model.config, model=inner, lm_head=model.lm_head), _names(model), {})
+    return _relaid(model, layers)
 
 
 def _linear_of(module: Any) -> Any:
