@@ -87,7 +87,7 @@ def load(spec: str, check: Callable[[Any], None] | None = None) -> LoadedModel:
 def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None):
     import torch
     from edgepack.toolchain.ressvd import storage as ressvd_storage
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     # A GGUF read before is read from its verified float32 copy (gguf_cache.py): the same weights, 100x faster.
     copy = gguf_cache.lookup(source.sha256) if source.gguf_file and source.sha256 and gguf_cache.enabled() else None
@@ -119,7 +119,9 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
         raise ModelSourceError(f"{source.ref} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...): "
                                "copy the model's tokenizer next to its config.json")
     try:  # the tokenizer first: it fails in seconds where the weights take a minute
-        tokenizer = AutoTokenizer.from_pretrained(folder, config=config, **kwargs)
+        tokenizer = _tokenizer(folder, config, kwargs)
+    except ModelSourceError:
+        raise
     except Exception as e:
         raise ModelSourceError(f"cannot load the tokenizer of {source.ref}: {_first_line(e)}{_hint(source)} (a model "
                                "folder needs its tokenizer files, e.g. tokenizer.json)") from None
@@ -159,6 +161,21 @@ def _check_complete(info: dict[str, Any], source: ModelSource, config: Any) -> N
 # What AutoTokenizer can build a tokenizer from (a folder holding none of them has no tokenizer).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model",
                     "vocab.txt")
+
+
+def _tokenizer(folder: str, config: Any, kwargs: dict[str, Any]) -> Any:
+    """The model's tokenizer. transformers converts a GGUF's tokenizer by architecture and has no converter for some
+    (LFM2); for those, the tokenizer files beside the GGUF (tokenizer.json, ...) are read instead."""
+    from transformers import AutoTokenizer
+    from transformers.integrations.ggml import GGUF_TO_FAST_CONVERTERS
+
+    if "gguf_file" not in kwargs or config.model_type in GGUF_TO_FAST_CONVERTERS:  # keyed as the GGUF's config
+        return AutoTokenizer.from_pretrained(folder, config=config, **kwargs)
+    if not (Path(folder) / "tokenizer.json").is_file():
+        raise ModelSourceError(f"transformers cannot convert the tokenizer of a '{config.model_type}' GGUF: put the "
+                               f"model's tokenizer.json (and tokenizer_config.json) beside it in {folder}, or build "
+                               "from its Hugging Face folder")
+    return AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k != "gguf_file"})
 
 
 def _check_causal_lm(config: Any, source: ModelSource) -> None:
