@@ -54,7 +54,7 @@ def _kv_layers(config: Any, layers: int) -> int | None:
     kinds = getattr(config, "layer_types", None)
     if not kinds:
         return None
-    attending = sum(kind in ("full_attention", "sliding_attention") for kind in kinds)
+    attending = sum(kind != "conv" for kind in kinds)  # LFM2's convolution layers: a state of 2 positions
     return None if attending == layers else attending
 
 
