@@ -108,6 +108,9 @@ ARCHS: dict[str, Callable[[], Any]] = {
                       attention_types=[[["global", "local"], 1]], window_size=32, intermediate_size=128),
     "gpt_bigcode": _plain("GPTBigCodeConfig", n_embd=64, n_layer=2, n_head=4, n_positions=256, multi_query=True),
     "codegen": _plain("CodeGenConfig", n_embd=64, n_layer=2, n_head=4, n_positions=256, n_ctx=256, rotary_dim=8),
+    # 64-wide heads, 16 of them rotated: the fused graph's CodeGen (the one above falls back to optimum's)
+    "codegen-wide": _plain("CodeGenConfig", n_embd=256, n_layer=2, n_head=4, n_positions=256, n_ctx=256,
+                           rotary_dim=16),
     "mpt": _plain("MptConfig", d_model=64, n_heads=4, n_layers=2, max_seq_len=256, expansion_ratio=2),
     "xglm": _plain("XGLMConfig", d_model=64, num_layers=2, attention_heads=4, ffn_dim=128,
                    max_position_embeddings=256),

@@ -26,7 +26,7 @@ from common import folder_size, markdown_table, results_dir  # noqa: E402
 
 SHAPE = {"layers": 12, "hidden": 768, "heads": 12, "ffn": 3072}
 FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "falcon", "phi", "gptj", "cohere", "qwen3_moe", "gpt_bigcode",
-            "gpt_neo", "nemotron", "lfm2")
+            "gpt_neo", "nemotron", "lfm2", "codegen")
 GRAPHS = ("fused", "optimum")
 
 
@@ -76,6 +76,8 @@ def _config(family: str):
                                                 num_key_value_heads=4, block_auto_adjust_ff_dim=False,
                                                 layer_types=["full_attention" if i % 3 == 2 else "conv"
                                                              for i in range(s["layers"])], **ids),
+        "codegen": lambda: transformers.CodeGenConfig(n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
+                                                      rotary_dim=32, **ids),
         "cohere": lambda: transformers.CohereConfig(hidden_size=s["hidden"], intermediate_size=s["ffn"],
                                                     num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                                                     num_key_value_heads=4, **ids),

@@ -42,8 +42,9 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gra
                    "gemma3_text", "stablelm", "olmo", "olmo2", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere",
                    "gptj", "ministral", "olmo3", "seed_oss", "starcoder2", "vaultgemma", "ernie4_5", "exaone4",
                    "cohere2", "glm", "glm4", "helium", "arcee", "nemotron", "apertus", "hunyuan_v1_dense",
-                   "gpt_bigcode", "gpt_neo", "bitnet", "lfm2", *MOE_TYPES)
-LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj", "starcoder2",
+                   "gpt_bigcode", "gpt_neo", "bitnet", "lfm2", "codegen", *MOE_TYPES)
+LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj", "codegen",
+                    "starcoder2",
                     "cohere2", "nemotron", "gpt_bigcode", "gpt_neo")
 COHERE_TYPES = ("cohere", "cohere2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "vaultgemma")  # norms by 1 + w, embedding scaled by sqrt(hidden)
@@ -110,10 +111,15 @@ def check_supported(config: Any) -> None:
     head = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
     share = 0.0 if model_type in POSITION_TABLE_TYPES else float(getattr(config, "partial_rotary_factor", None) or 1.0)
     rotated = int(head * share)
-    if model_type == "gptj":
-        if not getattr(config, "rotary_dim", 64):  # transformers' GPT-J then rotates by a hidden-wide table
-            raise UnsupportedArchitecture("the fused graph needs GPT-J's rotary_dim; build with --graph optimum")
+    if model_type in ("gptj", "codegen"):
+        if not getattr(config, "rotary_dim", 64):  # transformers then rotates by a hidden-wide table
+            raise UnsupportedArchitecture(f"the fused graph needs {model_type}'s rotary_dim; build with --graph "
+                                          "optimum")
         rotated = int(getattr(config, "rotary_dim", 64))
+    # a config.json read by the planner spells CodeGen's head count n_head (CodeGenConfig maps it)
+    if model_type == "codegen" and int(getattr(config, "num_attention_heads", None) or config.n_head) % 4:
+        raise UnsupportedArchitecture("the fused graph reads CodeGen's q/k/v in its 4 model-parallel blocks, which "
+                                      "this model's head count does not divide into; build with --graph optimum")
     if head and rotated % 16:  # GroupQueryAttention's kernel rotates in groups of 16 dimensions
         raise UnsupportedArchitecture(f"the fused graph rotates multiples of 16 dimensions of a head, this model "
                                       f"rotates {rotated}; build with --graph optimum")
@@ -200,10 +206,11 @@ def family_of(config: Any, head_dim: int) -> Family:
         norm_eps=_norm_eps(config),
         pre_norm=config.model_type not in POST_NORM_TYPES,
         qk_norm_per_head=config.model_type not in ("olmo2", "olmo3", "olmoe", "flex_olmo"),
-        parallel=config.model_type in ("phi", "gptj", *COHERE_TYPES) or neox_parallel or falcon_parallel,
+        parallel=config.model_type in ("phi", "gptj", "codegen", *COHERE_TYPES) or neox_parallel or falcon_parallel,
         parallel_norms=two_norms,
         positions=config.model_type in POSITION_TABLE_TYPES,
-        rotary_interleaved=config.model_type in ("gptj", "ernie4_5", "glm", "glm4", "helium", *COHERE_TYPES),
+        rotary_interleaved=config.model_type in ("gptj", "codegen", "ernie4_5", "glm", "glm4", "helium",
+                                                 *COHERE_TYPES),
         qk_norm_after_rotary=config.model_type == "hunyuan_v1_dense",
     )
 
@@ -217,7 +224,7 @@ def _norm_eps(config: Any) -> float:
         return float(config.layer_norm_eps)
     if config.model_type == "opt":
         return 1e-5  # torch's LayerNorm default, which OPT's layers use
-    if config.model_type in ("gpt2", "falcon", "gptj", "gpt_bigcode", "gpt_neo"):
+    if config.model_type in ("gpt2", "falcon", "gptj", "codegen", "gpt_bigcode", "gpt_neo"):
         return float(config.layer_norm_epsilon)
     if config.model_type == "starcoder2":
         return float(config.norm_epsilon)
@@ -231,7 +238,7 @@ def _activation_name(config: Any) -> str:
     (Gemma too) from ``hidden_act``."""
     if getattr(config, "model_type", "") == "falcon":
         return getattr(config, "activation", "gelu")
-    if getattr(config, "model_type", "") in ("gpt2", "opt", "gptj", "gpt_bigcode", "gpt_neo"):
+    if getattr(config, "model_type", "") in ("gpt2", "opt", "gptj", "codegen", "gpt_bigcode", "gpt_neo"):
         return getattr(config, "activation_function", "relu" if config.model_type == "opt" else "gelu_new")
     if getattr(config, "model_type", "") in ("gemma2", "gemma3_text", "vaultgemma"):
         return getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"  # their configs' default

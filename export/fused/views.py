@@ -167,7 +167,6 @@ def _falcon(model: Any) -> Layout:
 
 
 def _gptj(model: Any) -> Layout:
-    import torch
 
     t, cfg = model.transformer, model.config
     layers = [SimpleNamespace(input_layernorm=h.ln_1, post_attention_layernorm=None,
@@ -175,12 +174,39 @@ def _gptj(model: Any) -> Layout:
                                                         v_proj=h.attn.v_proj, o_proj=h.attn.out_proj),
                               mlp=SimpleNamespace(fc1=h.mlp.fc_in, fc2=h.mlp.fc_out))
               for h in t.h]
-    dim = int(cfg.rotary_dim)  # as transformers' create_sinusoidal_positions computes them
-    rotary = SimpleNamespace(inv_freq=1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64) / dim)),
-                             rope_type="default", attention_scaling=1.0, config=None)
     config = _Config(cfg, hidden_act=cfg.activation_function, **_heads(cfg))
-    inner = SimpleNamespace(embed_tokens=t.wte, embed_positions=None, layers=layers, norm=t.ln_f, rotary_emb=rotary)
+    inner = SimpleNamespace(embed_tokens=t.wte, embed_positions=None, layers=layers, norm=t.ln_f,
+                            rotary_emb=_sinusoidal(int(cfg.rotary_dim)))
     return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), _names(model), {})
+
+
+def _sinusoidal(dim: int) -> Any:
+    """A rotary module for GPT-J and CodeGen, whose attention keeps a sin/cos table: the inverse frequencies
+    transformers' create_sinusoidal_positions computes it from."""
+    import torch
+
+    return SimpleNamespace(inv_freq=1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64) / dim)),
+                           rope_type="default", attention_scaling=1.0, config=None)
+
+
+def _codegen(model: Any) -> Layout:
+    """CodeGen: GPT-J's layout, its q/k/v one projection in 4 model-parallel blocks, each holding its heads' q, then
+    v, then k; the rows are reordered to all q, then k, then v."""
+    names, rows = _names(model), {}
+    t, cfg = model.transformer, model.config
+    heads = int(cfg.num_attention_heads)
+    dim = int(cfg.hidden_size) // heads
+    blocks = np.arange(3 * heads * dim).reshape(4, 3, heads // 4, dim)  # block, kind (q, v, k), head, feature
+    order = np.concatenate([blocks[:, kind].reshape(-1) for kind in (0, 2, 1)])
+    layers = [SimpleNamespace(input_layernorm=h.ln_1, post_attention_layernorm=None,
+                              self_attn=SimpleNamespace(qkv_proj=_reordered(h.attn.qkv_proj, order, names, rows),
+                                                        o_proj=h.attn.out_proj),
+                              mlp=SimpleNamespace(fc1=h.mlp.fc_in, fc2=h.mlp.fc_out))
+              for h in t.h]
+    config = _Config(cfg, hidden_act=cfg.activation_function, **_heads(cfg))
+    inner = SimpleNamespace(embed_tokens=t.wte, embed_positions=None, layers=layers, norm=t.ln_f,
+                            rotary_emb=_sinusoidal(int(cfg.rotary_dim)))
+    return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), names, rows)
 
 
 def _glm4(model: Any) -> Layout:
@@ -302,4 +328,4 @@ def _index(order: np.ndarray, device: Any) -> Any:
 
 _VIEWS = {"gpt2": _gpt2, "gpt_neox": _neox, "opt": _opt, "falcon": _falcon, "gptj": _gptj, "glm4": _glm4,
           "apertus": _apertus, "gpt_bigcode": _bigcode, "gpt_neo": _neo,
-          "lfm2": _lfm2}
+          "lfm2": _lfm2, "codegen": _codegen}

@@ -102,6 +102,9 @@ VARIANTS = {
     "gpt_bigcode": ("gpt_bigcode", {"multi_query": True}),
     "gpt_bigcode-mha": ("gpt_bigcode", {"multi_query": False}),
     "gpt_neo": ("gpt_neo", {"num_layers": 2, "attention_types": [[["global", "local"], 1]], "window_size": 5}),
+    # GPT-J's layout with q/k/v in CodeGen's 4 model-parallel blocks of q, v, k; 8 heads: 2 a block
+    "codegen": ("codegen", {"hidden_size": 512, "num_attention_heads": 8, "rotary_dim": 32, "n_ctx": 256,
+                            "tie_word_embeddings": False}),
     "falcon-new": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "hidden_size": 128}),
     "falcon-mq": ("falcon", {"multi_query": True, "hidden_size": 128}),
     "falcon-seq": ("falcon", {"multi_query": False, "parallel_attn": False, "num_kv_heads": 4, "hidden_size": 128,
@@ -212,7 +215,7 @@ def test_other_attention_kinds_are_refused_by_name():
                                      "gpt2", "opt", "falcon-new", "cohere", "gptj",
                                      "starcoder2", "exaone4", "ernie4_5", "vaultgemma", "glm4", "nemotron",
                                      "apertus", "hunyuan-bias", "helium", "arcee", "gpt_bigcode-mha", "gpt_neo",
-                                     "bitnet", "lfm2-bias"])
+                                     "bitnet", "lfm2-bias", "codegen"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -234,7 +237,7 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
              "glm4": "post_mlp_layernorm.weight", "nemotron": "up_proj.bias", "hunyuan-bias": "key_layernorm.weight",
              "helium": "k_proj.bias", "arcee": "post_attention_layernorm.weight", "gpt_bigcode-mha": "c_attn.bias",
              "gpt_neo": "out_proj.bias", "bitnet": "ffn_sub_norm.weight",
-             "lfm2-bias": "conv.conv.weight"}.get(variant, "q_norm.weight")
+             "lfm2-bias": "conv.conv.weight", "codegen": "fc_in.bias"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
@@ -278,7 +281,7 @@ def test_layouts_the_fused_graph_lacks_fall_back_by_name():
 
 
 @pytest.mark.parametrize("arch", ["gpt_neox-wide", "gpt2", "falcon", "gptj-wide", "cohere", "gpt_bigcode", "apertus",
-                                  "lfm2"])
+                                  "lfm2", "codegen-wide"])
 def test_factorized_views_take_deltas(arch, tmp_path):
     """A ResSVD-compressed GPT-NeoX (its packed q/k/v factor pair reordered for GroupQueryAttention, the delta's
     rows reordered the same way at load) and GPT-2 (factor pairs where Conv1D layers were) in the fused graph."""

@@ -111,6 +111,9 @@ def test_graph_follows_the_architecture():
         "optimum"
     assert graph_for({**llama, "sliding_window": 4096}) == "fused"  # GroupQueryAttention's local window
     assert graph_for({**llama, "hidden_act": "mish"}) == "optimum"  # an activation the graph lacks
+    codegen = {"model_type": "codegen", "n_embd": 1024, "n_head": 16, "rotary_dim": 32}  # codegen-350M's spelling
+    assert graph_for(codegen) == "fused"
+    assert graph_for({**codegen, "n_head": 6, "n_embd": 384}) == "optimum"  # not 4 model-parallel blocks
 
 
 def test_fused_int4_is_smaller_and_cheaper_than_the_optimum_layout():
