@@ -1,5 +1,5 @@
-"""GPT-2, GPT-NeoX, OPT, Falcon, GPT-J, GLM 4 and Apertus seen through the Llama layout's names, so the fused graph
-(``llama.py``) builds them too.
+"""GPT-2, GPT-NeoX, OPT, Falcon, GPT-J, GLM 4, Apertus, GPT-BigCode, GPT-Neo, CodeGen and LFM2 seen through the Llama
+layout's names, so the fused graph (``llama.py``) builds them too.
 
 The graph reads ``model.model.{embed_tokens, layers, norm, rotary_emb}``, each layer's two norms, ``self_attn`` and
 ``mlp``, and ``model.lm_head``. GPT-2 and GPT-NeoX hold the same parts under other names, and two in another form.
@@ -10,8 +10,10 @@ a delta's rows the same way (``runtime/delta.py``). OPT's learned position table
 the graph reads it from there. Falcon packs q/k/v by key-value group (the group's query heads, then its key, then
 its value) in its newer layout, all q then one k and one v with multi-query attention, and head by head (as
 GPT-NeoX) otherwise. GPT-J has no rotary module (its attention keeps a sin/cos table); the view gives it one holding
-the same inverse frequencies. GLM 4's four norms a layer get Gemma 2's names, Apertus's two Llama's. Every copy
-keeps the source model's path, which is what deltas and the package's slot metadata name.
+the same inverse frequencies. GLM 4's four norms a layer get Gemma 2's names, Apertus's two Llama's. CodeGen packs
+q/k/v in 4 model-parallel blocks of q, v, k (reordered); GPT-BigCode as Falcon or GPT-NeoX do; GPT-Neo's local
+layers become sliding windows; LFM2 keeps its convolution layers as they are. Every copy keeps the source model's
+path, which is what deltas and the package's slot metadata name.
 """
 
 from __future__ import annotations
@@ -167,7 +169,6 @@ def _falcon(model: Any) -> Layout:
 
 
 def _gptj(model: Any) -> Layout:
-
     t, cfg = model.transformer, model.config
     layers = [SimpleNamespace(input_layernorm=h.ln_1, post_attention_layernorm=None,
                               self_attn=SimpleNamespace(q_proj=h.attn.q_proj, k_proj=h.attn.k_proj,
