@@ -271,5 +271,6 @@ def test_lfm2_is_planned_layer_by_layer_with_a_kv_cache_for_its_attention_layers
     assert names[0] == ["conv.in_proj", "conv.out_proj", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2"]
     assert names[1][:4] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"]
     assert shape.kv_layers == 1
+    assert shape.fixed_linears == ()  # the convolution's 3-D weight is not an expert stack
     assert memory.kv_cache_bytes(shape, 100) == 2 * shape.kv_heads * shape.head_dim * 100 * 4
     assert memory.ModelShape(**json.loads(json.dumps(shape.to_dict()))) == shape  # as a manifest records it

@@ -88,6 +88,8 @@ def _fixed_linears(model: Any, compressible: set[int]) -> tuple[tuple[int, int, 
     for _, module in selection.decoder_layers(model).named_modules():
         if isinstance(module, nn.Linear) and id(module) not in compressible:
             add(int(module.out_features), int(module.in_features))
+        if isinstance(module, nn.Conv1d):  # LFM2's depthwise convolution: a 3-D weight, not a stack of linears
+            continue
         for param in module.parameters(recurse=False):
             if param.dim() == 3:
                 add(int(param.shape[1]), int(param.shape[2]), int(param.shape[0]))
