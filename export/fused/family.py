@@ -117,7 +117,7 @@ def check_supported(config: Any) -> None:
                                           "optimum")
         rotated = int(getattr(config, "rotary_dim", 64))
     # a config.json read by the planner spells CodeGen's head count n_head (CodeGenConfig maps it)
-    if model_type == "codegen" and int(getattr(config, "num_attention_heads", None) or config.n_head) % 4:
+    if model_type == "codegen" and int(heads or config.n_head) % 4:
         raise UnsupportedArchitecture("the fused graph reads CodeGen's q/k/v in its 4 model-parallel blocks, which "
                                       "this model's head count does not divide into; build with --graph optimum")
     if head and rotated % 16:  # GroupQueryAttention's kernel rotates in groups of 16 dimensions

@@ -169,16 +169,22 @@ def _falcon(model: Any) -> Layout:
 
 
 def _gptj(model: Any) -> Layout:
+    return _gptj_layout(model, lambda a: {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj}, _names(model),
+                        {})
+
+
+def _gptj_layout(model: Any, projections: Any, names: dict[int, str], rows: dict[int, np.ndarray]) -> Layout:
+    """GPT-J's layout (one LayerNorm before attention and MLP side by side, a sin/cos table for the rotary), with
+    ``projections(attn)`` giving the attention's q/k/v modules under Llama's names."""
     t, cfg = model.transformer, model.config
     layers = [SimpleNamespace(input_layernorm=h.ln_1, post_attention_layernorm=None,
-                              self_attn=SimpleNamespace(q_proj=h.attn.q_proj, k_proj=h.attn.k_proj,
-                                                        v_proj=h.attn.v_proj, o_proj=h.attn.out_proj),
+                              self_attn=SimpleNamespace(**projections(h.attn), o_proj=h.attn.out_proj),
                               mlp=SimpleNamespace(fc1=h.mlp.fc_in, fc2=h.mlp.fc_out))
               for h in t.h]
     config = _Config(cfg, hidden_act=cfg.activation_function, **_heads(cfg))
     inner = SimpleNamespace(embed_tokens=t.wte, embed_positions=None, layers=layers, norm=t.ln_f,
                             rotary_emb=_sinusoidal(int(cfg.rotary_dim)))
-    return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), _names(model), {})
+    return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), names, rows)
 
 
 def _sinusoidal(dim: int) -> Any:
@@ -194,20 +200,11 @@ def _codegen(model: Any) -> Layout:
     """CodeGen: GPT-J's layout, its q/k/v one projection in 4 model-parallel blocks, each holding its heads' q, then
     v, then k; the rows are reordered to all q, then k, then v."""
     names, rows = _names(model), {}
-    t, cfg = model.transformer, model.config
-    heads = int(cfg.num_attention_heads)
-    dim = int(cfg.hidden_size) // heads
+    heads = int(model.config.num_attention_heads)
+    dim = int(model.config.hidden_size) // heads
     blocks = np.arange(3 * heads * dim).reshape(4, 3, heads // 4, dim)  # block, kind (q, v, k), head, feature
     order = np.concatenate([blocks[:, kind].reshape(-1) for kind in (0, 2, 1)])
-    layers = [SimpleNamespace(input_layernorm=h.ln_1, post_attention_layernorm=None,
-                              self_attn=SimpleNamespace(qkv_proj=_reordered(h.attn.qkv_proj, order, names, rows),
-                                                        o_proj=h.attn.out_proj),
-                              mlp=SimpleNamespace(fc1=h.mlp.fc_in, fc2=h.mlp.fc_out))
-              for h in t.h]
-    config = _Config(cfg, hidden_act=cfg.activation_function, **_heads(cfg))
-    inner = SimpleNamespace(embed_tokens=t.wte, embed_positions=None, layers=layers, norm=t.ln_f,
-                            rotary_emb=_sinusoidal(int(cfg.rotary_dim)))
-    return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), names, rows)
+    return _gptj_layout(model, lambda a: {"qkv_proj": _reordered(a.qkv_proj, order, names, rows)}, names, rows)
 
 
 def _glm4(model: Any) -> Layout:
