@@ -26,7 +26,7 @@ from common import folder_size, markdown_table, results_dir  # noqa: E402
 
 SHAPE = {"layers": 12, "hidden": 768, "heads": 12, "ffn": 3072}
 FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "falcon", "phi", "gptj", "cohere", "qwen3_moe", "gpt_bigcode",
-            "gpt_neo", "nemotron", "lfm2", "codegen")
+            "gpt_neo", "nemotron", "lfm2", "codegen", "bloom", "mpt", "xglm")
 GRAPHS = ("fused", "optimum")
 
 
@@ -78,6 +78,13 @@ def _config(family: str):
                                                              for i in range(s["layers"])], **ids),
         "codegen": lambda: transformers.CodeGenConfig(n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
                                                       rotary_dim=32, **ids),
+        # ALiBi (BLOOM-560m's and MPT's position scheme); XGLM's sinusoidal positions
+        "bloom": lambda: transformers.BloomConfig(hidden_size=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
+                                                  **ids),
+        "mpt": lambda: transformers.MptConfig(d_model=s["hidden"], n_layers=s["layers"], n_heads=s["heads"],
+                                              expansion_ratio=s["ffn"] // s["hidden"], max_seq_len=2048, **ids),
+        "xglm": lambda: transformers.XGLMConfig(d_model=s["hidden"], num_layers=s["layers"], attention_heads=s["heads"],
+                                                ffn_dim=s["ffn"], **ids),
         "cohere": lambda: transformers.CohereConfig(hidden_size=s["hidden"], intermediate_size=s["ffn"],
                                                     num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                                                     num_key_value_heads=4, **ids),

@@ -25,8 +25,11 @@ on block outputs, under other names. Helium is Llama with an interleaved rotary;
 squared ReLU; Nemotron too, with LayerNorms that scale by 1 + w and a partial rotary; Apertus has the plain MLP with
 xIELU (its parameters per layer) and per-head q/k norms, under other norm names; HunYuan norms each head of q and k
 after the rotary, so the graph rotates them itself and GroupQueryAttention does not. BitNet (its unquantized weights)
-norms attention's output before o and the gated MLP's before down, with a squared ReLU. GPT-2, GPT-NeoX, OPT, Falcon,
-GPT-J, GLM 4 and Apertus reach the graph through ``views.py``, which gives their modules the Llama layout's names.
+norms attention's output before o and the gated MLP's before down, with a squared ReLU. XGLM adds sinusoidal
+positions (read as a table) to a scaled embedding. MPT and BLOOM have no rotary: ALiBi adds a per-head linear bias of
+the key distance to the attention scores (``alibi.py``); BLOOM also norms the embedding. GPT-2, GPT-NeoX, OPT, Falcon,
+GPT-J, GLM 4, Apertus, XGLM, MPT, BLOOM and others reach the graph through ``views.py``, which gives their modules
+the Llama layout's names.
 """
 
 from __future__ import annotations
@@ -42,14 +45,15 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gra
                    "gemma3_text", "stablelm", "olmo", "olmo2", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere",
                    "gptj", "ministral", "olmo3", "seed_oss", "starcoder2", "vaultgemma", "ernie4_5", "exaone4",
                    "cohere2", "glm", "glm4", "helium", "arcee", "nemotron", "apertus", "hunyuan_v1_dense",
-                   "gpt_bigcode", "gpt_neo", "bitnet", "lfm2", "codegen", *MOE_TYPES)
+                   "gpt_bigcode", "gpt_neo", "bitnet", "lfm2", "codegen", "xglm", "mpt", "bloom", *MOE_TYPES)
 LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj", "codegen",
                     "starcoder2",
-                    "cohere2", "nemotron", "gpt_bigcode", "gpt_neo")
+                    "cohere2", "nemotron", "gpt_bigcode", "gpt_neo", "xglm", "mpt", "bloom")
 COHERE_TYPES = ("cohere", "cohere2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "vaultgemma")  # norms by 1 + w, embedding scaled by sqrt(hidden)
 POST_NORM_TYPES = ("olmo2", "olmo3", "exaone4", "flex_olmo")  # norms on each block's output only
-POSITION_TABLE_TYPES = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")  # learned absolute positions, no rotary
+POSITION_TABLE_TYPES = ("gpt2", "opt", "gpt_bigcode", "gpt_neo", "xglm")  # absolute positions (XGLM's sinusoidal)
+ALIBI_TYPES = ("mpt", "bloom")  # linear biases of the key distance, no rotary
 GRANITE_TYPES = ("granite", "granitemoe", "granitemoeshared")  # embedding, residual, attention, logit multipliers
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -77,6 +81,7 @@ class Family:
     positions: bool = False  # learned absolute position embeddings added to the token embeddings (GPT-2)
     rotary_interleaved: bool = False  # the rotary turns pairs (x0, x1), (x2, x3), ... (Cohere), not halves
     qk_norm_after_rotary: bool = False  # q/k norms on the rotated heads (HunYuan), not before the rotary
+    alibi: tuple[float, ...] | None = None  # per head, the slope of ALiBi's bias on the key distance (MPT, BLOOM)
 
 
 def check_supported(config: Any) -> None:
@@ -109,7 +114,8 @@ def check_supported(config: Any) -> None:
         raise UnsupportedArchitecture("the fused graph is causal; this model attends both ways (an encoder)")
     heads = getattr(config, "num_attention_heads", None)
     head = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
-    share = 0.0 if model_type in POSITION_TABLE_TYPES else float(getattr(config, "partial_rotary_factor", None) or 1.0)
+    unrotated = (*POSITION_TABLE_TYPES, *ALIBI_TYPES)
+    share = 0.0 if model_type in unrotated else float(getattr(config, "partial_rotary_factor", None) or 1.0)
     rotated = int(head * share)
     if model_type in ("gptj", "codegen"):
         if not getattr(config, "rotary_dim", 64):  # transformers then rotates by a hidden-wide table
@@ -126,6 +132,7 @@ def check_supported(config: Any) -> None:
     _check_gpt2(config)
     _check_opt(config)
     _check_falcon(config)
+    _check_alibi(config)
     check_moe(config)
     if model_type in COHERE_TYPES and getattr(config, "use_qk_norm", False):
         raise UnsupportedArchitecture("the fused graph has no per-head LayerNorm of q/k (Cohere's use_qk_norm); "
@@ -169,6 +176,22 @@ def _check_falcon(config: Any) -> None:
         raise UnsupportedArchitecture("the fused graph has Falcon's newer layout with parallel attention only")
 
 
+def _check_alibi(config: Any) -> None:
+    model_type = getattr(config, "model_type", "")
+    if model_type == "bloom" and getattr(config, "apply_residual_connection_post_layernorm", False):
+        raise UnsupportedArchitecture("the fused graph adds each block to its input, this BLOOM to its normed input "
+                                      "(apply_residual_connection_post_layernorm); build with --graph optimum")
+    attn = getattr(config, "attn_config", None) if model_type == "mpt" else None
+    if attn is not None and _field(attn, "clip_qkv"):
+        raise UnsupportedArchitecture("the fused graph does not clip q/k/v (MPT's attn_config.clip_qkv, which this "
+                                      "model sets); build with --graph optimum")
+
+
+def _field(section: Any, name: str) -> Any:
+    """A field of a nested config section, which a config.json read by the planner gives as a dict."""
+    return section.get(name) if isinstance(section, dict) else getattr(section, name, None)
+
+
 def _falcon_norms(config: Any) -> int:
     """Falcon's norms a layer in parallel attention: 2 (attention's and MLP's) in the newer layout by default."""
     count = getattr(config, "num_ln_in_parallel_attn", None)
@@ -189,13 +212,14 @@ def family_of(config: Any, head_dim: int) -> Family:
     # GPT-Neo never scales attention scores; GPT-2 and GPT-BigCode may be told not to
     unscaled = config.model_type == "gpt_neo" or config.model_type in ("gpt2", "gpt_bigcode") and not getattr(
         config, "scale_attn_weights", True)
+    scale = getattr(config, "scale_embedding", False) if config.model_type == "xglm" else gemma
     return Family(
         norm_offset=1.0 if gemma or config.model_type == "nemotron" else 0.0,
-        embed_scale=math.sqrt(config.hidden_size) if gemma else float(config.embedding_multiplier) if granite else None,
+        embed_scale=math.sqrt(config.hidden_size) if scale else float(config.embedding_multiplier) if granite else None,
         activation=ACTIVATIONS[_activation_name(config)],
         sandwich=config.model_type in ("gemma2", "gemma3_text", "glm4"),
         attention_scale=float(config.attention_multiplier) if granite else 1.0 if unscaled else
-        float(scalar or head_dim) ** -0.5,
+        _mpt_scale(config) or float(scalar or head_dim) ** -0.5,
         attention_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0),
         logit_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0),
         residual_scale=float(config.residual_multiplier) if granite else None,
@@ -212,7 +236,15 @@ def family_of(config: Any, head_dim: int) -> Family:
         rotary_interleaved=config.model_type in ("gptj", "codegen", "ernie4_5", "glm", "glm4", "helium",
                                                  *COHERE_TYPES),
         qk_norm_after_rotary=config.model_type == "hunyuan_v1_dense",
+        alibi=tuple(config.alibi_slopes) if config.model_type in ALIBI_TYPES else None,  # the view reads them
     )
+
+
+def _mpt_scale(config: Any) -> float | None:
+    """MPT's attn_config.softmax_scale, which replaces 1 / sqrt(head_dim) when set."""
+    attn = getattr(config, "attn_config", None) if config.model_type == "mpt" else None
+    scale = _field(attn, "softmax_scale") if attn is not None else None
+    return float(scale) if scale else None
 
 
 def _norm_eps(config: Any) -> float:
@@ -222,9 +254,9 @@ def _norm_eps(config: Any) -> float:
         return 1e-5
     if config.model_type in ("stablelm", "phi", "gpt_neox", *COHERE_TYPES):
         return float(config.layer_norm_eps)
-    if config.model_type == "opt":
-        return 1e-5  # torch's LayerNorm default, which OPT's layers use
-    if config.model_type in ("gpt2", "falcon", "gptj", "codegen", "gpt_bigcode", "gpt_neo"):
+    if config.model_type in ("opt", "xglm"):
+        return 1e-5  # torch's LayerNorm default, which their layers use
+    if config.model_type in ("gpt2", "falcon", "gptj", "codegen", "gpt_bigcode", "gpt_neo", "mpt", "bloom"):
         return float(config.layer_norm_epsilon)
     if config.model_type == "starcoder2":
         return float(config.norm_epsilon)
@@ -238,7 +270,11 @@ def _activation_name(config: Any) -> str:
     (Gemma too) from ``hidden_act``."""
     if getattr(config, "model_type", "") == "falcon":
         return getattr(config, "activation", "gelu")
-    if getattr(config, "model_type", "") in ("gpt2", "opt", "gptj", "codegen", "gpt_bigcode", "gpt_neo"):
+    if getattr(config, "model_type", "") == "mpt":
+        return "gelu"  # transformers' MPT MLP is the exact GELU, whatever its config says
+    if getattr(config, "model_type", "") == "bloom":
+        return "gelu_pytorch_tanh"  # BloomGelu: the tanh approximation
+    if getattr(config, "model_type", "") in ("gpt2", "opt", "gptj", "codegen", "gpt_bigcode", "gpt_neo", "xglm"):
         return getattr(config, "activation_function", "relu" if config.model_type == "opt" else "gelu_new")
     if getattr(config, "model_type", "") in ("gemma2", "gemma3_text", "vaultgemma"):
         return getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"  # their configs' default

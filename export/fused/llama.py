@@ -7,7 +7,7 @@ rotary embedding applied inside (cos/sin caches) and a KV cache shared between p
 SwiGLU MLP with packed gate/up projections. Linear layers are float32 MatMul or int4 / int8 MatMulNBits
 (``linear.py``); the tied embedding is stored once. What other members of the family change (Qwen, Phi-3,
 Gemma, Granite, SmolLM3: norms, multipliers, activations, windows, rotary) is read by ``family.py``;
-GPT-2, GPT-NeoX, OPT, Falcon, GPT-J and GLM 4 are read through ``views.py``, which gives their modules Llama's
+GPT-2, GPT-NeoX, OPT, Falcon, GPT-J, BLOOM and others are read through ``views.py``, which gives their modules Llama's
 names.
 
 Graph contract (what ``runtime/fused_decoder.py`` binds):
@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from edgepack.export.fused.activations import activate
+from edgepack.export.fused.alibi import alibi_bias
 from edgepack.export.fused.builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
 from edgepack.export.fused.family import Family, check_supported, family_of
 from edgepack.export.fused.linear import LinearEmitter, embed_8bit, head_8bit, is_joint, is_pairs, table_8bit
@@ -74,7 +75,10 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     if family.positions:
         hidden = _positioned(b, hidden, ids, total, _array(model.model.embed_positions.weight))
     offset = _span(b, ids, total)[0] if family.qk_norm_after_rotary else ""  # the graph rotates q and k itself
+    bias = alibi_bias(b, ids, total, family.alibi) if family.alibi else ""
     norm = _Norms(lin, family.norm_eps, family.norm_offset, family.layer_norm)
+    if getattr(model.model, "embed_norm", None) is not None:  # BLOOM norms the embedding
+        hidden = norm.alone(hidden, model.model.embed_norm, "embed_norm")
     residual, pending = hidden, None  # pending: a block output not yet added to the residual
     kv_shape = [1, cfg.num_key_value_heads, "capacity", head_dim(cfg)]
     post_norms = family.sandwich or not family.pre_norm  # a norm on each block's output (Gemma 2 / 3, OLMo 2)
@@ -90,7 +94,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
             cos, sin = rotary["local" if "local" in rotary and _window(cfg, i) > 0 else "global"] if rotary else (
                 "", "")
             attn = _attention(b, lin, x, layer.self_attn, (cfg, family, norm), past,
-                              (seqlens, total, cos, sin, offset), i, kv_shape)
+                              (seqlens, total, cos, sin, offset, bias), i, kv_shape)
         if family.parallel:  # Phi, Falcon: the MLP reads the same normed input; both outputs join the residual
             if family.parallel_norms:  # GPT-NeoX, newer Falcons: the MLP's own norm of the same residual
                 x = norm.alone(residual, layer.post_attention_layernorm, f"layers.{i}.mlp_norm")
@@ -217,7 +221,7 @@ def _width(norm: Any) -> int:
 
 
 def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tuple[Any, Family, _Norms],
-               past: list[str], shared: tuple[str, str, str, str], i: int, kv_shape: list[int | str]) -> str:
+               past: list[str], shared: tuple[str, ...], i: int, kv_shape: list[int | str]) -> str:
     import torch.nn as nn
 
     cfg, family, norm = model
@@ -241,7 +245,7 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tu
         p_names = [f"{name}.{p_name}" for p_name in ("q", "k", "v")]
         outs = lin.modules(x, list(projections), p_names, f"{name}.qkv_low")
         qkv = [lin.delta(x, y, cfg.hidden_size, [p], n) for y, p, n in zip(outs, projections, p_names)]
-    seqlens, total, cos, sin, offset = shared
+    seqlens, total, cos, sin, offset, bias = shared
     rotary = bool(cos) and (family.rotary_layers is None or family.rotary_layers[i])
     norms = _qk_modules(attn)
     if norms and family.qk_norm_after_rotary:  # HunYuan: rotate here, so the norms see rotated heads
@@ -251,7 +255,8 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tu
         qkv = _qk_norms(b, norm, _unpacked(b, qkv, cfg, name), norms, cfg, name, family.qk_norm_per_head)
     out = b.unique(f"{name}/out")
     present = [f"present.{i}.key", f"present.{i}.value"]
-    b.op_named("GroupQueryAttention", [*qkv, *past, seqlens, total, cos, sin], [out, *present], f"{name}/gqa",
+    extra = ["", bias] if bias else []  # position_ids (unused), attention_bias (ALiBi)
+    b.op_named("GroupQueryAttention", [*qkv, *past, seqlens, total, cos, sin, *extra], [out, *present], f"{name}/gqa",
                domain=MS_DOMAIN, num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
                do_rotary=int(rotary),
                rotary_interleaved=int(family.rotary_interleaved),

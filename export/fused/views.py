@@ -1,5 +1,5 @@
-"""GPT-2, GPT-NeoX, OPT, Falcon, GPT-J, GLM 4, Apertus, GPT-BigCode, GPT-Neo, CodeGen and LFM2 seen through the Llama
-layout's names, so the fused graph (``llama.py``) builds them too.
+"""GPT-2, GPT-NeoX, OPT, Falcon, GPT-J, GLM 4, Apertus, GPT-BigCode, GPT-Neo, CodeGen, LFM2, XGLM, MPT and BLOOM seen
+through the Llama layout's names, so the fused graph (``llama.py``) builds them too.
 
 The graph reads ``model.model.{embed_tokens, layers, norm, rotary_emb}``, each layer's two norms, ``self_attn`` and
 ``mlp``, and ``model.lm_head``. GPT-2 and GPT-NeoX hold the same parts under other names, and two in another form.
@@ -12,8 +12,9 @@ its value) in its newer layout, all q then one k and one v with multi-query atte
 GPT-NeoX) otherwise. GPT-J has no rotary module (its attention keeps a sin/cos table); the view gives it one holding
 the same inverse frequencies. GLM 4's four norms a layer get Gemma 2's names, Apertus's two Llama's. CodeGen packs
 q/k/v in 4 model-parallel blocks of q, v, k (reordered); GPT-BigCode as Falcon or GPT-NeoX do; GPT-Neo's local
-layers become sliding windows; LFM2 keeps its convolution layers as they are. Every copy keeps the source model's
-path, which is what deltas and the package's slot metadata name.
+layers become sliding windows; LFM2 keeps its convolution layers as they are. XGLM's sinusoidal positions become a
+table; MPT and BLOOM carry their ALiBi slopes in the view's config (``alibi_slopes``), and BLOOM's embedding norm is
+``embed_norm``. Every copy keeps the source model's path, which is what deltas and the package's slot metadata name.
 """
 
 from __future__ import annotations
@@ -288,6 +289,70 @@ def _apertus(model: Any) -> Layout:
     return _relaid(model, layers)
 
 
+def _xglm(model: Any) -> Layout:
+    """XGLM: OPT's layout with sinusoidal positions, read as a table: its rows from ``offset`` on (XGLM's positions
+    start at 2), computed by the model's own function for every position the config allows."""
+    m, cfg = model.model, model.config
+    layers = [SimpleNamespace(input_layernorm=layer.self_attn_layer_norm,
+                              post_attention_layernorm=layer.final_layer_norm,
+                              self_attn=SimpleNamespace(q_proj=layer.self_attn.q_proj, k_proj=layer.self_attn.k_proj,
+                                                        v_proj=layer.self_attn.v_proj, o_proj=layer.self_attn.out_proj),
+                              mlp=SimpleNamespace(fc1=layer.fc1, fc2=layer.fc2))
+              for layer in m.layers]
+    table = m.embed_positions
+    rows = type(table).get_embedding(int(cfg.max_position_embeddings) + table.offset, table.embedding_dim,
+                                     table.padding_idx)[table.offset:]
+    config = _Config(cfg, hidden_act=cfg.activation_function, **_heads(cfg))
+    inner = SimpleNamespace(embed_tokens=m.embed_tokens, embed_positions=SimpleNamespace(weight=rows), layers=layers,
+                            norm=m.layer_norm, rotary_emb=None)
+    return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), _names(model), {})
+
+
+def _mpt(model: Any) -> Layout:
+    """MPT: bias-free LayerNorms, q/k/v packed as all q, then k, then v, a plain GELU MLP, ALiBi."""
+    t, cfg = model.transformer, model.config
+    layers = [SimpleNamespace(input_layernorm=h.norm_1, post_attention_layernorm=h.norm_2,
+                              self_attn=SimpleNamespace(qkv_proj=h.attn.Wqkv, o_proj=h.attn.out_proj),
+                              mlp=SimpleNamespace(fc1=h.ffn.up_proj, fc2=h.ffn.down_proj))
+              for h in t.blocks]
+    config = _Config(cfg, alibi_slopes=_alibi_slopes(cfg), **_heads(cfg))
+    inner = SimpleNamespace(embed_tokens=t.wte, embed_positions=None, layers=layers, norm=t.norm_f, rotary_emb=None)
+    return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), _names(model), {})
+
+
+def _bloom(model: Any) -> Layout:
+    """BLOOM: a LayerNorm of the embedding, q/k/v packed head by head (reordered, as GPT-NeoX's), ALiBi."""
+    names, rows = _names(model), {}
+    t, cfg = model.transformer, model.config
+    heads = int(cfg.num_attention_heads)
+    order = _head_by_head(heads, int(cfg.hidden_size) // heads)
+    layers = [SimpleNamespace(input_layernorm=h.input_layernorm, post_attention_layernorm=h.post_attention_layernorm,
+                              self_attn=SimpleNamespace(qkv_proj=_reordered(h.self_attention.query_key_value, order,
+                                                                            names, rows),
+                                                        o_proj=h.self_attention.dense),
+                              mlp=SimpleNamespace(fc1=h.mlp.dense_h_to_4h, fc2=h.mlp.dense_4h_to_h))
+              for h in t.h]
+    config = _Config(cfg, alibi_slopes=_alibi_slopes(cfg), **_heads(cfg))
+    inner = SimpleNamespace(embed_tokens=t.word_embeddings, embed_norm=t.word_embeddings_layernorm,
+                            embed_positions=None, layers=layers, norm=t.ln_f, rotary_emb=None)
+    return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), names, rows)
+
+
+def _alibi_slopes(config: Any) -> list[float]:
+    """Each head's ALiBi slope, from transformers' own bias of two positions (MPT and BLOOM choose the slopes of
+    a head count that is not a power of two differently): MPT's is slope · (j - last), BLOOM's slope · j."""
+    import torch
+
+    heads = int(config.num_attention_heads)
+    if config.model_type == "mpt":
+        from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+        return (-build_mpt_alibi_tensor(heads, 2)[:, 0, 0]).tolist()
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    return build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)[:, 0, 1].tolist()
+
+
 def _linear_of(module: Any) -> Any:
     """An ``nn.Linear`` equal to a Conv1D (x·W + b, W [in, out]); other modules (a Linear, a factorized pair)
     unchanged."""
@@ -326,4 +391,4 @@ def _index(order: np.ndarray, device: Any) -> Any:
 
 _VIEWS = {"gpt2": _gpt2, "gpt_neox": _neox, "opt": _opt, "falcon": _falcon, "gptj": _gptj, "glm4": _glm4,
           "apertus": _apertus, "gpt_bigcode": _bigcode, "gpt_neo": _neo,
-          "lfm2": _lfm2, "codegen": _codegen}
+          "lfm2": _lfm2, "codegen": _codegen, "xglm": _xglm, "mpt": _mpt, "bloom": _bloom}

@@ -105,6 +105,15 @@ VARIANTS = {
     # GPT-J's layout with q/k/v in CodeGen's 4 model-parallel blocks of q, v, k; 8 heads: 2 a block
     "codegen": ("codegen", {"hidden_size": 512, "num_attention_heads": 8, "rotary_dim": 32, "n_ctx": 256,
                             "tie_word_embeddings": False}),
+    # stop 26: XGLM's sinusoidal positions from row 2 of its table, a scaled embedding; ALiBi (GroupQueryAttention's
+    # attention_bias): MPT's bias-free LayerNorms and exact GELU, BLOOM's normed embedding and head-by-head q/k/v;
+    # 6 heads, not a power of two, where the two choose their slopes differently
+    "xglm": ("xglm", {"ffn_dim": 128}),
+    "mpt": ("mpt", {"expansion_ratio": 2}),
+    "mpt-6heads": ("mpt", {"hidden_size": 96, "num_attention_heads": 6, "expansion_ratio": 2,
+                           "attn_config": {"softmax_scale": 0.2}}),
+    "bloom": ("bloom", {}),
+    "bloom-6heads": ("bloom", {"hidden_size": 96, "num_attention_heads": 6}),
     "falcon-new": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "hidden_size": 128}),
     "falcon-mq": ("falcon", {"multi_query": True, "hidden_size": 128}),
     "falcon-seq": ("falcon", {"multi_query": False, "parallel_attn": False, "num_kv_heads": 4, "hidden_size": 128,
@@ -215,7 +224,7 @@ def test_other_attention_kinds_are_refused_by_name():
                                      "gpt2", "opt", "falcon-new", "cohere", "gptj",
                                      "starcoder2", "exaone4", "ernie4_5", "vaultgemma", "glm4", "nemotron",
                                      "apertus", "hunyuan-bias", "helium", "arcee", "gpt_bigcode-mha", "gpt_neo",
-                                     "bitnet", "lfm2-bias", "codegen"])
+                                     "bitnet", "lfm2-bias", "codegen", "xglm", "mpt-6heads", "bloom-6heads"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -223,8 +232,9 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     from edgepack.toolchain.build import BuildConfig, build
     from edgepack.toolchain.delta.make import DeltaConfig, make
 
-    # the decoder blocks (GPT-2 calls them h)
-    save_finetuned(*VARIANTS[variant], tmp_path, lambda name: "layers." in name or ".h." in name)
+    # the decoder blocks (GPT-2 and BLOOM call them h, MPT blocks)
+    blocks = ("layers.", ".h.", "blocks.")
+    save_finetuned(*VARIANTS[variant], tmp_path, lambda name: any(part in name for part in blocks))
 
     build(BuildConfig(model=str(tmp_path / "base"), graph="auto", delta_slots=True, context=CONTEXT), tmp_path / "pkg")
     delta = make(str(tmp_path / "base"), str(tmp_path / "tuned"), DeltaConfig(method="truncsvd", rank=8))
@@ -237,7 +247,8 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
              "glm4": "post_mlp_layernorm.weight", "nemotron": "up_proj.bias", "hunyuan-bias": "key_layernorm.weight",
              "helium": "k_proj.bias", "arcee": "post_attention_layernorm.weight", "gpt_bigcode-mha": "c_attn.bias",
              "gpt_neo": "out_proj.bias", "bitnet": "ffn_sub_norm.weight",
-             "lfm2-bias": "conv.conv.weight", "codegen": "fc_in.bias"}.get(variant, "q_norm.weight")
+             "lfm2-bias": "conv.conv.weight", "codegen": "fc_in.bias", "xglm": "fc1.bias",
+             "mpt-6heads": "norm_1.weight", "bloom-6heads": "query_key_value.bias"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
@@ -281,7 +292,7 @@ def test_layouts_the_fused_graph_lacks_fall_back_by_name():
 
 
 @pytest.mark.parametrize("arch", ["gpt_neox-wide", "gpt2", "falcon", "gptj-wide", "cohere", "gpt_bigcode", "apertus",
-                                  "lfm2", "codegen-wide"])
+                                  "lfm2", "codegen-wide", "xglm", "mpt", "bloom"])
 def test_factorized_views_take_deltas(arch, tmp_path):
     """A ResSVD-compressed GPT-NeoX (its packed q/k/v factor pair reordered for GroupQueryAttention, the delta's
     rows reordered the same way at load) and GPT-2 (factor pairs where Conv1D layers were) in the fused graph."""

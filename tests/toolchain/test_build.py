@@ -30,19 +30,20 @@ def test_generation_settings_capture_tokens_and_context(tiny_package):
 
 def test_auto_graph_is_fused_for_llama_and_optimum_otherwise(capsys):
     import tiny
-    from transformers import BloomConfig
+    from transformers import OPTConfig
 
+    opt350 = OPTConfig(do_layer_norm_before=False)  # OPT-350m norms after each block: optimum's graph
     llama = tiny.make_model().config
     auto = build_mod.BuildConfig()
     assert auto.graph == "auto"
     assert build_mod.resolve_graph(auto, llama).graph == "fused"
-    assert build_mod.resolve_graph(auto, BloomConfig()).graph == "optimum"
-    assert "no fused graph: model type 'bloom'" in capsys.readouterr().err  # the fallback says why
+    assert build_mod.resolve_graph(auto, opt350).graph == "optimum"
+    assert "no fused graph: the fused graph norms before each block" in capsys.readouterr().err  # it says why
     assert build_mod.resolve_graph(build_mod.BuildConfig(graph="optimum"), llama).graph == "optimum"  # forced
     device = build_mod.BuildConfig(int4=True, int4_all=True)  # device layouts are optimum's
     assert build_mod.resolve_graph(device, llama).graph == "optimum"
     # without a fused graph, delta slots go into optimum's (export/delta_branches.py)
-    assert build_mod.resolve_graph(build_mod.BuildConfig(delta_slots=True), BloomConfig()).graph == "optimum"
+    assert build_mod.resolve_graph(build_mod.BuildConfig(delta_slots=True), opt350).graph == "optimum"
 
 
 def test_default_build_of_a_llama_is_the_fused_graph(tiny_package):

@@ -102,7 +102,12 @@ def test_plan_round_trips_through_json():
 def test_graph_follows_the_architecture():
     llama = {"model_type": "llama", "hidden_act": "silu"}
     assert graph_for(llama) == "fused"
-    assert graph_for({"model_type": "bloom"}) == "optimum"
+    assert graph_for({"model_type": "opt", "do_layer_norm_before": False}) == "optimum"  # OPT-350m
+    assert graph_for({"model_type": "bloom", "n_head": 16, "hidden_size": 1024}) == "fused"  # ALiBi, bloom-560m
+    assert graph_for({"model_type": "bloom", "apply_residual_connection_post_layernorm": True}) == "optimum"
+    mpt = {"model_type": "mpt", "attn_config": {"alibi": True, "clip_qkv": None}}  # a config.json's nested dict
+    assert graph_for(mpt) == "fused"
+    assert graph_for({**mpt, "attn_config": {"clip_qkv": 6.0}}) == "optimum"
     falcon = {"model_type": "falcon", "hidden_size": 4544, "num_attention_heads": 71}  # falcon-7b's sparse config.json
     assert graph_for(falcon) == "fused"
     assert graph_for({**falcon, "alibi": True}) == "optimum"

@@ -14,8 +14,8 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
                    # GPT-2 (its Conv1D seen as nn.Linear: toolchain/conv1d.py)
                    "qkv_proj", "gate_up_proj", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",
                    "out_proj", "fc1", "fc2", "fc_in", "fc_out", "c_attn", "c_proj", "c_fc",
-                   # LFM2: its MLP (w1 gate, w3 up, w2 down) and its convolution layers' input projection
-                   "w1", "w2", "w3", "in_proj")
+                   # LFM2: its MLP (w1 gate, w3 up, w2 down) and its convolution layers' input projection; MPT's q/k/v
+                   "w1", "w2", "w3", "in_proj", "Wqkv")
 # The factor tune's default length: on the default model at 20 % it takes perplexity 26.3 -> 21.9 (1.48x dense).
 DEFAULT_TUNE_STEPS = 64
 QUANT_MODES = ("auto", "none", "int4", "int8")

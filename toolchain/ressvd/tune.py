@@ -130,7 +130,8 @@ def _rows(value, batch: torch.Tensor, count: int):
 
 
 # What the families call the norm between the last decoder layer and the head (Llama, GPT-NeoX, GPT-2, Phi, ...).
-_FINAL_NORMS = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f", "embedding_norm")  # LFM2: the last
+_FINAL_NORMS = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f", "embedding_norm",  # LFM2
+               "layer_norm")  # XGLM: layer_norm
 
 
 def _final_norm(model: nn.Module) -> nn.Module:
