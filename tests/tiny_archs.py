@@ -73,6 +73,9 @@ ARCHS: dict[str, Callable[[], Any]] = {
     "falcon": _plain("FalconConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      new_decoder_architecture=True, num_kv_heads=2, max_position_embeddings=256),
     "bloom": _plain("BloomConfig", hidden_size=64, n_layer=2, n_head=4),
+    # Falcon-RW (falcon-rw-1b's layout): ALiBi instead of the rotary, head by head q/k/v, one block after the other
+    "falcon-rw": _plain("FalconConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+                        multi_query=False, parallel_attn=False, bias=True, max_position_embeddings=256),
     "gptj": _plain("GPTJConfig", n_embd=64, n_layer=2, n_head=4, n_positions=256, rotary_dim=8),
     # 64-wide heads, 16 of them rotated: the fused graph's GPT-J (the one above falls back to optimum's)
     "gptj-wide": _plain("GPTJConfig", n_embd=256, n_layer=2, n_head=4, n_positions=256, rotary_dim=16),

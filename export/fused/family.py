@@ -38,6 +38,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from edgepack.export.fused.alibi import Alibi
 from edgepack.export.fused.moe import MOE_TYPES, check_moe
 from edgepack.runtime.errors import UnsupportedArchitecture
 
@@ -81,7 +82,7 @@ class Family:
     positions: bool = False  # learned absolute position embeddings added to the token embeddings (GPT-2)
     rotary_interleaved: bool = False  # the rotary turns pairs (x0, x1), (x2, x3), ... (Cohere), not halves
     qk_norm_after_rotary: bool = False  # q/k norms on the rotated heads (HunYuan), not before the rotary
-    alibi: tuple[float, ...] | None = None  # per head, the slope of ALiBi's bias on the key distance (MPT, BLOOM)
+    alibi: Alibi | None = None  # ALiBi's linear bias on the key distance instead of a rotary (MPT, BLOOM, Falcon-RW)
 
 
 def check_supported(config: Any) -> None:
@@ -114,8 +115,9 @@ def check_supported(config: Any) -> None:
         raise UnsupportedArchitecture("the fused graph is causal; this model attends both ways (an encoder)")
     heads = getattr(config, "num_attention_heads", None)
     head = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
-    unrotated = (*POSITION_TABLE_TYPES, *ALIBI_TYPES)
-    share = 0.0 if model_type in unrotated else float(getattr(config, "partial_rotary_factor", None) or 1.0)
+    unrotated = model_type in (*POSITION_TABLE_TYPES, *ALIBI_TYPES) or model_type == "falcon" and getattr(
+        config, "alibi", False)
+    share = 0.0 if unrotated else float(getattr(config, "partial_rotary_factor", None) or 1.0)
     rotated = int(head * share)
     if model_type in ("gptj", "codegen"):
         if not getattr(config, "rotary_dim", 64):  # transformers then rotates by a hidden-wide table
@@ -169,9 +171,6 @@ def _check_falcon(config: Any) -> None:
     if getattr(config, "model_type", "") != "falcon":
         return
     # getattr with FalconConfig's defaults: the planner checks a config.json, which older Falcons write sparsely
-    if getattr(config, "alibi", False):
-        raise UnsupportedArchitecture("the fused graph has rotary positions, this Falcon uses ALiBi; build with "
-                                      "--graph optimum")
     if getattr(config, "new_decoder_architecture", False) and not getattr(config, "parallel_attn", True):
         raise UnsupportedArchitecture("the fused graph has Falcon's newer layout with parallel attention only")
 
@@ -236,8 +235,17 @@ def family_of(config: Any, head_dim: int) -> Family:
         rotary_interleaved=config.model_type in ("gptj", "codegen", "ernie4_5", "glm", "glm4", "helium",
                                                  *COHERE_TYPES),
         qk_norm_after_rotary=config.model_type == "hunyuan_v1_dense",
-        alibi=tuple(config.alibi_slopes) if config.model_type in ALIBI_TYPES else None,  # the view reads them
+        alibi=_alibi(config, head_dim),
     )
+
+
+def _alibi(config: Any, head_dim: int) -> Alibi | None:
+    """ALiBi's slopes (which the view reads from transformers) and, for Falcon, its bfloat16, pre-scale form."""
+    if config.model_type in ALIBI_TYPES:
+        return Alibi(tuple(config.alibi_slopes))
+    if config.model_type == "falcon" and config.alibi:
+        return Alibi(tuple(config.alibi_slopes), scale=head_dim ** -0.5, bfloat16=True)
+    return None
 
 
 def _mpt_scale(config: Any) -> float | None:

@@ -163,9 +163,10 @@ def _falcon(model: Any) -> Layout:
                                                                    o_proj=h.self_attention.dense),
                               mlp=SimpleNamespace(fc1=h.mlp.dense_h_to_4h, fc2=h.mlp.dense_4h_to_h))
               for h in t.h]
-    config = _Config(cfg, hidden_act=cfg.activation, num_key_value_heads=kv, head_dim=dim)
+    alibi = {"alibi_slopes": _alibi_slopes(cfg)} if cfg.alibi else {}  # Falcon-RW: ALiBi, no rotary
+    config = _Config(cfg, hidden_act=cfg.activation, num_key_value_heads=kv, head_dim=dim, **alibi)
     inner = SimpleNamespace(embed_tokens=t.word_embeddings, embed_positions=None, layers=layers, norm=t.ln_f,
-                            rotary_emb=t.rotary_emb)
+                            rotary_emb=None if cfg.alibi else t.rotary_emb)
     return Layout(SimpleNamespace(config=config, model=inner, lm_head=model.lm_head), names, rows)
 
 
@@ -340,7 +341,8 @@ def _bloom(model: Any) -> Layout:
 
 def _alibi_slopes(config: Any) -> list[float]:
     """Each head's ALiBi slope, from transformers' own bias of two positions (MPT and BLOOM choose the slopes of
-    a head count that is not a power of two differently): MPT's is slope · (j - last), BLOOM's slope · j."""
+    a head count that is not a power of two differently; Falcon's are BLOOM's in bfloat16): MPT's is
+    slope · (j - last), BLOOM's and Falcon's slope · j."""
     import torch
 
     heads = int(config.num_attention_heads)
@@ -348,7 +350,10 @@ def _alibi_slopes(config: Any) -> list[float]:
         from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
         return (-build_mpt_alibi_tensor(heads, 2)[:, 0, 0]).tolist()
-    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+    if config.model_type == "falcon":
+        from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+    else:
+        from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
     return build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)[:, 0, 1].tolist()
 

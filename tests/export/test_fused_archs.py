@@ -116,6 +116,10 @@ VARIANTS = {
     "bloom-6heads": ("bloom", {"hidden_size": 96, "num_attention_heads": 6}),
     "falcon-new": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "hidden_size": 128}),
     "falcon-mq": ("falcon", {"multi_query": True, "hidden_size": 128}),
+    # Falcon-RW's ALiBi: BLOOM's slopes, slope · j rounded to bfloat16, added before the scores' scale; 12 heads, so
+    # that some slopes are not powers of two and the rounding shows
+    "falcon-alibi": ("falcon", {"alibi": True, "multi_query": False, "parallel_attn": False, "num_attention_heads": 12,
+                                "num_kv_heads": 12, "hidden_size": 192, "bias": True}),
     "falcon-seq": ("falcon", {"multi_query": False, "parallel_attn": False, "num_kv_heads": 4, "hidden_size": 128,
                               "bias": True}),
 }

@@ -110,7 +110,7 @@ def test_graph_follows_the_architecture():
     assert graph_for({**mpt, "attn_config": {"clip_qkv": 6.0}}) == "optimum"
     falcon = {"model_type": "falcon", "hidden_size": 4544, "num_attention_heads": 71}  # falcon-7b's sparse config.json
     assert graph_for(falcon) == "fused"
-    assert graph_for({**falcon, "alibi": True}) == "optimum"
+    assert graph_for({**falcon, "alibi": True}) == "fused"  # Falcon-RW: ALiBi as the attention bias
     assert graph_for({"model_type": "gpt2", "activation_function": "gelu_new"}) == "fused"  # through views.py
     assert graph_for({"model_type": "gpt2", "activation_function": "gelu_new", "add_cross_attention": True}) == \
         "optimum"
