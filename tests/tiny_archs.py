@@ -125,6 +125,16 @@ ARCHS: dict[str, Callable[[], Any]] = {
     "bitnet": _cfg("BitNetConfig"),  # its unquantized form (plain nn.Linear)
     "lfm2": _cfg("Lfm2Config", layer_types=["conv", "full_attention"], norm_eps=1e-5),
     "phimoe": _cfg("PhimoeConfig", num_local_experts=4, num_experts_per_tok=2),
+    "gpt_oss": _cfg("GptOssConfig", head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
+                    layer_types=["sliding_attention", "full_attention"],
+                    rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                  "original_max_position_embeddings": 64}),
+    # Gemma 3's multimodal checkpoint (gemma-3-4b and up): a SigLIP vision tower beside Gemma 3's language model
+    "gemma3": _plain("Gemma3Config", text_config={**_COMMON, "head_dim": 16, "sliding_window": 32},
+                     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                    "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+                     mm_tokens_per_image=4, image_token_index=VOCAB - 1, boi_token_index=VOCAB - 2,
+                     eoi_token_index=VOCAB - 3),
 }
 
 

@@ -221,10 +221,12 @@ def _expert_slots(config: BuildConfig, model_config: Any) -> str:
     fused graph's MoE op has no slots for the experts, which a full fine-tune's delta changes, and optimum's graph
     has one beside every expert's MatMul. A model optimum cannot export keeps the fused graph, whose other layers
     take deltas."""
-    from edgepack.export.fused.moe import experts_of
+    from edgepack.export.fused.moe import STACKED_EXPERT_TYPES, experts_of
     from edgepack.runtime.errors import UnsupportedArchitecture
 
     if not config.delta_slots or experts_of(model_config) < 2:
+        return ""
+    if getattr(model_config, "model_type", "") in STACKED_EXPERT_TYPES:  # optimum's graph would not slot them either
         return ""
     try:
         onnx_export.check_exportable(model_config)

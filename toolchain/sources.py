@@ -108,6 +108,7 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
             f"cannot read the model config of {source.ref}: {_first_line(e)}{_hint(source)}") from None
     except Exception as e:  # corrupt GGUF headers surface as assorted exception types
         raise ModelSourceError(f"cannot read {source.ref}: {_first_line(e)}{_hint(source)}") from None
+    full, config = config, language_model_config(config, source.ref)
     _check_causal_lm(config, source)
     if check is not None:
         check(config)
@@ -137,7 +138,7 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
             # header again (tokenizer arrays included), 3-4 s each on the default model.
             model, info = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
                                                                output_loading_info=True, **model_kwargs)
-            _check_complete(info, source, config)
+            _check_complete(info, source, config, multimodal=config is not full)
             if "gguf_file" in kwargs and gguf_cache.enabled():
                 _keep_copy(source, model, tokenizer)
     except ModelSourceError:
@@ -147,10 +148,27 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
     return model, tokenizer
 
 
-def _check_complete(info: dict[str, Any], source: ModelSource, config: Any) -> None:
+def language_model_config(config: Any, ref: str, quiet: bool = False) -> Any:
+    """The config of what edgepack packages: ``config`` itself, or, for a multimodal checkpoint (Gemma 3 4B and up: a
+    vision tower beside a Gemma 3 language model), its language model's, which transformers' causal-LM class of that
+    type loads from the same checkpoint; the vision tower is left out, and the package takes text only."""
+    text = config.get_text_config(decoder=True)
+    if text is config:
+        return config
+    if not quiet:
+        print(f"edgepack: {ref} is a multimodal '{config.model_type}' model: packaging its language model "
+              f"('{text.model_type}') alone, for text; its vision tower is left out", file=sys.stderr)
+    return text
+
+
+def _check_complete(info: dict[str, Any], source: ModelSource, config: Any, multimodal: bool = False) -> None:
     """Refuse a checkpoint that lacks weights of its architecture: transformers would initialize them at random
     (a warning in its log) and the package would be built, parity-checked and shipped as noise."""
     missing = sorted(info.get("missing_keys") or [])
+    if missing and multimodal:
+        raise ModelSourceError(f"{source.ref}: transformers' {config.model_type} model does not find this multimodal "
+                               f"checkpoint's language model under the names it reads ({len(missing)} weights "
+                               f"missing, e.g. {missing[0]}); edgepack cannot package its text part yet")
     if missing:
         more = ", ..." if len(missing) > 3 else ""
         raise ModelSourceError(f"{source.ref}: {len(missing)} weights of a {config.model_type} model are not in the "

@@ -26,7 +26,7 @@ from common import folder_size, markdown_table, results_dir  # noqa: E402
 
 SHAPE = {"layers": 12, "hidden": 768, "heads": 12, "ffn": 3072}
 FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "falcon", "phi", "gptj", "cohere", "qwen3_moe", "gpt_bigcode",
-            "gpt_neo", "nemotron", "lfm2", "codegen", "bloom", "mpt", "xglm")
+            "gpt_neo", "nemotron", "lfm2", "codegen", "bloom", "mpt", "xglm", "gpt_oss")
 GRAPHS = ("fused", "optimum")
 
 
@@ -78,6 +78,11 @@ def _config(family: str):
                                                              for i in range(s["layers"])], **ids),
         "codegen": lambda: transformers.CodeGenConfig(n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
                                                       rotary_dim=32, **ids),
+        # GPT-OSS's layout: 8 experts of 768 with biases, 2 a token, attention sinks, sliding and full layers in turn
+        "gpt_oss": lambda: transformers.GptOssConfig(hidden_size=s["hidden"], intermediate_size=s["ffn"] // 4,
+                                                     num_local_experts=8, num_experts_per_tok=2,
+                                                     num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                                                     num_key_value_heads=4, head_dim=64, sliding_window=128, **ids),
         # ALiBi (BLOOM-560m's and MPT's position scheme); XGLM's sinusoidal positions
         "bloom": lambda: transformers.BloomConfig(hidden_size=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
                                                   **ids),

@@ -255,7 +255,11 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tu
         qkv = _qk_norms(b, norm, _unpacked(b, qkv, cfg, name), norms, cfg, name, family.qk_norm_per_head)
     out = b.unique(f"{name}/out")
     present = [f"present.{i}.key", f"present.{i}.value"]
-    extra = ["", bias] if bias else []  # position_ids (unused), attention_bias (ALiBi)
+    sinks = getattr(attn, "sinks", None)  # GPT-OSS: a per-head logit that joins each softmax's denominator
+    sink = lin.dense_delta(b.weight(f"{name}.sinks", _array(sinks)), sinks) if sinks is not None else ""
+    extra = ["", bias, sink]  # position_ids (unused), attention_bias (ALiBi), head_sink
+    while extra and not extra[-1]:
+        extra.pop()
     b.op_named("GroupQueryAttention", [*qkv, *past, seqlens, total, cos, sin, *extra], [out, *present], f"{name}/gqa",
                domain=MS_DOMAIN, num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
                do_rotary=int(rotary),

@@ -1,5 +1,5 @@
 """Mixture-of-experts MLP blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE and its shared-MLP
-variant) as one onnxruntime ``MoE`` op, or ``QMoE`` in int4 / int8 graphs.
+variant, GPT-OSS) as one onnxruntime ``MoE`` op, or ``QMoE`` in int4 / int8 graphs.
 
 onnxruntime's CPU kernels take the router's logits, softmax them, pick the top k experts per token (renormalizing
 their weights when ``normalize_routing_weights`` is set: Mixtral always, the others by ``norm_topk_prob``) and run
@@ -11,8 +11,11 @@ the input, as the factor pairs of ``linear.py``; it needs hidden and expert widt
 model whose widths are not keeps float32 experts in an int4 graph. Qwen2-MoE's shared expert is a plain MLP
 beside the routed ones, scaled by sigmoid(a linear gate); GraniteMoE-shared's shared MLP is added unscaled. GraniteMoE
 keeps its experts as 3-D parameters (gate and up halves of one [E, 2·inter, hidden] tensor) and takes softmax over
-the top-k logits, which is the renormalized top-k of the full softmax. Experts have no delta slots (the op takes stacked
-weights, not side branches): a delta that changes them is refused when it is loaded (runtime/delta.py).
+the top-k logits, which is the renormalized top-k of the full softmax. GPT-OSS's router has a bias, its 3-D experts
+have biases, and they clamp gate and up and compute (up + 1) · gate · sigmoid(1.702 · gate): the op's ``swiglu_limit``,
+``activation_alpha`` and ``activation_beta``. Experts have no delta slots for their weights (the op takes stacked
+weights, not side branches): a delta that changes them is refused when it is loaded (runtime/delta.py); GPT-OSS's
+router and expert biases get dense slots.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from edgepack.export.fused.builder import MS_DOMAIN
 from edgepack.export.fused.linear import ACCURACY_LEVEL, LinearEmitter
 from edgepack.runtime.errors import UnsupportedArchitecture
 
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "granitemoe", "granitemoeshared")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "granitemoe", "granitemoeshared", "gpt_oss")
+# experts held as 3-D parameters, not nn.Linear modules: a delta factorizes none of them, on either graph
+STACKED_EXPERT_TYPES = ("granitemoe", "granitemoeshared", "gpt_oss")
 
 
 def experts_of(config: Any) -> int:
@@ -59,7 +64,12 @@ def block_of(layer: Any) -> Any:
 
 
 def is_sparse(block: Any) -> bool:
-    return hasattr(block, "experts") and hasattr(block, "gate") or _parallel(block)
+    return hasattr(block, "experts") and hasattr(block, "gate") or _parallel(block) or _gpt_oss(block)
+
+
+def _gpt_oss(block: Any) -> bool:
+    """GPT-OSS's block: a router with a bias, and the experts as 3-D parameters with biases."""
+    return hasattr(block, "router") and hasattr(getattr(block, "experts", None), "gate_up_proj")
 
 
 def _parallel(block: Any) -> bool:
@@ -73,24 +83,35 @@ def moe_block(lin: LinearEmitter, x: str, block: Any, config: Any, name: str,
     (Qwen2-MoE's in the block, GraniteMoE-shared's ``shared_mlp`` in the layer; ``dense_mlp`` emits it as the
     model's other MLPs are emitted)."""
     b = lin.builder
-    gate = block.router.layer if _parallel(block) else block.gate
-    router = lin.delta(x, lin.float_weight(x, _array(gate.weight), f"{name}.router"), gate.in_features, [gate],
-                       f"{name}.router")
-    logits = b.op1("Reshape", [router, b.const([-1, gate.out_features])], f"{name}/router_rows")
-    if _parallel(block):
-        (gate_up, down), biases = _stacked_parameters(block), (None, None)
-    else:
-        projections = [_projections(e) for e in block.experts]
-        (gate_up, down), biases = _stacked(projections), _biases(projections)
     attrs = dict(k=int(config.num_experts_per_tok), activation_type="swiglu", swiglu_fusion=1,
                  activation_alpha=1.0, activation_beta=0.0,
                  normalize_routing_weights=int(bool(getattr(block, "norm_topk_prob", True))))
+    params = (None, None)  # the expert biases' parameters, where a delta may change them (dense slots)
+    if _gpt_oss(block):
+        router = _biased_router(lin, x, block.router, name)
+        (gate_up, down), biases = _stacked_gpt_oss(block.experts)
+        params = (block.experts.gate_up_proj_bias, block.experts.down_proj_bias)  # laid out as the op takes them
+        # its experts clamp gate and up to the limit and compute (up + 1) · gate · sigmoid(1.702 · gate)
+        attrs |= dict(activation_alpha=float(block.experts.alpha), activation_beta=1.0,
+                      swiglu_limit=float(block.experts.limit))
+    else:
+        gate = block.router.layer if _parallel(block) else block.gate
+        router = lin.delta(x, lin.float_weight(x, _array(gate.weight), f"{name}.router"), gate.in_features, [gate],
+                           f"{name}.router")
+        if _parallel(block):
+            (gate_up, down), biases = _stacked_parameters(block), (None, None)
+        else:
+            projections = [_projections(e) for e in block.experts]
+            (gate_up, down), biases = _stacked(projections), _biases(projections)
+    logits = b.op1("Reshape", [router, b.const([-1, gate_up.shape[0]])], f"{name}/router_rows")
+    bias_inputs = (_optional(lin, biases[0], f"{name}.gate_up", params[0]),
+                   _optional(lin, biases[1], f"{name}.down", params[1]))
     quantized = (lin.int4 or lin.int8) and gate_up.shape[2] % BLOCK == 0 and down.shape[2] % BLOCK == 0
     if quantized:
-        out = _qmoe(lin, x, logits, gate_up, down, biases, name, attrs, bits=4 if lin.int4 else 8)
+        out = _qmoe(lin, x, logits, gate_up, down, bias_inputs, name, attrs, bits=4 if lin.int4 else 8)
     else:
-        inputs = [x, logits, b.weight(f"{name}.experts.gate_up", gate_up), _optional(lin, biases[0], f"{name}.gate_up"),
-                  b.weight(f"{name}.experts.down", down), _optional(lin, biases[1], f"{name}.down")]
+        inputs = [x, logits, b.weight(f"{name}.experts.gate_up", gate_up), bias_inputs[0],
+                  b.weight(f"{name}.experts.down", down), bias_inputs[1]]
         out = b.op1("MoE", _trimmed(inputs), f"{name}/MoE", domain=MS_DOMAIN, **attrs)
     if shared_mlp is not None:  # GraniteMoE-shared: input_linear packs gate and up (gate first), as Phi-3's gate_up
         view = SimpleNamespace(gate_up_proj=shared_mlp.input_linear, down_proj=shared_mlp.output_linear)
@@ -107,7 +128,7 @@ def moe_block(lin: LinearEmitter, x: str, block: Any, config: Any, name: str,
 
 
 def _qmoe(lin: LinearEmitter, x: str, logits: str, gate_up: np.ndarray, down: np.ndarray,
-          biases: tuple[np.ndarray | None, np.ndarray | None], name: str, attrs: dict[str, Any], bits: int) -> str:
+          biases: tuple[str, str], name: str, attrs: dict[str, Any], bits: int) -> str:
     """QMoE over int4 (integer zero points) or int8 (symmetric, zero point 128 implied) blocks of 32."""
     b = lin.builder
     tensors = {}
@@ -117,8 +138,7 @@ def _qmoe(lin: LinearEmitter, x: str, logits: str, gate_up: np.ndarray, down: np
                          b.weight(f"{name}.experts.{kind}.scales", scales),
                          "" if zero_points is None else b.weight(f"{name}.experts.{kind}.zero_points", zero_points))
     (w1, s1, z1), (w2, s2, z2) = tensors["gate_up"], tensors["down"]
-    inputs = [x, logits, w1, s1, _optional(lin, biases[0], f"{name}.gate_up"), w2, s2,
-              _optional(lin, biases[1], f"{name}.down"), "", "", "", z1, z2]
+    inputs = [x, logits, w1, s1, biases[0], w2, s2, biases[1], "", "", "", z1, z2]
     return b.op1("QMoE", _trimmed(inputs), f"{name}/QMoE", domain=MS_DOMAIN, expert_weight_bits=bits,
                  block_size=BLOCK, accuracy_level=ACCURACY_LEVEL, **attrs)
 
@@ -156,6 +176,24 @@ def _stacked_parameters(block: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(gate_up), _array(block.output_linear.weight)
 
 
+def _biased_router(lin: LinearEmitter, x: str, router: Any, name: str) -> str:
+    """GPT-OSS's router logits x·Wᵀ + b in float32; W and b are parameters of its router module, not a linear layer,
+    so a delta's change of either is a dense slot."""
+    b = lin.builder
+    weight = lin.dense_delta(b.weight(f"{name}.router.weight", _array(router.weight)), router.weight)
+    logits = b.op1("FusedMatMul", [x, weight], f"{name}/router", domain=MS_DOMAIN, transB=1)
+    bias = lin.dense_delta(b.weight(f"{name}.router.bias", _array(router.bias)), router.bias)
+    return b.op1("Add", [logits, bias], f"{name}/router_bias")
+
+
+def _stacked_gpt_oss(experts: Any) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """GPT-OSS's 3-D experts: gate_up [E, hidden, 2·inter] with gate and up in alternate columns, down
+    [E, inter, hidden]; transposed, gate_up's rows alternate as the op wants."""
+    gate_up = np.ascontiguousarray(_array(experts.gate_up_proj).transpose(0, 2, 1))
+    down = np.ascontiguousarray(_array(experts.down_proj).transpose(0, 2, 1))
+    return (gate_up, down), (_array(experts.gate_up_proj_bias), _array(experts.down_proj_bias))
+
+
 def _biases(parts: list[tuple[Any, Any, Any]]) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Interleaved gate/up biases [E, 2·inter] and down biases [E, hidden], None where no expert has one."""
     gate_up = down = None
@@ -178,8 +216,12 @@ def _projections(expert: Any) -> tuple[Any, Any, Any]:
     return parts
 
 
-def _optional(lin: LinearEmitter, value: np.ndarray | None, name: str) -> str:
-    return "" if value is None else lin.builder.weight(f"{name}.bias", value)
+def _optional(lin: LinearEmitter, value: np.ndarray | None, name: str, param: Any = None) -> str:
+    """An optional bias input ("" without one), with a dense delta slot where ``param`` is its parameter."""
+    if value is None:
+        return ""
+    weight = lin.builder.weight(f"{name}.bias", value)
+    return weight if param is None else lin.dense_delta(weight, param)
 
 
 def _trimmed(inputs: list[str]) -> list[str]:

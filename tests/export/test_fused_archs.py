@@ -114,6 +114,14 @@ VARIANTS = {
                            "attn_config": {"softmax_scale": 0.2}}),
     "bloom": ("bloom", {}),
     "bloom-6heads": ("bloom", {"hidden_size": 96, "num_attention_heads": 6}),
+    # GPT-OSS: attention sinks, q/k/v/o biases, sliding and full layers, a biased router, 3-D experts with biases and
+    # a clamped (up + 1) · gate · sigmoid(1.702 · gate); YaRN's rotary
+    "gpt_oss": ("gpt_oss", {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 5,
+                            "layer_types": ["sliding_attention", "full_attention"]}),
+    "gpt_oss-yarn": ("gpt_oss", {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                 "layer_types": ["full_attention", "full_attention"],
+                                 "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                                  "beta_slow": 1.0, "original_max_position_embeddings": 32}}),
     "falcon-new": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "hidden_size": 128}),
     "falcon-mq": ("falcon", {"multi_query": True, "hidden_size": 128}),
     # Falcon-RW's ALiBi: BLOOM's slopes, slope · j rounded to bfloat16, added before the scores' scale; 12 heads, so
@@ -137,8 +145,8 @@ def make_model(model_type: str, seed: int = 0, **overrides):
     eager = {"attn_implementation": "eager"} if getattr(config, "attn_logit_softcapping", None) else {}
     model = AutoModelForCausalLM.from_config(config, **eager).eval()
     with torch.no_grad():  # decisive logits (as tiny.make_model), and norms / biases away from their init
-        for p in model.parameters():
-            if p.dim() == 2:
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not name.endswith("_bias"):  # GPT-OSS's expert biases are 2-D, and start at zero
                 p.mul_(4.0)
             else:
                 p.add_(0.2 * torch.randn_like(p))
@@ -228,7 +236,8 @@ def test_other_attention_kinds_are_refused_by_name():
                                      "gpt2", "opt", "falcon-new", "cohere", "gptj",
                                      "starcoder2", "exaone4", "ernie4_5", "vaultgemma", "glm4", "nemotron",
                                      "apertus", "hunyuan-bias", "helium", "arcee", "gpt_bigcode-mha", "gpt_neo",
-                                     "bitnet", "lfm2-bias", "codegen", "xglm", "mpt-6heads", "bloom-6heads"])
+                                     "bitnet", "lfm2-bias", "codegen", "xglm", "mpt-6heads", "bloom-6heads",
+                                     "gpt_oss"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -236,9 +245,11 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     from edgepack.toolchain.build import BuildConfig, build
     from edgepack.toolchain.delta.make import DeltaConfig, make
 
-    # the decoder blocks (GPT-2 and BLOOM call them h, MPT blocks)
+    # the decoder blocks (GPT-2 and BLOOM call them h, MPT blocks), but not a fused MoE's expert weights, which have no
+    # slots (GPT-OSS's expert biases have)
     blocks = ("layers.", ".h.", "blocks.")
-    save_finetuned(*VARIANTS[variant], tmp_path, lambda name: any(part in name for part in blocks))
+    save_finetuned(*VARIANTS[variant], tmp_path, lambda name: any(part in name for part in blocks) and (
+        ".experts." not in name or name.endswith("_bias")))
 
     build(BuildConfig(model=str(tmp_path / "base"), graph="auto", delta_slots=True, context=CONTEXT), tmp_path / "pkg")
     delta = make(str(tmp_path / "base"), str(tmp_path / "tuned"), DeltaConfig(method="truncsvd", rank=8))
@@ -252,8 +263,11 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
              "helium": "k_proj.bias", "arcee": "post_attention_layernorm.weight", "gpt_bigcode-mha": "c_attn.bias",
              "gpt_neo": "out_proj.bias", "bitnet": "ffn_sub_norm.weight",
              "lfm2-bias": "conv.conv.weight", "codegen": "fc_in.bias", "xglm": "fc1.bias",
-             "mpt-6heads": "norm_1.weight", "bloom-6heads": "query_key_value.bias"}.get(variant, "q_norm.weight")
+             "mpt-6heads": "norm_1.weight", "gpt_oss": "self_attn.sinks",
+             "bloom-6heads": "query_key_value.bias"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
+    if variant == "gpt_oss":
+        assert {"model.layers.1.mlp.experts.down_proj_bias", "model.layers.1.mlp.router.weight"} <= set(delta.dense)
     delta_file.write(delta, tmp_path / "d.safetensors")
     model = load(tmp_path / "pkg", delta=tmp_path / "d.safetensors")
     got = model.decoder.forward(PROMPTS[0], model.decoder.new_cache(), all_logits=True)

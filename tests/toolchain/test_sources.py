@@ -310,3 +310,46 @@ def test_checkpoint_missing_weights_is_refused(tiny_model_dir, tmp_path):
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelSourceError, match="1 weights of a llama model are not in the checkpoint"):
         sources.load(str(broken))
+
+
+def test_a_multimodal_gemma3_packages_its_language_model(tmp_path, capsys):
+    """Gemma 3 4B and up are multimodal checkpoints (a vision tower beside the language model): edgepack loads the
+    language model alone, says so, and the package (fused graph) gives the full model's logits on text."""
+    import numpy as np
+    import tiny_archs
+    import torch
+    from edgepack.runtime import load
+    from edgepack.toolchain.build import BuildConfig, build
+    from edgepack.toolchain.planner.plan import model_config
+
+    src = tiny_archs.save("gemma3", tmp_path / "src")
+    loaded = sources.load(str(src))
+    assert type(loaded.model).__name__ == "Gemma3ForCausalLM"
+    assert "packaging its language model ('gemma3_text') alone" in capsys.readouterr().err
+    assert model_config(str(src))["model_type"] == "gemma3_text"  # the planner lays out the same model
+    manifest = build(BuildConfig(model=str(src), context=64), tmp_path / "pkg")
+    assert manifest.plan["graph"] == "fused"
+    prompt = [5, 17, 33, 101, 7, 250, 3, 99, 12, 44]
+    decoder = load(tmp_path / "pkg").decoder
+    ours = decoder.forward(prompt, decoder.new_cache(), all_logits=True)
+    full = tiny_archs.make_model("gemma3")  # the multimodal model itself, vision tower and all
+    assert type(full).__name__ == "Gemma3ForConditionalGeneration"
+    with torch.no_grad():
+        want = full(torch.tensor([prompt])).logits[0].numpy()
+    np.testing.assert_allclose(ours, want, atol=1e-4)
+
+
+def test_a_multimodal_checkpoint_whose_language_model_does_not_load_is_refused(tmp_path):
+    # Llava keeps its language model under names LlamaForCausalLM does not read: refused, not filled in at random
+    import tiny
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    text = dict(model_type="llama", vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision,
+                                              image_token_index=tiny.VOCAB - 1)).save_pretrained(tmp_path)
+    tiny.make_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ModelSourceError, match="cannot package its text part yet"):
+        sources.load(str(tmp_path))

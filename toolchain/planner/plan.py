@@ -199,7 +199,13 @@ def model_config(spec: str) -> dict[str, Any]:
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         return load_gguf_checkpoint(str(Path(source.path) / source.gguf_file), return_tensors=False)["config"]
-    return json.loads((Path(source.path) / "config.json").read_text())
+    cfg = json.loads((Path(source.path) / "config.json").read_text())
+    if "text_config" in cfg:  # a multimodal checkpoint: what is packaged is its language model (sources.py)
+        from transformers import AutoConfig
+
+        text = sources.language_model_config(AutoConfig.for_model(**cfg), spec, quiet=True)
+        cfg = text.to_dict() | {"model_type": text.model_type}
+    return cfg
 
 
 def model_shape(spec: str) -> memory.ModelShape:
