@@ -52,10 +52,14 @@ def _torch_steps(model: Any, prompt: Sequence[int], decode_steps: int) -> tuple[
     with torch.inference_mode():
         out = model(torch.tensor([list(prompt)]), use_cache=True)
         logits = [out.logits[0].float().numpy()]
-        past, fed = out.past_key_values, []
+        past, fed = getattr(out, "past_key_values", None), []
         for _ in range(decode_steps):
             token = int(logits[-1][-1].argmax())
             fed.append(token)
+            if past is None:  # a model whose cache is not a KV cache (Mamba's): the whole sequence again
+                out = model(torch.tensor([[*prompt, *fed]]))
+                logits.append(out.logits[0, -1:].float().numpy())
+                continue
             out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
             past = out.past_key_values
             logits.append(out.logits[0].float().numpy())

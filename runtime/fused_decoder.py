@@ -35,7 +35,8 @@ from edgepack.runtime.pages import released_while
 GRAPH_NAME = "fused"
 CONTEXT_KEY = "edgepack.context_length"
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-_CONV = re.compile(r"^past_conv\.(\d+)$")  # LFM2's convolution states (export/fused/llama.py: _short_conv)
+# LFM2's and Mamba's convolution states and Mamba's SSM states (export/fused/mamba.py)
+_STATE = re.compile(r"^past_(conv|ssm)\.(\d+)$")
 _REQUIRED = ("input_ids", "seqlens_k", "total_sequence_length")
 LOGITS_KEEP = "logits_to_keep"  # optional input: logits of the last k positions only
 
@@ -52,17 +53,19 @@ class FusedKVCache(KVCache):
     binding: Any = None
     step: dict[str, np.ndarray] | None = None
     delta_version: int = -1  # the decoder's delta when ``binding`` was made (a switch rebuilds it)
-    # convolution states (LFM2), each bound as its layer's past and present: they hold the latest positions only
+    # convolution and SSM states (LFM2, Mamba), each bound as its layer's past and present: they hold the latest
+    # positions only, or a summary of all of them
     states: list[np.ndarray] = field(default_factory=list)
     state_values: list[ort.OrtValue] = field(default_factory=list)
+    room: int = 0  # the capacity of a cache without KV buffers (Mamba): the context
 
     @property
     def capacity(self) -> int:
-        return self.arrays[0].shape[2] if self.arrays else 0
+        return self.arrays[0].shape[2] if self.arrays else self.room
 
     def truncate(self, length: int) -> None:
         """Keep the first ``length`` positions: later ones are simply overwritten by the next steps. A convolution
-        state cannot go back to an earlier position, so with one the cache starts over (``length`` becomes 0)."""
+        or SSM state cannot go back to an earlier position, so with one the cache starts over (``length`` becomes 0)."""
         if length >= self.length:
             return
         if self.states:
@@ -92,20 +95,22 @@ class FusedDecoder:
         past = sorted((int(m.group(1)), m.group(2), n) for n in inputs if (m := _PAST.match(n)))
         self.past_names = [n for _, _, n in past]
         self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
-        if not self.past_names:
-            raise PackageError("the fused graph has no past_key_values inputs")
-        shape = inputs[self.past_names[0]].shape
-        if not (isinstance(shape[1], int) and isinstance(shape[3], int)):
-            raise PackageError(f"the fused graph's KV cache needs fixed head counts and sizes, got {shape}")
-        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        states = sorted((int(m.group(2)), m.group(1), n) for n in inputs if (m := _STATE.match(n)))
+        self.state_names = [n for _, _, n in states]
+        self.state_shapes = [tuple(int(d) for d in inputs[n].shape) for n in self.state_names]
+        if not self.past_names and not self.state_names:
+            raise PackageError("the fused graph has no past_key_values (or state) inputs")
+        self.kv_heads = self.head_dim = 0  # a model of state-space layers only (Mamba) has no KV cache
+        if self.past_names:
+            shape = inputs[self.past_names[0]].shape
+            if not (isinstance(shape[1], int) and isinstance(shape[3], int)):
+                raise PackageError(f"the fused graph's KV cache needs fixed head counts and sizes, got {shape}")
+            self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
         context = self.session.get_modelmeta().custom_metadata_map.get(CONTEXT_KEY)
         if context is None or not context.isdigit():
             raise PackageError(f"the fused graph does not record its context length ({CONTEXT_KEY})")
         self.context_length = int(context)
         self.num_layers = len(self.past_names) // 2
-        convs = sorted((int(m.group(1)), n) for n in inputs if (m := _CONV.match(n)))
-        self.state_names = [n for _, n in convs]
-        self.state_shapes = [tuple(int(d) for d in inputs[n].shape) for n in self.state_names]
         outputs = {o.name: o for o in self.session.get_outputs()}
         if "logits" not in outputs:
             raise PackageError("the fused graph has no 'logits' output")
@@ -122,6 +127,10 @@ class FusedDecoder:
 
     def _allocate(self, cache: FusedKVCache, capacity: int) -> None:
         """(Re)allocate the buffers with room for ``capacity`` positions, keeping the valid prefix."""
+        cache.room = capacity
+        if not self.past_names:
+            cache.arrays, cache.values = [], []
+            return
         shape = (1, self.kv_heads, capacity, self.head_dim)
         size = int(np.prod(shape))
         # An anonymous map is zero-filled and backed only where written (np.zeros may reuse heap pages
@@ -165,7 +174,7 @@ class FusedDecoder:
             binding.bind_ortvalue_output(present, value)
         for past, value in zip(self.state_names, cache.state_values):
             binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(past.replace("past_conv", "present_conv"), value)
+            binding.bind_ortvalue_output(past.replace("past_", "present_", 1), value)
 
     def _prefill(self, tokens: list[int], cache: FusedKVCache, total: int, keep: int) -> np.ndarray:
         binding = self.session.io_binding()

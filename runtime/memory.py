@@ -73,6 +73,10 @@ class ModelShape:
     # out, in) of each; when given it replaces ``layer_linears``.
     per_layer_linears: tuple[tuple[tuple[str, int, int], ...], ...] = ()
     kv_layers: int | None = None  # layers with a KV cache (LFM2: its attention layers only); None: all
+    # Mamba: the bytes of its layers' convolution and SSM states (held instead of a KV cache, whatever the context),
+    # and the SSM state size N, by which a prefill's per-channel scan inputs grow
+    state_bytes: int = 0
+    ssm_state: int = 0
 
     def __post_init__(self) -> None:  # from JSON the entries arrive as lists
         object.__setattr__(self, "layer_linears", tuple(tuple(e) for e in self.layer_linears))
@@ -212,8 +216,9 @@ class MemoryEstimate:
 
 
 def kv_cache_bytes(shape: ModelShape, context: int) -> int:
+    """The KV cache of ``context`` positions, plus a state-space model's fixed states."""
     layers = shape.layers if shape.kv_layers is None else shape.kv_layers
-    return 2 * layers * shape.kv_heads * shape.head_dim * context * F32
+    return 2 * layers * shape.kv_heads * shape.head_dim * context * F32 + shape.state_bytes
 
 
 def activation_bytes(shape: ModelShape, context: int, chunk: int, fused: bool = False) -> int:
@@ -222,6 +227,7 @@ def activation_bytes(shape: ModelShape, context: int, chunk: int, fused: bool = 
     logits = (1 if fused else chunk) * shape.vocab * F32
     attention = (1 if fused else ATTENTION_BUFFERS) * shape.heads * chunk * context * F32
     mlp = 3 * chunk * shape.intermediate * F32
+    mlp += 3 * chunk * shape.intermediate * shape.ssm_state * F32  # Mamba's decay, input and scan tensors
     hidden = 8 * chunk * shape.hidden * F32
     if fused:  # measured: GroupQueryAttention's scores do not grow the arena like the rest (README)
         return int(ARENA_FACTOR * (logits + mlp + hidden) + attention)

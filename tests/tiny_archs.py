@@ -125,6 +125,9 @@ ARCHS: dict[str, Callable[[], Any]] = {
     "bitnet": _cfg("BitNetConfig"),  # its unquantized form (plain nn.Linear)
     "lfm2": _cfg("Lfm2Config", layer_types=["conv", "full_attention"], norm_eps=1e-5),
     "phimoe": _cfg("PhimoeConfig", num_local_experts=4, num_experts_per_tok=2),
+    # state-space layers only: a convolution and a selective scan with their states, no attention, no MLP
+    "mamba": _plain("MambaConfig", hidden_size=64, state_size=8, num_hidden_layers=2, intermediate_size=128,
+                    conv_kernel=4),
     "gpt_oss": _cfg("GptOssConfig", head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
                     layer_types=["sliding_attention", "full_attention"],
                     rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,

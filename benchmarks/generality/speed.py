@@ -26,7 +26,7 @@ from common import folder_size, markdown_table, results_dir  # noqa: E402
 
 SHAPE = {"layers": 12, "hidden": 768, "heads": 12, "ffn": 3072}
 FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "falcon", "phi", "gptj", "cohere", "qwen3_moe", "gpt_bigcode",
-            "gpt_neo", "nemotron", "lfm2", "codegen", "bloom", "mpt", "xglm", "gpt_oss")
+            "gpt_neo", "nemotron", "lfm2", "codegen", "bloom", "mpt", "xglm", "gpt_oss", "mamba")
 GRAPHS = ("fused", "optimum")
 
 
@@ -83,6 +83,9 @@ def _config(family: str):
                                                      num_local_experts=8, num_experts_per_tok=2,
                                                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                                                      num_key_value_heads=4, head_dim=64, sliding_window=128, **ids),
+        # mamba-130m's layers (inner 1536, state 16, kernel 4), 12 of them (optimum cannot export it: fused only)
+        "mamba": lambda: transformers.MambaConfig(hidden_size=s["hidden"], num_hidden_layers=s["layers"], state_size=16,
+                                                  expand=2, conv_kernel=4, **ids),
         # ALiBi (BLOOM-560m's and MPT's position scheme); XGLM's sinusoidal positions
         "bloom": lambda: transformers.BloomConfig(hidden_size=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
                                                   **ids),

@@ -30,8 +30,9 @@ import numpy as np
 from edgepack.export.fused.activations import activate
 from edgepack.export.fused.alibi import alibi_bias
 from edgepack.export.fused.builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
-from edgepack.export.fused.family import Family, check_supported, family_of
+from edgepack.export.fused.family import STATE_SPACE_TYPES, Family, check_supported, family_of
 from edgepack.export.fused.linear import LinearEmitter, embed_8bit, head_8bit, is_joint, is_pairs, table_8bit
+from edgepack.export.fused.mamba import causal_conv, mamba_mixer
 from edgepack.export.fused.moe import block_of, is_sparse, moe_block
 from edgepack.export.fused.views import layout
 from edgepack.runtime.delta import DELTA_SLOTS_KEY  # JSON: each slot's inputs, input width, (module, width) parts
@@ -56,7 +57,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     check_supported(model.config)
     view = layout(model)
     model, cfg = view.model, view.model.config
-    family = family_of(cfg, head_dim(cfg))
+    family = family_of(cfg, 1 if cfg.model_type in STATE_SPACE_TYPES else head_dim(cfg))  # Mamba has no heads
     b = GraphBuilder("edgepack_fused_llama")
     ids = b.add_input("input_ids", INT64, [1, "sequence_length"])
     seqlens = b.add_input("seqlens_k", INT32, [1])
@@ -80,16 +81,19 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
     if getattr(model.model, "embed_norm", None) is not None:  # BLOOM norms the embedding
         hidden = norm.alone(hidden, model.model.embed_norm, "embed_norm")
     residual, pending = hidden, None  # pending: a block output not yet added to the residual
-    kv_shape = [1, cfg.num_key_value_heads, "capacity", head_dim(cfg)]
     post_norms = family.sandwich or not family.pre_norm  # a norm on each block's output (Gemma 2 / 3, OLMo 2)
     for i, layer in enumerate(model.model.layers):
         if family.pre_norm:
             x, residual = norm.add(pending, residual, layer.input_layernorm, f"layers.{i}.input_norm")
         else:
             x = residual = _added(b, residual, pending, f"layers.{i}/residual_in")
+        if getattr(layer, "mixer", None) is not None:  # Mamba: a state-space mixer, no MLP
+            pending = mamba_mixer(lin, x, layer.mixer, i)
+            continue
         if getattr(layer, "conv", None) is not None:  # LFM2's short convolution instead of attention
             attn = _short_conv(lin, x, layer.conv, i)
         else:
+            kv_shape = [1, cfg.num_key_value_heads, "capacity", head_dim(cfg)]
             past = [b.add_input(f"past_key_values.{i}.{kind}", FLOAT, kv_shape) for kind in ("key", "value")]
             cos, sin = rotary["local" if "local" in rotary and _window(cfg, i) > 0 else "global"] if rotary else (
                 "", "")
@@ -277,26 +281,15 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tu
 
 def _short_conv(lin: LinearEmitter, x: str, conv: Any, i: int) -> str:
     """LFM2's gated short convolution: B, C, h = in_proj(x); out_proj(C · conv(B · h)), the convolution causal and
-    per channel over the last L positions. Its state, the last L - 1 values of B · h, is the graph's input
-    ``past_conv.i`` and output ``present_conv.i`` [1, hidden, L - 1]: the runtime binds one buffer as both, as it
-    does the KV cache (the Concat that reads it runs before the Slice that writes it)."""
+    per channel over the last L positions, with its state of the last L - 1 values of B · h (``mamba.causal_conv``)."""
     b = lin.builder
     name = f"layers.{i}.conv"
-    hidden, width = int(conv.conv.weight.shape[0]), int(conv.conv.kernel_size[0])
+    hidden = int(conv.conv.weight.shape[0])
     projected = lin.delta(x, lin.module(x, conv.in_proj, f"{name}.in_proj"), _in_features(conv.in_proj),
                           [conv.in_proj], f"{name}.in_proj")
     gate_in, gate_out, h = b.op("Split", [projected, b.const([hidden] * 3)], f"{name}/split", 3, axis=-1)
     gated = b.op1("Transpose", [b.op1("Mul", [gate_in, h], f"{name}/gate_in")], f"{name}/channels", perm=[0, 2, 1])
-    past = b.add_input(f"past_conv.{i}", FLOAT, [1, hidden, width - 1])
-    window = b.op1("Concat", [past, gated], f"{name}/window", axis=2)
-    present = f"present_conv.{i}"
-    b.op_named("Slice", [window, b.const([1 - width]), b.const([2**62]), b.const([2])], [present], f"{name}/state")
-    b.outputs.append(_value_info(present, [1, hidden, width - 1]))
-    weight = lin.dense_delta(b.weight(f"{name}.weight", _array(conv.conv.weight)), conv.conv.weight)
-    inputs = [window, weight]
-    if conv.conv.bias is not None:
-        inputs.append(lin.dense_delta(b.weight(f"{name}.bias", _array(conv.conv.bias)), conv.conv.bias))
-    mixed = b.op1("Conv", inputs, f"{name}/conv", group=hidden, kernel_shape=[width])
+    mixed = causal_conv(lin, gated, conv.conv, i, name)
     y = b.op1("Mul", [b.op1("Transpose", [mixed], f"{name}/positions", perm=[0, 2, 1]), gate_out], f"{name}/gate_out")
     return lin.delta(y, lin.module(y, conv.out_proj, f"{name}.out_proj"), hidden, [conv.out_proj], f"{name}.out_proj")
 

@@ -358,6 +358,15 @@ def _alibi_slopes(config: Any) -> list[float]:
     return build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)[:, 0, 1].tolist()
 
 
+def _mamba(model: Any) -> Layout:
+    """Mamba: each layer one RMSNorm and a state-space mixer (``mamba.py``), no attention and no MLP."""
+    m = model.backbone
+    layers = [SimpleNamespace(input_layernorm=layer.norm, mixer=layer.mixer) for layer in m.layers]
+    inner = SimpleNamespace(embed_tokens=m.embeddings, embed_positions=None, layers=layers, norm=m.norm_f,
+                            rotary_emb=None)
+    return Layout(SimpleNamespace(config=model.config, model=inner, lm_head=model.lm_head), _names(model), {})
+
+
 def _linear_of(module: Any) -> Any:
     """An ``nn.Linear`` equal to a Conv1D (x·W + b, W [in, out]); other modules (a Linear, a factorized pair)
     unchanged."""
@@ -396,4 +405,5 @@ def _index(order: np.ndarray, device: Any) -> Any:
 
 _VIEWS = {"gpt2": _gpt2, "gpt_neox": _neox, "opt": _opt, "falcon": _falcon, "gptj": _gptj, "glm4": _glm4,
           "apertus": _apertus, "gpt_bigcode": _bigcode, "gpt_neo": _neo,
-          "lfm2": _lfm2, "codegen": _codegen, "xglm": _xglm, "mpt": _mpt, "bloom": _bloom}
+          "lfm2": _lfm2, "codegen": _codegen, "xglm": _xglm, "mpt": _mpt, "bloom": _bloom,
+          "mamba": _mamba}

@@ -122,6 +122,9 @@ VARIANTS = {
                                  "layer_types": ["full_attention", "full_attention"],
                                  "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
                                                   "beta_slow": 1.0, "original_max_position_embeddings": 32}}),
+    # Mamba: state-space layers only (a convolution and a selective scan with their states), no attention, no MLP
+    "mamba": ("mamba", {"state_size": 8, "conv_kernel": 4}),
+    "mamba-bias": ("mamba", {"state_size": 16, "conv_kernel": 3, "use_bias": True, "time_step_rank": 5}),
     "falcon-new": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "hidden_size": 128}),
     "falcon-mq": ("falcon", {"multi_query": True, "hidden_size": 128}),
     # Falcon-RW's ALiBi: BLOOM's slopes, slope · j rounded to bfloat16, added before the scores' scale; 12 heads, so
@@ -146,7 +149,8 @@ def make_model(model_type: str, seed: int = 0, **overrides):
     model = AutoModelForCausalLM.from_config(config, **eager).eval()
     with torch.no_grad():  # decisive logits (as tiny.make_model), and norms / biases away from their init
         for name, p in model.named_parameters():
-            if p.dim() == 2 and not name.endswith("_bias"):  # GPT-OSS's expert biases are 2-D, and start at zero
+            # GPT-OSS's expert biases are 2-D and start at zero; Mamba's A_log is a log of decay rates, not a matrix
+            if p.dim() == 2 and not name.endswith(("_bias", "A_log")):
                 p.mul_(4.0)
             else:
                 p.add_(0.2 * torch.randn_like(p))
@@ -237,7 +241,7 @@ def test_other_attention_kinds_are_refused_by_name():
                                      "starcoder2", "exaone4", "ernie4_5", "vaultgemma", "glm4", "nemotron",
                                      "apertus", "hunyuan-bias", "helium", "arcee", "gpt_bigcode-mha", "gpt_neo",
                                      "bitnet", "lfm2-bias", "codegen", "xglm", "mpt-6heads", "bloom-6heads",
-                                     "gpt_oss"])
+                                     "gpt_oss", "mamba-bias"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -263,7 +267,7 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
              "helium": "k_proj.bias", "arcee": "post_attention_layernorm.weight", "gpt_bigcode-mha": "c_attn.bias",
              "gpt_neo": "out_proj.bias", "bitnet": "ffn_sub_norm.weight",
              "lfm2-bias": "conv.conv.weight", "codegen": "fc_in.bias", "xglm": "fc1.bias",
-             "mpt-6heads": "norm_1.weight", "gpt_oss": "self_attn.sinks",
+             "mpt-6heads": "norm_1.weight", "gpt_oss": "self_attn.sinks", "mamba-bias": "mixer.A_log",
              "bloom-6heads": "query_key_value.bias"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     if variant == "gpt_oss":
@@ -310,7 +314,7 @@ def test_layouts_the_fused_graph_lacks_fall_back_by_name():
 
 
 @pytest.mark.parametrize("arch", ["gpt_neox-wide", "gpt2", "falcon", "gptj-wide", "cohere", "gpt_bigcode", "apertus",
-                                  "lfm2", "codegen-wide", "xglm", "mpt", "bloom"])
+                                  "lfm2", "codegen-wide", "xglm", "mpt", "bloom", "mamba"])
 def test_factorized_views_take_deltas(arch, tmp_path):
     """A ResSVD-compressed GPT-NeoX (its packed q/k/v factor pair reordered for GroupQueryAttention, the delta's
     rows reordered the same way at load) and GPT-2 (factor pairs where Conv1D layers were) in the fused graph."""

@@ -19,6 +19,7 @@ from edgepack.runtime.errors import UnsupportedArchitecture
 
 def from_config(cfg: dict[str, Any], spec: str) -> memory.ModelShape:
     """``cfg`` (a config.json or a GGUF's config) as a ModelShape with the architecture's own linear layers."""
+    from edgepack.export.fused.family import STATE_SPACE_TYPES
     from edgepack.toolchain import conv1d
     from edgepack.toolchain.ressvd import selection
     from edgepack.toolchain.ressvd.config import DEFAULT_TARGETS
@@ -37,20 +38,36 @@ def from_config(cfg: dict[str, Any], spec: str) -> memory.ModelShape:
                   for i, layer in enumerate(per_layer))
     # layers that differ (LFM2's convolution and attention layers) are listed one by one
     layers = () if uniform else tuple(tuple((name, *conv1d.dims(m)) for name, m in layer) for layer in per_layer)
-    heads = int(config.num_attention_heads)
+    heads = 0 if config.model_type in STATE_SPACE_TYPES else int(config.num_attention_heads)  # Mamba: no KV cache
     hidden = int(config.hidden_size)
     fixed = _fixed_linears(model, {id(m) for layer in per_layer for _, m in layer})
     widest = [(name, o, k) for layer in (layers or (templates,)) for name, o, k in layer]
     return memory.ModelShape(
         layers=len(per_layer), hidden=hidden, intermediate=_intermediate(widest, fixed, config), heads=heads,
-        kv_heads=_kv_heads(config, heads),
-        head_dim=int(getattr(config, "head_dim", None) or hidden // heads), vocab=int(config.vocab_size),
+        kv_heads=_kv_heads(config, heads) if heads else 0,
+        head_dim=int(getattr(config, "head_dim", None) or hidden // heads) if heads else 0,
+        vocab=int(config.vocab_size),
         tied=bool(cfg.get("tie_word_embeddings", True)), layer_linears=() if layers else tuple(templates),
-        fixed_linears=fixed, per_layer_linears=layers, kv_layers=_kv_layers(config, len(per_layer)))
+        fixed_linears=fixed, per_layer_linears=layers, kv_layers=_kv_layers(config, len(per_layer)),
+        **_states(config, len(per_layer)))
+
+
+def _states(config: Any, layers: int) -> dict[str, int]:
+    """A Mamba's per-layer convolution state (kernel - 1 positions) and SSM state (N per channel), in bytes."""
+    from edgepack.export.fused.family import STATE_SPACE_TYPES
+
+    if config.model_type not in STATE_SPACE_TYPES:
+        return {}
+    inner, state = int(config.intermediate_size), int(config.state_size)
+    return {"state_bytes": layers * inner * (int(config.conv_kernel) - 1 + state) * 4, "ssm_state": state}
 
 
 def _kv_layers(config: Any, layers: int) -> int | None:
     """Layers that keep a KV cache, where some keep none (LFM2's convolution layers); None: all of them."""
+    from edgepack.export.fused.family import STATE_SPACE_TYPES
+
+    if config.model_type in STATE_SPACE_TYPES:  # state-space layers only (Mamba)
+        return 0
     kinds = getattr(config, "layer_types", None)
     if not kinds:
         return None

@@ -1,0 +1,115 @@
+"""State-space layers in the fused graph: Mamba's selective-scan mixer, and the causal convolution with a state it
+shares with LFM2's short convolutions.
+
+A Mamba layer keeps two states instead of a KV cache: its convolution's last ``conv_kernel - 1`` inputs, graph input
+``past_conv.i`` / output ``present_conv.i`` [1, inner, kernel - 1], and the SSM state h, ``past_ssm.i`` /
+``present_ssm.i`` [1, inner, state]. The runtime binds one buffer as both past and present, as it does the KV cache
+(``runtime/fused_decoder.py``). Per position t, with Δ = softplus(dt_proj(dt)) and A = -exp(A_log):
+h ← exp(Δ·A) ⊙ h + (Δ·x) Bᵀ, y = h C + D ⊙ x, and the output is out_proj(y ⊙ silu(z)). The recurrence is one ONNX
+``Scan`` over this step's positions (one iteration when decoding), everything else is computed for all positions at
+once, in float32, as transformers' ``slow_forward`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from edgepack.export.fused.builder import FLOAT, GraphBuilder
+from edgepack.export.fused.linear import LinearEmitter
+from onnx import helper
+
+
+def causal_conv(lin: LinearEmitter, channels: str, conv: Any, i: int, name: str) -> str:
+    """``conv`` (a depthwise nn.Conv1d) over [1, C, S] ``channels`` after the layer's state of the previous
+    kernel - 1 positions (``past_conv.i``), which it updates (``present_conv.i``): the Concat that reads the state
+    runs before the Slice that writes it, so one buffer can be both. Returns [1, C, S]."""
+    b = lin.builder
+    width, kernel = int(conv.weight.shape[0]), int(conv.kernel_size[0])
+    past = b.add_input(f"past_conv.{i}", FLOAT, [1, width, kernel - 1])
+    window = b.op1("Concat", [past, channels], f"{name}/window", axis=2)
+    present = f"present_conv.{i}"
+    b.op_named("Slice", [window, b.const([1 - kernel]), b.const([2**62]), b.const([2])], [present], f"{name}/state")
+    b.outputs.append(helper.make_tensor_value_info(present, FLOAT, [1, width, kernel - 1]))
+    inputs = [window, lin.dense_delta(b.weight(f"{name}.weight", _array(conv.weight)), conv.weight)]
+    if conv.bias is not None:
+        inputs.append(lin.dense_delta(b.weight(f"{name}.bias", _array(conv.bias)), conv.bias))
+    return b.op1("Conv", inputs, f"{name}/conv", group=width, kernel_shape=[kernel])
+
+
+def mamba_mixer(lin: LinearEmitter, x: str, mixer: Any, i: int) -> str:
+    """Mamba's mixer on the normed [1, S, hidden] ``x``: in_proj, the causal convolution, the selective scan with
+    its state, the gate and out_proj."""
+    b = lin.builder
+    name = f"layers.{i}.mixer"
+    inner, state, rank = int(mixer.intermediate_size), int(mixer.ssm_state_size), int(mixer.time_step_rank)
+    projected = _linear(lin, x, mixer.in_proj, f"{name}.in_proj")
+    h, gate = b.op("Split", [projected, b.const([inner, inner])], f"{name}/split", 2, axis=-1)
+    channels = b.op1("Transpose", [h], f"{name}/channels", perm=[0, 2, 1])
+    conv = causal_conv(lin, channels, mixer.conv1d, i, f"{name}.conv1d")
+    h = _silu(b, b.op1("Transpose", [conv], f"{name}/positions", perm=[0, 2, 1]), f"{name}/conv_act")  # [1, S, I]
+    params = _linear(lin, h, mixer.x_proj, f"{name}.x_proj")
+    dt, B, C = b.op("Split", [params, b.const([rank, state, state])], f"{name}/ssm_params", 3, axis=-1)
+    delta = b.op1("Softplus", [_linear(lin, dt, mixer.dt_proj, f"{name}.dt_proj")], f"{name}/softplus")  # [1, S, I]
+    a_log = lin.dense_delta(b.weight(f"{name}.A_log", _array(mixer.A_log)), mixer.A_log)
+    A = b.op1("Neg", [b.op1("Exp", [a_log], f"{name}/exp_a")], f"{name}/A")  # [I, N]
+    column = b.const([1, -1, inner, 1])
+    delta_col = b.op1("Reshape", [delta, column], f"{name}/delta_col")  # [1, S, I, 1]
+    decay = b.op1("Exp", [b.op1("Mul", [delta_col, A], f"{name}/delta_a")], f"{name}/decay")  # [1, S, I, N]
+    dx = b.op1("Reshape", [b.op1("Mul", [delta, h], f"{name}/delta_x"), column], f"{name}/dx_col")
+    rows = b.const([1, -1, 1, state])
+    inject = b.op1("Mul", [dx, b.op1("Reshape", [B, rows], f"{name}/b_rows")], f"{name}/inject")  # [1, S, I, N]
+    readout = b.op1("Reshape", [C, b.const([1, -1, state, 1])], f"{name}/c_cols")  # [1, S, N, 1]
+    y = _scan(b, decay, inject, readout, (inner, state), i, name)  # [S, I, 1]
+    y = b.op1("Reshape", [y, b.const([1, -1, inner])], f"{name}/y")
+    d = lin.dense_delta(b.weight(f"{name}.D", _array(mixer.D)), mixer.D)
+    y = b.op1("Add", [y, b.op1("Mul", [h, d], f"{name}/skip")], f"{name}/with_skip")
+    y = b.op1("Mul", [y, _silu(b, gate, f"{name}/gate_act")], f"{name}/gated")
+    return _linear(lin, y, mixer.out_proj, f"{name}.out_proj")
+
+
+def _scan(b: GraphBuilder, decay: str, inject: str, readout: str, dims: tuple[int, int], i: int, name: str) -> str:
+    """h ← decay_t ⊙ h + inject_t and y_t = h · readout_t for each position t, from ``past_ssm.i``; the final h
+    is ``present_ssm.i``. Returns the stacked y [S, inner, 1]."""
+    inner, state = dims
+    past = b.add_input(f"past_ssm.{i}", FLOAT, [1, inner, state])
+    start = b.op1("Reshape", [past, b.const([inner, state])], f"{name}/ssm_start")
+    body = helper.make_graph(
+        [helper.make_node("Mul", ["decay_t", "h_in"], ["kept"]),
+         helper.make_node("Add", ["kept", "inject_t"], ["h_out"]),
+         helper.make_node("MatMul", ["h_out", "readout_t"], ["y_t"])],
+        f"{name}_scan_step",
+        [helper.make_tensor_value_info("h_in", FLOAT, [inner, state]),
+         helper.make_tensor_value_info("decay_t", FLOAT, [inner, state]),
+         helper.make_tensor_value_info("inject_t", FLOAT, [inner, state]),
+         helper.make_tensor_value_info("readout_t", FLOAT, [state, 1])],
+        [helper.make_tensor_value_info("h_out", FLOAT, [inner, state]),
+         helper.make_tensor_value_info("y_t", FLOAT, [inner, 1])])
+    final, ys = b.op("Scan", [start, _squeezed(b, decay, name), _squeezed(b, inject, name),
+                              _squeezed(b, readout, name)], f"{name}/scan", 2, body=body, num_scan_inputs=3)
+    present = f"present_ssm.{i}"
+    b.op_named("Reshape", [final, b.const([1, inner, state])], [present], f"{name}/ssm_state")
+    b.outputs.append(helper.make_tensor_value_info(present, FLOAT, [1, inner, state]))
+    return ys
+
+
+def _squeezed(b: GraphBuilder, x: str, name: str) -> str:
+    """[1, S, ...] → [S, ...]: Scan iterates over the first axis."""
+    return b.op1("Squeeze", [x, b.const([0])], f"{name}/{x.rsplit('/', 1)[-1]}_seq")
+
+
+def _linear(lin: LinearEmitter, x: str, module: Any, name: str) -> str:
+    """A linear layer of the mixer with its delta side branch."""
+    return lin.delta(x, lin.module(x, module, name), _in_features(module), [module], name)
+
+
+def _silu(b: GraphBuilder, x: str, name: str) -> str:
+    return b.op1("Mul", [x, b.op1("Sigmoid", [x], f"{name}/sigmoid")], name)
+
+
+def _in_features(module: Any) -> int:
+    return int(module[0].in_features if hasattr(module, "__getitem__") else module.in_features)
+
+
+def _array(t: Any) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
