@@ -128,6 +128,17 @@ ARCHS: dict[str, Callable[[], Any]] = {
     # state-space layers only: a convolution and a selective scan with their states, no attention, no MLP
     "mamba": _plain("MambaConfig", hidden_size=64, state_size=8, num_hidden_layers=2, intermediate_size=128,
                     conv_kernel=4),
+    # Granite 4's hybrids (granite-4.0-h-*): Mamba 2 layers around an attention layer without rotary, a shared MLP
+    # alone (the dense 350M / 1B) or beside 4 experts (micro, tiny)
+    "granitemoehybrid": _cfg("GraniteMoeHybridConfig", num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
+                             num_local_experts=0, shared_intermediate_size=128, mamba_n_heads=8, mamba_d_head=16,
+                             mamba_d_state=8, mamba_expand=2, mamba_d_conv=4),
+    "granitemoehybrid-moe": _cfg("GraniteMoeHybridConfig", num_hidden_layers=3,
+                                 layer_types=["mamba", "attention", "mamba"], num_local_experts=4,
+                                 num_experts_per_tok=2, intermediate_size=32, shared_intermediate_size=64,
+                                 mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8, mamba_expand=2,
+                                 mamba_d_conv=4, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                 logits_scaling=2.0),
     "gpt_oss": _cfg("GptOssConfig", head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
                     layer_types=["sliding_attention", "full_attention"],
                     rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,

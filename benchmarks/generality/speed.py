@@ -26,7 +26,7 @@ from common import folder_size, markdown_table, results_dir  # noqa: E402
 
 SHAPE = {"layers": 12, "hidden": 768, "heads": 12, "ffn": 3072}
 FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "falcon", "phi", "gptj", "cohere", "qwen3_moe", "gpt_bigcode",
-            "gpt_neo", "nemotron", "lfm2", "codegen", "bloom", "mpt", "xglm", "gpt_oss", "mamba")
+            "gpt_neo", "nemotron", "lfm2", "codegen", "bloom", "mpt", "xglm", "gpt_oss", "mamba", "granitemoehybrid")
 GRAPHS = ("fused", "optimum")
 
 
@@ -86,6 +86,13 @@ def _config(family: str):
         # mamba-130m's layers (inner 1536, state 16, kernel 4), 12 of them (optimum cannot export it: fused only)
         "mamba": lambda: transformers.MambaConfig(hidden_size=s["hidden"], num_hidden_layers=s["layers"], state_size=16,
                                                   expand=2, conv_kernel=4, **ids),
+        # granite-4.0-h-1b's pattern at this size: Mamba 2 layers (24 heads of 64, state 128) with attention in one of
+        # every four, a dense shared MLP (fused only: optimum cannot export it)
+        "granitemoehybrid": lambda: transformers.GraniteMoeHybridConfig(
+            hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+            num_key_value_heads=4, num_local_experts=0, shared_intermediate_size=s["ffn"], mamba_n_heads=24,
+            mamba_d_head=64, mamba_d_state=128, mamba_expand=2, mamba_d_conv=4,
+            layer_types=["attention" if i % 4 == 3 else "mamba" for i in range(s["layers"])], **ids),
         # ALiBi (BLOOM-560m's and MPT's position scheme); XGLM's sinusoidal positions
         "bloom": lambda: transformers.BloomConfig(hidden_size=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
                                                   **ids),

@@ -32,7 +32,7 @@ from edgepack.export.fused.alibi import alibi_bias
 from edgepack.export.fused.builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
 from edgepack.export.fused.family import STATE_SPACE_TYPES, Family, check_supported, family_of
 from edgepack.export.fused.linear import LinearEmitter, embed_8bit, head_8bit, is_joint, is_pairs, table_8bit
-from edgepack.export.fused.mamba import causal_conv, mamba_mixer
+from edgepack.export.fused.mamba import causal_conv, mamba2_mixer, mamba_mixer
 from edgepack.export.fused.moe import block_of, is_sparse, moe_block
 from edgepack.export.fused.views import layout
 from edgepack.runtime.delta import DELTA_SLOTS_KEY  # JSON: each slot's inputs, input width, (module, width) parts
@@ -92,6 +92,8 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
             continue
         if getattr(layer, "conv", None) is not None:  # LFM2's short convolution instead of attention
             attn = _short_conv(lin, x, layer.conv, i)
+        elif getattr(layer, "mamba", None) is not None:  # Granite 4's hybrids: a Mamba 2 mixer instead
+            attn = mamba2_mixer(lin, x, layer.mamba, i)
         else:
             kv_shape = [1, cfg.num_key_value_heads, "capacity", head_dim(cfg)]
             past = [b.add_input(f"past_key_values.{i}.{kind}", FLOAT, kv_shape) for kind in ("key", "value")]

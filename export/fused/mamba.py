@@ -1,5 +1,5 @@
-"""State-space layers in the fused graph: Mamba's selective-scan mixer, and the causal convolution with a state it
-shares with LFM2's short convolutions.
+"""State-space layers in the fused graph: Mamba's and Mamba 2's selective-scan mixers, and the causal convolution with
+a state they share with LFM2's short convolutions.
 
 A Mamba layer keeps two states instead of a KV cache: its convolution's last ``conv_kernel - 1`` inputs, graph input
 ``past_conv.i`` / output ``present_conv.i`` [1, inner, kernel - 1], and the SSM state h, ``past_ssm.i`` /
@@ -68,28 +68,82 @@ def mamba_mixer(lin: LinearEmitter, x: str, mixer: Any, i: int) -> str:
     return _linear(lin, y, mixer.out_proj, f"{name}.out_proj")
 
 
-def _scan(b: GraphBuilder, decay: str, inject: str, readout: str, dims: tuple[int, int], i: int, name: str) -> str:
-    """h ← decay_t ⊙ h + inject_t and y_t = h · readout_t for each position t, from ``past_ssm.i``; the final h
-    is ``present_ssm.i``. Returns the stacked y [S, inner, 1]."""
-    inner, state = dims
-    past = b.add_input(f"past_ssm.{i}", FLOAT, [1, inner, state])
-    start = b.op1("Reshape", [past, b.const([inner, state])], f"{name}/ssm_start")
+def mamba2_mixer(lin: LinearEmitter, x: str, mixer: Any, i: int) -> str:
+    """Mamba 2's mixer (Granite 4's hybrid layers) on the normed [1, S, hidden] ``x``: in_proj to the gate z, x·B·C
+    and one Δ per head; the causal convolution of x·B·C; per head (B and C shared by the heads of a group, A and D one
+    number a head) the scan of an SSM state [heads, head_dim, N]; y ⊙ silu(z) RMS-normed, then out_proj."""
+    b = lin.builder
+    name = f"layers.{i}.mamba"
+    heads, dim, state = int(mixer.num_heads), int(mixer.head_dim), int(mixer.ssm_state_size)
+    inner, groups = int(mixer.intermediate_size), int(mixer.n_groups)
+    width = groups * state
+    projected = _linear(lin, x, mixer.in_proj, f"{name}.in_proj")
+    gate, xbc, dt = b.op("Split", [projected, b.const([inner, inner + 2 * width, heads])], f"{name}/split", 3,
+                         axis=-1)
+    conv = causal_conv(lin, b.op1("Transpose", [xbc], f"{name}/channels", perm=[0, 2, 1]), mixer.conv1d, i,
+                       f"{name}.conv1d")
+    xbc = _silu(b, b.op1("Transpose", [conv], f"{name}/positions", perm=[0, 2, 1]), f"{name}/conv_act")
+    h, B, C = b.op("Split", [xbc, b.const([inner, width, width])], f"{name}/xbc", 3, axis=-1)
+    dt_bias = lin.dense_delta(b.weight(f"{name}.dt_bias", _array(mixer.dt_bias)), mixer.dt_bias)
+    delta = b.op1("Softplus", [b.op1("Add", [dt, dt_bias], f"{name}/dt_biased")], f"{name}/softplus")  # [1, S, H]
+    low, high = (float(v) for v in mixer.time_step_limit)
+    if low > 0.0 or high < float("inf"):
+        delta = b.op1("Clip", [delta, b.const(np.float32(low), np.float32), b.const(np.float32(high), np.float32)],
+                      f"{name}/dt_limit")
+    a_log = lin.dense_delta(b.weight(f"{name}.A_log", _array(mixer.A_log)), mixer.A_log)
+    A = b.op1("Neg", [b.op1("Exp", [a_log], f"{name}/exp_a")], f"{name}/A")  # [H]
+    decay = b.op1("Exp", [b.op1("Mul", [delta, A], f"{name}/delta_a")], f"{name}/decay")  # [1, S, H]
+    decay = b.op1("Reshape", [decay, b.const([1, -1, heads, 1, 1])], f"{name}/decay_heads")
+    per_head = b.op1("Reshape", [h, b.const([1, -1, heads, dim])], f"{name}/x_heads")  # [1, S, H, P]
+    dx = b.op1("Mul", [per_head, b.op1("Reshape", [delta, b.const([1, -1, heads, 1])], f"{name}/delta_heads")],
+               f"{name}/delta_x")
+    dx = b.op1("Reshape", [dx, b.const([1, -1, heads, dim, 1])], f"{name}/dx_col")
+    B = _per_head(b, B, (groups, heads, state), f"{name}/b")  # [1, S, H, N]
+    inject = b.op1("Mul", [dx, b.op1("Reshape", [B, b.const([1, -1, heads, 1, state])], f"{name}/b_rows")],
+                   f"{name}/inject")  # [1, S, H, P, N]
+    C = _per_head(b, C, (groups, heads, state), f"{name}/c")
+    readout = b.op1("Reshape", [C, b.const([1, -1, heads, state, 1])], f"{name}/c_cols")
+    y = _scan(b, decay, inject, readout, (heads, dim, state), i, name)  # [S, H, P, 1]
+    d = lin.dense_delta(b.weight(f"{name}.D", _array(mixer.D)), mixer.D)
+    skip = b.op1("Mul", [per_head, b.op1("Reshape", [d, b.const([heads, 1])], f"{name}/d_heads")], f"{name}/skip")
+    y = b.op1("Add", [b.op1("Reshape", [y, b.const([1, -1, heads, dim])], f"{name}/y_heads"), skip],
+              f"{name}/with_skip")
+    y = b.op1("Mul", [b.op1("Reshape", [y, b.const([1, -1, inner])], f"{name}/y"), _silu(b, gate, f"{name}/gate_act")],
+              f"{name}/gated")
+    weight = lin.dense_delta(b.weight(f"{name}.norm.weight", _array(mixer.norm.weight)), mixer.norm.weight)
+    normed = b.unique(f"{name}/normed")
+    b.op_named("SimplifiedLayerNormalization", [y, weight], [normed], f"{name}.norm", axis=-1,
+               epsilon=float(mixer.norm.variance_epsilon), stash_type=1)
+    return _linear(lin, normed, mixer.out_proj, f"{name}.out_proj")
+
+
+def _per_head(b: GraphBuilder, x: str, dims: tuple[int, int, int], name: str) -> str:
+    """[1, S, groups·N] → [1, S, heads, N], each group's N values repeated for its heads (in order)."""
+    groups, heads, state = dims
+    grouped = b.op1("Reshape", [x, b.const([1, -1, groups, 1, state])], f"{name}_groups")
+    steps = b.op1("Shape", [x], f"{name}_steps", start=1, end=2)
+    shape = b.op1("Concat", [b.const([1]), steps, b.const([groups, heads // groups, state])], f"{name}_shape", axis=0)
+    return b.op1("Reshape", [b.op1("Expand", [grouped, shape], f"{name}_repeat"), b.const([1, -1, heads, state])],
+                 f"{name}_heads")
+
+
+def _scan(b: GraphBuilder, decay: str, inject: str, readout: str, dims: tuple[int, ...], i: int, name: str) -> str:
+    """h ← decay_t ⊙ h + inject_t and y_t = h · readout_t for each position t, from ``past_ssm.i`` (the state of
+    shape ``dims``); the final h is ``present_ssm.i``. Returns the stacked y [S, ..., 1]."""
+    past = b.add_input(f"past_ssm.{i}", FLOAT, [1, *dims])
+    start = b.op1("Reshape", [past, b.const(list(dims))], f"{name}/ssm_start")
     body = helper.make_graph(
         [helper.make_node("Mul", ["decay_t", "h_in"], ["kept"]),
          helper.make_node("Add", ["kept", "inject_t"], ["h_out"]),
          helper.make_node("MatMul", ["h_out", "readout_t"], ["y_t"])],
         f"{name}_scan_step",
-        [helper.make_tensor_value_info("h_in", FLOAT, [inner, state]),
-         helper.make_tensor_value_info("decay_t", FLOAT, [inner, state]),
-         helper.make_tensor_value_info("inject_t", FLOAT, [inner, state]),
-         helper.make_tensor_value_info("readout_t", FLOAT, [state, 1])],
-        [helper.make_tensor_value_info("h_out", FLOAT, [inner, state]),
-         helper.make_tensor_value_info("y_t", FLOAT, [inner, 1])])
+        [helper.make_tensor_value_info(n, FLOAT, None) for n in ("h_in", "decay_t", "inject_t", "readout_t")],
+        [helper.make_tensor_value_info(n, FLOAT, None) for n in ("h_out", "y_t")])
     final, ys = b.op("Scan", [start, _squeezed(b, decay, name), _squeezed(b, inject, name),
                               _squeezed(b, readout, name)], f"{name}/scan", 2, body=body, num_scan_inputs=3)
     present = f"present_ssm.{i}"
-    b.op_named("Reshape", [final, b.const([1, inner, state])], [present], f"{name}/ssm_state")
-    b.outputs.append(helper.make_tensor_value_info(present, FLOAT, [1, inner, state]))
+    b.op_named("Reshape", [final, b.const([1, *dims])], [present], f"{name}/ssm_state")
+    b.outputs.append(helper.make_tensor_value_info(present, FLOAT, [1, *dims]))
     return ys
 
 

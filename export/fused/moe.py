@@ -32,7 +32,7 @@ from edgepack.runtime.errors import UnsupportedArchitecture
 
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "granitemoe", "granitemoeshared", "gpt_oss")
 # experts held as 3-D parameters, not nn.Linear modules: a delta factorizes none of them, on either graph
-STACKED_EXPERT_TYPES = ("granitemoe", "granitemoeshared", "gpt_oss")
+STACKED_EXPERT_TYPES = ("granitemoe", "granitemoeshared", "granitemoehybrid", "gpt_oss")
 
 
 def experts_of(config: Any) -> int:

@@ -1,5 +1,5 @@
-"""GPT-2, GPT-NeoX, OPT, Falcon, GPT-J, GLM 4, Apertus, GPT-BigCode, GPT-Neo, CodeGen, LFM2, XGLM, MPT and BLOOM seen
-through the Llama layout's names, so the fused graph (``llama.py``) builds them too.
+"""GPT-2, GPT-NeoX, OPT, Falcon, GPT-J, GLM 4, Apertus, GPT-BigCode, GPT-Neo, CodeGen, LFM2, XGLM, MPT, BLOOM, Mamba
+and Granite 4's hybrids seen through the Llama layout's names, so the fused graph (``llama.py``) builds them too.
 
 The graph reads ``model.model.{embed_tokens, layers, norm, rotary_emb}``, each layer's two norms, ``self_attn`` and
 ``mlp``, and ``model.lm_head``. GPT-2 and GPT-NeoX hold the same parts under other names, and two in another form.
@@ -367,6 +367,22 @@ def _mamba(model: Any) -> Layout:
     return Layout(SimpleNamespace(config=model.config, model=inner, lm_head=model.lm_head), _names(model), {})
 
 
+def _granite_hybrid(model: Any) -> Layout:
+    """Granite 4's hybrids: Granite's layers with a Mamba 2 mixer (``mamba``) in place of attention in most of them,
+    and its shared MLP (input_linear packs gate and up) beside the experts, or alone in the dense models."""
+    def parts(layer: Any) -> dict[str, Any]:
+        mixer = {"mamba": layer.mamba} if layer.mamba is not None else {"self_attn": layer.self_attn}
+        shared = layer.shared_mlp
+        if getattr(layer, "block_sparse_moe", None) is not None:
+            return {**mixer, "mlp": layer.block_sparse_moe, "shared_mlp": shared}
+        return {**mixer, "mlp": SimpleNamespace(gate_up_proj=shared.input_linear, down_proj=shared.output_linear)}
+
+    layers = [SimpleNamespace(input_layernorm=layer.input_layernorm,
+                              post_attention_layernorm=layer.post_attention_layernorm, **parts(layer))
+              for layer in model.model.layers]
+    return _relaid(model, layers)
+
+
 def _linear_of(module: Any) -> Any:
     """An ``nn.Linear`` equal to a Conv1D (x·W + b, W [in, out]); other modules (a Linear, a factorized pair)
     unchanged."""
@@ -406,4 +422,4 @@ def _index(order: np.ndarray, device: Any) -> Any:
 _VIEWS = {"gpt2": _gpt2, "gpt_neox": _neox, "opt": _opt, "falcon": _falcon, "gptj": _gptj, "glm4": _glm4,
           "apertus": _apertus, "gpt_bigcode": _bigcode, "gpt_neo": _neo,
           "lfm2": _lfm2, "codegen": _codegen, "xglm": _xglm, "mpt": _mpt, "bloom": _bloom,
-          "mamba": _mamba}
+          "mamba": _mamba, "granitemoehybrid": _granite_hybrid}

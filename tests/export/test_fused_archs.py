@@ -125,6 +125,20 @@ VARIANTS = {
     # Mamba: state-space layers only (a convolution and a selective scan with their states), no attention, no MLP
     "mamba": ("mamba", {"state_size": 8, "conv_kernel": 4}),
     "mamba-bias": ("mamba", {"state_size": 16, "conv_kernel": 3, "use_bias": True, "time_step_rank": 5}),
+    # Granite 4's hybrids: Mamba 2 layers (per-head A and D, B and C shared by groups of heads, a gated RMSNorm) around
+    # an attention layer without rotary; a shared MLP alone, or beside experts; Granite's multipliers
+    "granitemoehybrid": ("granitemoehybrid", {"num_hidden_layers": 3, "layer_types": ["mamba", "attention", "mamba"],
+                                              "num_local_experts": 0, "shared_intermediate_size": 128,
+                                              "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 8,
+                                              "mamba_expand": 2, "mamba_d_conv": 4, "residual_multiplier": 0.5}),
+    "granitemoehybrid-moe": ("granitemoehybrid", {"num_hidden_layers": 3,
+                                                  "layer_types": ["mamba", "attention", "mamba"],
+                                                  "num_local_experts": 4, "num_experts_per_tok": 2,
+                                                  "intermediate_size": 32, "shared_intermediate_size": 64,
+                                                  "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 2,
+                                                  "mamba_d_state": 8, "mamba_expand": 2, "mamba_d_conv": 4,
+                                                  "embedding_multiplier": 2.0, "logits_scaling": 2.0,
+                                                  "attention_multiplier": 0.2}),
     "falcon-new": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "hidden_size": 128}),
     "falcon-mq": ("falcon", {"multi_query": True, "hidden_size": 128}),
     # Falcon-RW's ALiBi: BLOOM's slopes, slope · j rounded to bfloat16, added before the scores' scale; 12 heads, so
@@ -241,7 +255,7 @@ def test_other_attention_kinds_are_refused_by_name():
                                      "starcoder2", "exaone4", "ernie4_5", "vaultgemma", "glm4", "nemotron",
                                      "apertus", "hunyuan-bias", "helium", "arcee", "gpt_bigcode-mha", "gpt_neo",
                                      "bitnet", "lfm2-bias", "codegen", "xglm", "mpt-6heads", "bloom-6heads",
-                                     "gpt_oss", "mamba-bias"])
+                                     "gpt_oss", "mamba-bias", "granitemoehybrid"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -268,6 +282,7 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
              "gpt_neo": "out_proj.bias", "bitnet": "ffn_sub_norm.weight",
              "lfm2-bias": "conv.conv.weight", "codegen": "fc_in.bias", "xglm": "fc1.bias",
              "mpt-6heads": "norm_1.weight", "gpt_oss": "self_attn.sinks", "mamba-bias": "mixer.A_log",
+             "granitemoehybrid": "mamba.dt_bias",
              "bloom-6heads": "query_key_value.bias"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     if variant == "gpt_oss":
@@ -314,7 +329,7 @@ def test_layouts_the_fused_graph_lacks_fall_back_by_name():
 
 
 @pytest.mark.parametrize("arch", ["gpt_neox-wide", "gpt2", "falcon", "gptj-wide", "cohere", "gpt_bigcode", "apertus",
-                                  "lfm2", "codegen-wide", "xglm", "mpt", "bloom", "mamba"])
+                                  "lfm2", "codegen-wide", "xglm", "mpt", "bloom", "mamba", "granitemoehybrid-moe"])
 def test_factorized_views_take_deltas(arch, tmp_path):
     """A ResSVD-compressed GPT-NeoX (its packed q/k/v factor pair reordered for GroupQueryAttention, the delta's
     rows reordered the same way at load) and GPT-2 (factor pairs where Conv1D layers were) in the fused graph."""

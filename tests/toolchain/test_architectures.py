@@ -274,3 +274,21 @@ def test_lfm2_is_planned_layer_by_layer_with_a_kv_cache_for_its_attention_layers
     assert shape.fixed_linears == ()  # the convolution's 3-D weight is not an expert stack
     assert memory.kv_cache_bytes(shape, 100) == 2 * shape.kv_heads * shape.head_dim * 100 * 4
     assert memory.ModelShape(**json.loads(json.dumps(shape.to_dict()))) == shape  # as a manifest records it
+
+
+@pytest.mark.parametrize("arch", ["mamba", "granitemoehybrid"])
+def test_state_space_layers_are_planned_with_their_states_not_a_kv_cache(models, arch):
+    # Mamba keeps no KV cache at all, Granite 4's hybrid one for its attention layer; both hold their Mamba layers'
+    # convolution and SSM states whatever the context
+    from edgepack.runtime import memory
+    from edgepack.toolchain.planner.plan import model_shape
+
+    shape = model_shape(str(models(arch)))
+    layers, attention = (2, 0) if arch == "mamba" else (2, 1)
+    assert shape.kv_layers == attention
+    inner, state, conv = (128, 8, 128) if arch == "mamba" else (128, 8, 128 + 2 * 8)
+    assert shape.state_bytes == layers * (conv * 3 + inner * state) * 4 and shape.ssm_state == state
+    kv = 2 * attention * shape.kv_heads * shape.head_dim * 100 * 4
+    assert memory.kv_cache_bytes(shape, 100) == kv + shape.state_bytes
+    assert any(name.endswith(("mixer.in_proj", "mamba.in_proj")) for name, _, _ in shape.linears()[0])
+    assert memory.ModelShape(**json.loads(json.dumps(shape.to_dict()))) == shape

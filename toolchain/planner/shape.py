@@ -53,13 +53,21 @@ def from_config(cfg: dict[str, Any], spec: str) -> memory.ModelShape:
 
 
 def _states(config: Any, layers: int) -> dict[str, int]:
-    """A Mamba's per-layer convolution state (kernel - 1 positions) and SSM state (N per channel), in bytes."""
+    """The bytes of the Mamba layers' convolution states (kernel - 1 positions of the convolved channels) and SSM
+    states (N per channel), and N: Mamba's, and Granite 4's Mamba 2 layers'."""
     from edgepack.export.fused.family import STATE_SPACE_TYPES
 
-    if config.model_type not in STATE_SPACE_TYPES:
+    if config.model_type in STATE_SPACE_TYPES:
+        inner, state, kernel, convolved = (int(config.intermediate_size), int(config.state_size),
+                                           int(config.conv_kernel), int(config.intermediate_size))
+    elif config.model_type == "granitemoehybrid":
+        layers = sum(kind == "mamba" for kind in config.layers_block_type)
+        inner, state, kernel = int(config.mamba_expand * config.hidden_size), int(config.mamba_d_state), int(
+            config.mamba_d_conv)
+        convolved = inner + 2 * int(config.mamba_n_groups) * state
+    else:
         return {}
-    inner, state = int(config.intermediate_size), int(config.state_size)
-    return {"state_bytes": layers * inner * (int(config.conv_kernel) - 1 + state) * 4, "ssm_state": state}
+    return {"state_bytes": layers * (convolved * (kernel - 1) + inner * state) * 4, "ssm_state": state}
 
 
 def _kv_layers(config: Any, layers: int) -> int | None:
@@ -71,7 +79,8 @@ def _kv_layers(config: Any, layers: int) -> int | None:
     kinds = getattr(config, "layer_types", None)
     if not kinds:
         return None
-    attending = sum(kind != "conv" for kind in kinds)  # LFM2's convolution layers: a state of 2 positions
+    # LFM2's convolution layers (a state of 2 positions) and Granite 4's Mamba 2 layers keep states instead
+    attending = sum(kind not in ("conv", "mamba") for kind in kinds)
     return None if attending == layers else attending
 
 
