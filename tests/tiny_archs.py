@@ -128,6 +128,10 @@ ARCHS: dict[str, Callable[[], Any]] = {
     # state-space layers only: a convolution and a selective scan with their states, no attention, no MLP
     "mamba": _plain("MambaConfig", hidden_size=64, state_size=8, num_hidden_layers=2, intermediate_size=128,
                     conv_kernel=4),
+    "falcon_mamba": _plain("FalconMambaConfig", hidden_size=64, state_size=8, num_hidden_layers=2,
+                           intermediate_size=128, conv_kernel=4),
+    "mamba2": _plain("Mamba2Config", hidden_size=64, state_size=8, num_hidden_layers=2, num_heads=8, head_dim=16,
+                     n_groups=2, conv_kernel=4, expand=2),  # untied: transformers saves no tied Mamba 2
     # Granite 4's hybrids (granite-4.0-h-*): Mamba 2 layers around an attention layer without rotary, a shared MLP
     # alone (the dense 350M / 1B) or beside 4 experts (micro, tiny)
     "granitemoehybrid": _cfg("GraniteMoeHybridConfig", num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],

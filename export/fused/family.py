@@ -47,7 +47,7 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gra
                    "gptj", "ministral", "olmo3", "seed_oss", "starcoder2", "vaultgemma", "ernie4_5", "exaone4",
                    "cohere2", "glm", "glm4", "helium", "arcee", "nemotron", "apertus", "hunyuan_v1_dense",
                    "gpt_bigcode", "gpt_neo", "bitnet", "lfm2", "codegen", "xglm", "mpt", "bloom", "mamba",
-                   "granitemoehybrid", *MOE_TYPES)
+                   "mamba2", "falcon_mamba", "granitemoehybrid", *MOE_TYPES)
 LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj", "codegen",
                     "starcoder2",
                     "cohere2", "nemotron", "gpt_bigcode", "gpt_neo", "xglm", "mpt", "bloom")
@@ -56,7 +56,7 @@ GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "vaultgemma")  # norms by 1 + w
 POST_NORM_TYPES = ("olmo2", "olmo3", "exaone4", "flex_olmo")  # norms on each block's output only
 POSITION_TABLE_TYPES = ("gpt2", "opt", "gpt_bigcode", "gpt_neo", "xglm")  # absolute positions (XGLM's sinusoidal)
 ALIBI_TYPES = ("mpt", "bloom")  # linear biases of the key distance, no rotary
-STATE_SPACE_TYPES = ("mamba",)  # state-space layers only: no attention, no KV cache (mamba.py)
+STATE_SPACE_TYPES = ("mamba", "mamba2", "falcon_mamba")  # state-space layers only: no attention, no KV cache
 # embedding, residual, attention and logit multipliers
 GRANITE_TYPES = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
@@ -269,7 +269,8 @@ def _norm_eps(config: Any) -> float:
         return float(config.layer_norm_eps)
     if config.model_type in ("opt", "xglm"):
         return 1e-5  # torch's LayerNorm default, which their layers use
-    if config.model_type in ("gpt2", "falcon", "gptj", "codegen", "gpt_bigcode", "gpt_neo", "mpt", "bloom", "mamba"):
+    if config.model_type in ("gpt2", "falcon", "gptj", "codegen", "gpt_bigcode", "gpt_neo", "mpt", "bloom",
+                             *STATE_SPACE_TYPES):
         return float(config.layer_norm_epsilon)
     if config.model_type == "starcoder2":
         return float(config.norm_epsilon)

@@ -87,8 +87,9 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
             x, residual = norm.add(pending, residual, layer.input_layernorm, f"layers.{i}.input_norm")
         else:
             x = residual = _added(b, residual, pending, f"layers.{i}/residual_in")
-        if getattr(layer, "mixer", None) is not None:  # Mamba: a state-space mixer, no MLP
-            pending = mamba_mixer(lin, x, layer.mixer, i)
+        if getattr(layer, "mixer", None) is not None:  # Mamba, Mamba 2: a state-space mixer, no MLP
+            mixer = mamba2_mixer if hasattr(layer.mixer, "dt_bias") else mamba_mixer
+            pending = mixer(lin, x, layer.mixer, i)
             continue
         if getattr(layer, "conv", None) is not None:  # LFM2's short convolution instead of attention
             attn = _short_conv(lin, x, layer.conv, i)

@@ -1,5 +1,5 @@
-"""State-space layers in the fused graph: Mamba's and Mamba 2's selective-scan mixers, and the causal convolution with
-a state they share with LFM2's short convolutions.
+"""State-space layers in the fused graph: Mamba's (and Falcon-Mamba's, which RMS-norms B, C and Δ) and Mamba 2's
+selective-scan mixers, and the causal convolution with a state they share with LFM2's short convolutions.
 
 A Mamba layer keeps two states instead of a KV cache: its convolution's last ``conv_kernel - 1`` inputs, graph input
 ``past_conv.i`` / output ``present_conv.i`` [1, inner, kernel - 1], and the SSM state h, ``past_ssm.i`` /
@@ -50,6 +50,10 @@ def mamba_mixer(lin: LinearEmitter, x: str, mixer: Any, i: int) -> str:
     h = _silu(b, b.op1("Transpose", [conv], f"{name}/positions", perm=[0, 2, 1]), f"{name}/conv_act")  # [1, S, I]
     params = _linear(lin, h, mixer.x_proj, f"{name}.x_proj")
     dt, B, C = b.op("Split", [params, b.const([rank, state, state])], f"{name}/ssm_params", 3, axis=-1)
+    eps = getattr(mixer, "rms_eps", None)
+    if eps is not None:  # Falcon-Mamba: B, C and dt RMS-normed, without weights
+        dt, B, C = (_rms(b, t, width, float(eps), f"{name}/{kind}_rms")
+                    for t, width, kind in ((dt, rank, "dt"), (B, state, "b"), (C, state, "c")))
     delta = b.op1("Softplus", [_linear(lin, dt, mixer.dt_proj, f"{name}.dt_proj")], f"{name}/softplus")  # [1, S, I]
     a_log = lin.dense_delta(b.weight(f"{name}.A_log", _array(mixer.A_log)), mixer.A_log)
     A = b.op1("Neg", [b.op1("Exp", [a_log], f"{name}/exp_a")], f"{name}/A")  # [I, N]
@@ -145,6 +149,14 @@ def _scan(b: GraphBuilder, decay: str, inject: str, readout: str, dims: tuple[in
     b.op_named("Reshape", [final, b.const([1, *dims])], [present], f"{name}/ssm_state")
     b.outputs.append(helper.make_tensor_value_info(present, FLOAT, [1, *dims]))
     return ys
+
+
+def _rms(b: GraphBuilder, x: str, width: int, eps: float, name: str) -> str:
+    """x / sqrt(mean(x²) + eps) over the last axis (an RMSNorm without weight)."""
+    out = b.unique(f"{name}/out")
+    b.op_named("SimplifiedLayerNormalization", [x, b.const(np.ones(width, np.float32), np.float32)], [out], name,
+               axis=-1, epsilon=eps, stash_type=1)
+    return out
 
 
 def _squeezed(b: GraphBuilder, x: str, name: str) -> str:

@@ -359,7 +359,8 @@ def _alibi_slopes(config: Any) -> list[float]:
 
 
 def _mamba(model: Any) -> Layout:
-    """Mamba: each layer one RMSNorm and a state-space mixer (``mamba.py``), no attention and no MLP."""
+    """Mamba, Falcon-Mamba and Mamba 2: each layer one RMSNorm and a state-space mixer (``mamba.py``), no attention and
+    no MLP."""
     m = model.backbone
     layers = [SimpleNamespace(input_layernorm=layer.norm, mixer=layer.mixer) for layer in m.layers]
     inner = SimpleNamespace(embed_tokens=m.embeddings, embed_positions=None, layers=layers, norm=m.norm_f,
@@ -422,4 +423,4 @@ def _index(order: np.ndarray, device: Any) -> Any:
 _VIEWS = {"gpt2": _gpt2, "gpt_neox": _neox, "opt": _opt, "falcon": _falcon, "gptj": _gptj, "glm4": _glm4,
           "apertus": _apertus, "gpt_bigcode": _bigcode, "gpt_neo": _neo,
           "lfm2": _lfm2, "codegen": _codegen, "xglm": _xglm, "mpt": _mpt, "bloom": _bloom,
-          "mamba": _mamba, "granitemoehybrid": _granite_hybrid}
+          "mamba": _mamba, "mamba2": _mamba, "falcon_mamba": _mamba, "granitemoehybrid": _granite_hybrid}

@@ -125,6 +125,12 @@ VARIANTS = {
     # Mamba: state-space layers only (a convolution and a selective scan with their states), no attention, no MLP
     "mamba": ("mamba", {"state_size": 8, "conv_kernel": 4}),
     "mamba-bias": ("mamba", {"state_size": 16, "conv_kernel": 3, "use_bias": True, "time_step_rank": 5}),
+    "falcon_mamba": ("falcon_mamba", {"state_size": 8, "conv_kernel": 4}),  # B, C and dt RMS-normed
+    "mamba2": ("mamba2", {"state_size": 8, "num_heads": 8, "head_dim": 16, "n_groups": 2, "expand": 2,
+                          "conv_kernel": 4}),
+    "mamba2-limit": ("mamba2", {"state_size": 8, "num_heads": 8, "head_dim": 16, "n_groups": 1, "expand": 2,
+                                "conv_kernel": 3, "time_step_limit": (0.05, 0.5), "use_bias": True,
+                                "tie_word_embeddings": False}),
     # Granite 4's hybrids: Mamba 2 layers (per-head A and D, B and C shared by groups of heads, a gated RMSNorm) around
     # an attention layer without rotary; a shared MLP alone, or beside experts; Granite's multipliers
     "granitemoehybrid": ("granitemoehybrid", {"num_hidden_layers": 3, "layer_types": ["mamba", "attention", "mamba"],
@@ -255,7 +261,7 @@ def test_other_attention_kinds_are_refused_by_name():
                                      "starcoder2", "exaone4", "ernie4_5", "vaultgemma", "glm4", "nemotron",
                                      "apertus", "hunyuan-bias", "helium", "arcee", "gpt_bigcode-mha", "gpt_neo",
                                      "bitnet", "lfm2-bias", "codegen", "xglm", "mpt-6heads", "bloom-6heads",
-                                     "gpt_oss", "mamba-bias", "granitemoehybrid"])
+                                     "gpt_oss", "mamba-bias", "granitemoehybrid", "falcon_mamba", "mamba2-limit"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -282,7 +288,7 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
              "gpt_neo": "out_proj.bias", "bitnet": "ffn_sub_norm.weight",
              "lfm2-bias": "conv.conv.weight", "codegen": "fc_in.bias", "xglm": "fc1.bias",
              "mpt-6heads": "norm_1.weight", "gpt_oss": "self_attn.sinks", "mamba-bias": "mixer.A_log",
-             "granitemoehybrid": "mamba.dt_bias",
+             "granitemoehybrid": "mamba.dt_bias", "falcon_mamba": "mixer.D", "mamba2-limit": "mixer.dt_bias",
              "bloom-6heads": "query_key_value.bias"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     if variant == "gpt_oss":

@@ -57,7 +57,10 @@ def _states(config: Any, layers: int) -> dict[str, int]:
     states (N per channel), and N: Mamba's, and Granite 4's Mamba 2 layers'."""
     from edgepack.export.fused.family import STATE_SPACE_TYPES
 
-    if config.model_type in STATE_SPACE_TYPES:
+    if config.model_type == "mamba2":
+        inner, state, kernel = int(config.expand * config.hidden_size), int(config.state_size), int(config.conv_kernel)
+        convolved = inner + 2 * int(config.n_groups) * state
+    elif config.model_type in STATE_SPACE_TYPES:  # Mamba, Falcon-Mamba
         inner, state, kernel, convolved = (int(config.intermediate_size), int(config.state_size),
                                            int(config.conv_kernel), int(config.intermediate_size))
     elif config.model_type == "granitemoehybrid":
