@@ -143,6 +143,9 @@ ARCHS: dict[str, Callable[[], Any]] = {
                                  mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8, mamba_expand=2,
                                  mamba_d_conv=4, embedding_multiplier=2.0, residual_multiplier=0.5,
                                  logits_scaling=2.0),
+    # Bamba: Mamba 2 layers and attention (half of each 32-wide head rotated), each before a SwiGLU MLP
+    "bamba": _cfg("BambaConfig", num_hidden_layers=3, attn_layer_indices=[1], num_attention_heads=2,
+                  num_key_value_heads=1, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_expand=2),
     "gpt_oss": _cfg("GptOssConfig", head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
                     layer_types=["sliding_attention", "full_attention"],
                     rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,

@@ -47,7 +47,7 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gra
                    "gptj", "ministral", "olmo3", "seed_oss", "starcoder2", "vaultgemma", "ernie4_5", "exaone4",
                    "cohere2", "glm", "glm4", "helium", "arcee", "nemotron", "apertus", "hunyuan_v1_dense",
                    "gpt_bigcode", "gpt_neo", "bitnet", "lfm2", "codegen", "xglm", "mpt", "bloom", "mamba",
-                   "mamba2", "falcon_mamba", "granitemoehybrid", *MOE_TYPES)
+                   "mamba2", "falcon_mamba", "granitemoehybrid", "bamba", *MOE_TYPES)
 LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj", "codegen",
                     "starcoder2",
                     "cohere2", "nemotron", "gpt_bigcode", "gpt_neo", "xglm", "mpt", "bloom")
@@ -57,6 +57,7 @@ POST_NORM_TYPES = ("olmo2", "olmo3", "exaone4", "flex_olmo")  # norms on each bl
 POSITION_TABLE_TYPES = ("gpt2", "opt", "gpt_bigcode", "gpt_neo", "xglm")  # absolute positions (XGLM's sinusoidal)
 ALIBI_TYPES = ("mpt", "bloom")  # linear biases of the key distance, no rotary
 STATE_SPACE_TYPES = ("mamba", "mamba2", "falcon_mamba")  # state-space layers only: no attention, no KV cache
+HYBRID_TYPES = ("granitemoehybrid", "bamba")  # Mamba 2 layers beside attention layers (layers_block_type)
 # embedding, residual, attention and logit multipliers
 GRANITE_TYPES = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
@@ -111,7 +112,7 @@ def check_supported(config: Any) -> None:
         kinds -= {"conv"}  # LFM2's short convolutions, with their state (llama.py)
         if int(getattr(config, "conv_L_cache", 3)) < 2:
             raise UnsupportedArchitecture("the fused graph needs LFM2 convolutions of at least 2 positions")
-    if model_type == "granitemoehybrid":
+    if model_type in HYBRID_TYPES:
         kinds -= {"mamba", "attention"}  # Mamba 2 mixers (mamba.py) and full attention
     if kinds:
         raise UnsupportedArchitecture(f"the fused graph has full and sliding-window attention only, this model "

@@ -1,5 +1,5 @@
-"""GPT-2, GPT-NeoX, OPT, Falcon, GPT-J, GLM 4, Apertus, GPT-BigCode, GPT-Neo, CodeGen, LFM2, XGLM, MPT, BLOOM, Mamba
-and Granite 4's hybrids seen through the Llama layout's names, so the fused graph (``llama.py``) builds them too.
+"""GPT-2, GPT-NeoX, OPT, Falcon, GPT-J, GLM 4, Apertus, GPT-BigCode, GPT-Neo, CodeGen, LFM2, XGLM, MPT, BLOOM, Mamba,
+Granite 4's hybrids and Bamba seen through the Llama layout's names, so the fused graph (``llama.py``) builds them too.
 
 The graph reads ``model.model.{embed_tokens, layers, norm, rotary_emb}``, each layer's two norms, ``self_attn`` and
 ``mlp``, and ``model.lm_head``. GPT-2 and GPT-NeoX hold the same parts under other names, and two in another form.
@@ -384,6 +384,16 @@ def _granite_hybrid(model: Any) -> Layout:
     return _relaid(model, layers)
 
 
+def _bamba(model: Any) -> Layout:
+    """Bamba: Mamba 2 layers (``mamba``) and attention layers (partial rotary), each before a SwiGLU MLP
+    (``feed_forward``, after ``pre_ff_layernorm``)."""
+    layers = [SimpleNamespace(input_layernorm=layer.input_layernorm, post_attention_layernorm=layer.pre_ff_layernorm,
+                              mlp=layer.feed_forward, **({"mamba": layer.mamba} if layer.layer_type == "mamba" else
+                                                         {"self_attn": layer.self_attn}))
+              for layer in model.model.layers]
+    return _relaid(model, layers, model.model.final_layernorm)
+
+
 def _linear_of(module: Any) -> Any:
     """An ``nn.Linear`` equal to a Conv1D (x·W + b, W [in, out]); other modules (a Linear, a factorized pair)
     unchanged."""
@@ -423,4 +433,5 @@ def _index(order: np.ndarray, device: Any) -> Any:
 _VIEWS = {"gpt2": _gpt2, "gpt_neox": _neox, "opt": _opt, "falcon": _falcon, "gptj": _gptj, "glm4": _glm4,
           "apertus": _apertus, "gpt_bigcode": _bigcode, "gpt_neo": _neo,
           "lfm2": _lfm2, "codegen": _codegen, "xglm": _xglm, "mpt": _mpt, "bloom": _bloom,
-          "mamba": _mamba, "mamba2": _mamba, "falcon_mamba": _mamba, "granitemoehybrid": _granite_hybrid}
+          "mamba": _mamba, "mamba2": _mamba, "falcon_mamba": _mamba, "granitemoehybrid": _granite_hybrid,
+          "bamba": _bamba}

@@ -145,6 +145,10 @@ VARIANTS = {
                                                   "mamba_d_state": 8, "mamba_expand": 2, "mamba_d_conv": 4,
                                                   "embedding_multiplier": 2.0, "logits_scaling": 2.0,
                                                   "attention_multiplier": 0.2}),
+    # Bamba: Mamba 2 layers and an attention layer rotating half of each 32-wide head, each before a SwiGLU MLP
+    "bamba": ("bamba", {"num_hidden_layers": 3, "attn_layer_indices": [1], "head_dim": 32, "mamba_n_heads": 8,
+                        "mamba_d_head": 16, "mamba_n_groups": 2, "mamba_d_state": 8, "mamba_expand": 2,
+                        "num_attention_heads": 2, "num_key_value_heads": 1}),
     "falcon-new": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "hidden_size": 128}),
     "falcon-mq": ("falcon", {"multi_query": True, "hidden_size": 128}),
     # Falcon-RW's ALiBi: BLOOM's slopes, slope · j rounded to bfloat16, added before the scores' scale; 12 heads, so
@@ -261,7 +265,8 @@ def test_other_attention_kinds_are_refused_by_name():
                                      "starcoder2", "exaone4", "ernie4_5", "vaultgemma", "glm4", "nemotron",
                                      "apertus", "hunyuan-bias", "helium", "arcee", "gpt_bigcode-mha", "gpt_neo",
                                      "bitnet", "lfm2-bias", "codegen", "xglm", "mpt-6heads", "bloom-6heads",
-                                     "gpt_oss", "mamba-bias", "granitemoehybrid", "falcon_mamba", "mamba2-limit"])
+                                     "gpt_oss", "mamba-bias", "granitemoehybrid", "falcon_mamba", "mamba2-limit",
+                                     "bamba"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -289,6 +294,7 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
              "lfm2-bias": "conv.conv.weight", "codegen": "fc_in.bias", "xglm": "fc1.bias",
              "mpt-6heads": "norm_1.weight", "gpt_oss": "self_attn.sinks", "mamba-bias": "mixer.A_log",
              "granitemoehybrid": "mamba.dt_bias", "falcon_mamba": "mixer.D", "mamba2-limit": "mixer.dt_bias",
+             "bamba": "mamba.norm.weight",
              "bloom-6heads": "query_key_value.bias"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     if variant == "gpt_oss":

@@ -54,8 +54,8 @@ def from_config(cfg: dict[str, Any], spec: str) -> memory.ModelShape:
 
 def _states(config: Any, layers: int) -> dict[str, int]:
     """The bytes of the Mamba layers' convolution states (kernel - 1 positions of the convolved channels) and SSM
-    states (N per channel), and N: Mamba's, and Granite 4's Mamba 2 layers'."""
-    from edgepack.export.fused.family import STATE_SPACE_TYPES
+    states (N per channel), and N: Mamba's, and the Mamba 2 layers' of Granite 4's hybrids and Bamba."""
+    from edgepack.export.fused.family import HYBRID_TYPES, STATE_SPACE_TYPES
 
     if config.model_type == "mamba2":
         inner, state, kernel = int(config.expand * config.hidden_size), int(config.state_size), int(config.conv_kernel)
@@ -63,7 +63,7 @@ def _states(config: Any, layers: int) -> dict[str, int]:
     elif config.model_type in STATE_SPACE_TYPES:  # Mamba, Falcon-Mamba
         inner, state, kernel, convolved = (int(config.intermediate_size), int(config.state_size),
                                            int(config.conv_kernel), int(config.intermediate_size))
-    elif config.model_type == "granitemoehybrid":
+    elif config.model_type in HYBRID_TYPES:
         layers = sum(kind == "mamba" for kind in config.layers_block_type)
         inner, state, kernel = int(config.mamba_expand * config.hidden_size), int(config.mamba_d_state), int(
             config.mamba_d_conv)
@@ -79,7 +79,7 @@ def _kv_layers(config: Any, layers: int) -> int | None:
 
     if config.model_type in STATE_SPACE_TYPES:  # state-space layers only (Mamba)
         return 0
-    kinds = getattr(config, "layer_types", None)
+    kinds = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None)  # Bamba: the latter
     if not kinds:
         return None
     # LFM2's convolution layers (a state of 2 positions) and Granite 4's Mamba 2 layers keep states instead
