@@ -14,8 +14,10 @@ Graph contract (what ``runtime/fused_decoder.py`` binds):
     inputs   input_ids int64 [1, S]; seqlens_k int32 [1] (= positions after this step - 1);
              total_sequence_length int32 [] (= positions after this step);
              logits_to_keep int64 [1] (k: logits of the last k positions only);
-             past_key_values.N.key / .value float32 [1, kv_heads, capacity, head_dim]
-    outputs  logits float32 [1, min(k, S), vocab]; present.N.key / .value (the same buffers as the past)
+             past_key_values.N.key / .value float32 [1, kv_heads, capacity, head_dim] (attention layers);
+             past_conv.N / past_ssm.N float32 states of convolution and state-space layers (LFM2, Mamba: mamba.py)
+    outputs  logits float32 [1, min(k, S), vocab]; present.N.key / .value, present_conv.N / present_ssm.N (the same
+             buffers as the past)
     metadata edgepack.graph = "fused", edgepack.context_length = the positions the rotary caches cover
 The cache capacity is the runtime's choice (up to the context length): it can start small and grow.
 """
@@ -93,7 +95,7 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
             continue
         if getattr(layer, "conv", None) is not None:  # LFM2's short convolution instead of attention
             attn = _short_conv(lin, x, layer.conv, i)
-        elif getattr(layer, "mamba", None) is not None:  # Granite 4's hybrids: a Mamba 2 mixer instead
+        elif getattr(layer, "mamba", None) is not None:  # Granite 4's hybrids, Bamba: a Mamba 2 mixer instead
             attn = mamba2_mixer(lin, x, layer.mamba, i)
         else:
             kv_shape = [1, cfg.num_key_value_heads, "capacity", head_dim(cfg)]

@@ -114,14 +114,18 @@ def _neox(model: Any) -> Layout:
                                   lm_head=model.embed_out), names, rows)
 
 
+def _opt_layers(layers: Any) -> list[Any]:
+    """OPT's (and XGLM's) decoder layers under Llama's names: separate q/k/v, out_proj, a plain fc1 / fc2 MLP."""
+    return [SimpleNamespace(input_layernorm=layer.self_attn_layer_norm, post_attention_layernorm=layer.final_layer_norm,
+                            self_attn=SimpleNamespace(q_proj=layer.self_attn.q_proj, k_proj=layer.self_attn.k_proj,
+                                                      v_proj=layer.self_attn.v_proj, o_proj=layer.self_attn.out_proj),
+                            mlp=SimpleNamespace(fc1=layer.fc1, fc2=layer.fc2))
+            for layer in layers]
+
+
 def _opt(model: Any) -> Layout:
     d = model.model.decoder
-    layers = [SimpleNamespace(input_layernorm=layer.self_attn_layer_norm,
-                              post_attention_layernorm=layer.final_layer_norm,
-                              self_attn=SimpleNamespace(q_proj=layer.self_attn.q_proj, k_proj=layer.self_attn.k_proj,
-                                                        v_proj=layer.self_attn.v_proj, o_proj=layer.self_attn.out_proj),
-                              mlp=SimpleNamespace(fc1=layer.fc1, fc2=layer.fc2))
-              for layer in d.layers]
+    layers = _opt_layers(d.layers)
     positions = SimpleNamespace(weight=d.embed_positions.weight[d.embed_positions.offset:])
     config = _Config(model.config, hidden_act=model.config.activation_function, **_heads(model.config))
     inner = SimpleNamespace(embed_tokens=d.embed_tokens, embed_positions=positions, layers=layers,
@@ -294,12 +298,7 @@ def _xglm(model: Any) -> Layout:
     """XGLM: OPT's layout with sinusoidal positions, read as a table: its rows from ``offset`` on (XGLM's positions
     start at 2), computed by the model's own function for every position the config allows."""
     m, cfg = model.model, model.config
-    layers = [SimpleNamespace(input_layernorm=layer.self_attn_layer_norm,
-                              post_attention_layernorm=layer.final_layer_norm,
-                              self_attn=SimpleNamespace(q_proj=layer.self_attn.q_proj, k_proj=layer.self_attn.k_proj,
-                                                        v_proj=layer.self_attn.v_proj, o_proj=layer.self_attn.out_proj),
-                              mlp=SimpleNamespace(fc1=layer.fc1, fc2=layer.fc2))
-              for layer in m.layers]
+    layers = _opt_layers(m.layers)
     table = m.embed_positions
     rows = type(table).get_embedding(int(cfg.max_position_embeddings) + table.offset, table.embedding_dim,
                                      table.padding_idx)[table.offset:]
