@@ -146,6 +146,11 @@ ARCHS: dict[str, Callable[[], Any]] = {
     # Bamba: Mamba 2 layers and attention (half of each 32-wide head rotated), each before a SwiGLU MLP
     "bamba": _cfg("BambaConfig", num_hidden_layers=3, attn_layer_indices=[1], num_attention_heads=2,
                   num_key_value_heads=1, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_expand=2),
+    # Falcon-H1: a Mamba 2 mixer and attention side by side in every layer, μP multipliers away from 1
+    "falcon_h1": _cfg("FalconH1Config", head_dim=16, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2,
+                      mamba_d_state=8, mamba_d_ssm=128, mamba_rms_norm=True, embedding_multiplier=1.5,
+                      lm_head_multiplier=0.7, key_multiplier=0.8, ssm_multipliers=[0.5, 1.5, 0.8, 1.2, 0.9],
+                      mlp_multipliers=[0.7, 1.3], tie_word_embeddings=False),
     "gpt_oss": _cfg("GptOssConfig", head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
                     layer_types=["sliding_attention", "full_attention"],
                     rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,

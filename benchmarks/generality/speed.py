@@ -26,7 +26,8 @@ from common import folder_size, markdown_table, results_dir  # noqa: E402
 
 SHAPE = {"layers": 12, "hidden": 768, "heads": 12, "ffn": 3072}
 FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "falcon", "phi", "gptj", "cohere", "qwen3_moe", "gpt_bigcode",
-            "gpt_neo", "nemotron", "lfm2", "codegen", "bloom", "mpt", "xglm", "gpt_oss", "mamba", "granitemoehybrid")
+            "gpt_neo", "nemotron", "lfm2", "codegen", "bloom", "mpt", "xglm", "gpt_oss", "mamba", "granitemoehybrid",
+            "falcon_h1")
 GRAPHS = ("fused", "optimum")
 
 
@@ -93,6 +94,12 @@ def _config(family: str):
             num_key_value_heads=4, num_local_experts=0, shared_intermediate_size=s["ffn"], mamba_n_heads=24,
             mamba_d_head=64, mamba_d_state=128, mamba_expand=2, mamba_d_conv=4,
             layer_types=["attention" if i % 4 == 3 else "mamba" for i in range(s["layers"])], **ids),
+        # Falcon-H1-0.5B's pattern at this size: a Mamba 2 mixer (24 heads of 64, state 128) beside attention in every
+        # layer (fused only: optimum cannot export it)
+        "falcon_h1": lambda: transformers.FalconH1Config(
+            hidden_size=s["hidden"], intermediate_size=s["ffn"], num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"], num_key_value_heads=4, mamba_n_heads=24, mamba_d_head=64,
+            mamba_d_ssm=1536, mamba_d_state=128, mamba_rms_norm=True, tie_word_embeddings=True, **ids),
         # ALiBi (BLOOM-560m's and MPT's position scheme); XGLM's sinusoidal positions
         "bloom": lambda: transformers.BloomConfig(hidden_size=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
                                                   **ids),

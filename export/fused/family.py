@@ -47,7 +47,7 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gra
                    "gptj", "ministral", "olmo3", "seed_oss", "starcoder2", "vaultgemma", "ernie4_5", "exaone4",
                    "cohere2", "glm", "glm4", "helium", "arcee", "nemotron", "apertus", "hunyuan_v1_dense",
                    "gpt_bigcode", "gpt_neo", "bitnet", "lfm2", "codegen", "xglm", "mpt", "bloom", "mamba",
-                   "mamba2", "falcon_mamba", "granitemoehybrid", "bamba", *MOE_TYPES)
+                   "mamba2", "falcon_mamba", "granitemoehybrid", "bamba", "falcon_h1", *MOE_TYPES)
 LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj", "codegen",
                     "starcoder2",
                     "cohere2", "nemotron", "gpt_bigcode", "gpt_neo", "xglm", "mpt", "bloom")
@@ -57,7 +57,7 @@ POST_NORM_TYPES = ("olmo2", "olmo3", "exaone4", "flex_olmo")  # norms on each bl
 POSITION_TABLE_TYPES = ("gpt2", "opt", "gpt_bigcode", "gpt_neo", "xglm")  # absolute positions (XGLM's sinusoidal)
 ALIBI_TYPES = ("mpt", "bloom")  # linear biases of the key distance, no rotary
 STATE_SPACE_TYPES = ("mamba", "mamba2", "falcon_mamba")  # state-space layers only: no attention, no KV cache
-HYBRID_TYPES = ("granitemoehybrid", "bamba")  # Mamba 2 layers beside attention layers (layers_block_type)
+HYBRID_TYPES = ("granitemoehybrid", "bamba", "falcon_h1")  # Mamba 2 layers with or beside attention layers
 # embedding, residual, attention and logit multipliers
 GRANITE_TYPES = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
@@ -218,18 +218,20 @@ def family_of(config: Any, head_dim: int) -> Family:
     unscaled = config.model_type == "gpt_neo" or config.model_type in ("gpt2", "gpt_bigcode") and not getattr(
         config, "scale_attn_weights", True)
     scale = getattr(config, "scale_embedding", False) if config.model_type == "xglm" else gemma
+    falcon_h1 = config.model_type == "falcon_h1"  # μP: the embedding, logits and keys (so the scores) scaled
     return Family(
         norm_offset=1.0 if gemma or config.model_type == "nemotron" else 0.0,
-        embed_scale=math.sqrt(config.hidden_size) if scale else float(config.embedding_multiplier) if granite else None,
+        embed_scale=math.sqrt(config.hidden_size) if scale else float(config.embedding_multiplier)
+        if granite or falcon_h1 else None,
         activation=ACTIVATIONS[_activation_name(config)],
         sandwich=config.model_type in ("gemma2", "gemma3_text", "glm4"),
         attention_scale=float(config.attention_multiplier) if granite else 1.0 if unscaled else
-        _mpt_scale(config) or float(scalar or head_dim) ** -0.5,
+        _mpt_scale(config) or float(scalar or head_dim) ** -0.5 * (float(config.key_multiplier) if falcon_h1 else 1.0),
         attention_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0),
         logit_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0),
         residual_scale=float(config.residual_multiplier) if granite else None,
         logit_scale=1.0 / float(config.logits_scaling) if granite else float(config.logit_scale)
-        if config.model_type in COHERE_TYPES else None,
+        if config.model_type in COHERE_TYPES else float(config.lm_head_multiplier) if falcon_h1 else None,
         rotary_layers=tuple(bool(r) for r in rotary) if rotary is not None else None,
         layer_norm=config.model_type in LAYER_NORM_TYPES,
         norm_eps=_norm_eps(config),

@@ -93,17 +93,25 @@ def build_llama(model: Any, context: int, int4: bool = False, exact: bool = True
             mixer = mamba2_mixer if hasattr(layer.mixer, "dt_bias") else mamba_mixer
             pending = mixer(lin, x, layer.mixer, i)
             continue
-        if getattr(layer, "conv", None) is not None:  # LFM2's short convolution instead of attention
-            attn = _short_conv(lin, x, layer.conv, i)
-        elif getattr(layer, "mamba", None) is not None:  # Granite 4's hybrids, Bamba: a Mamba 2 mixer instead
-            attn = mamba2_mixer(lin, x, layer.mamba, i)
-        else:
+        def attend(inp: str, i: int = i, layer: Any = layer) -> str:
             kv_shape = [1, cfg.num_key_value_heads, "capacity", head_dim(cfg)]
             past = [b.add_input(f"past_key_values.{i}.{kind}", FLOAT, kv_shape) for kind in ("key", "value")]
             cos, sin = rotary["local" if "local" in rotary and _window(cfg, i) > 0 else "global"] if rotary else (
                 "", "")
-            attn = _attention(b, lin, x, layer.self_attn, (cfg, family, norm), past,
+            return _attention(b, lin, inp, layer.self_attn, (cfg, family, norm), past,
                               (seqlens, total, cos, sin, offset, bias), i, kv_shape)
+
+        if getattr(layer, "conv", None) is not None:  # LFM2's short convolution instead of attention
+            attn = _short_conv(lin, x, layer.conv, i)
+        elif getattr(layer, "mamba", None) is None:
+            attn = attend(x)
+        elif getattr(layer, "self_attn", None) is None:  # Granite 4's hybrids, Bamba: a Mamba 2 mixer instead
+            attn = mamba2_mixer(lin, x, layer.mamba, i)
+        else:  # Falcon-H1: the Mamba 2 mixer and attention side by side, each with its multipliers
+            ssm = _scaled(b, mamba2_mixer(lin, x, layer.mamba, i), layer.ssm_out_multiplier, f"layers.{i}.ssm_out")
+            attn = attend(_scaled(b, x, layer.attention_in_multiplier, f"layers.{i}.attn_in"))
+            attn = b.op1("Add", [ssm, _scaled(b, attn, layer.attn_out_multiplier, f"layers.{i}.attn_out")],
+                         f"layers.{i}/mixers")
         if family.parallel:  # Phi, Falcon: the MLP reads the same normed input; both outputs join the residual
             if family.parallel_norms:  # GPT-NeoX, newer Falcons: the MLP's own norm of the same residual
                 x = norm.alone(residual, layer.post_attention_layernorm, f"layers.{i}.mlp_norm")
@@ -393,6 +401,8 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str,
         gate, up = b.op("Split", [both, b.const([_out_features(mlp.gate_up_proj) // 2] * 2)], f"{name}/split", 2,
                         axis=-1)
         return _down(b, lin, activate(lin, gate, activation, name), up, mlp, name, norm)
+    # Falcon-H1 scales the gate before its activation and the MLP's output
+    gate_scale, down_scale = getattr(mlp, "gate_multiplier", None), getattr(mlp, "down_multiplier", None)
     joint = is_joint([mlp.gate_proj, mlp.up_proj])
     if joint or isinstance(mlp.gate_proj, nn.Linear) and isinstance(mlp.up_proj, nn.Linear) and \
             mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
@@ -406,7 +416,8 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str,
         gate, up = lin.modules(x, [mlp.gate_proj, mlp.up_proj], [f"{name}.gate", f"{name}.up"], f"{name}.gate_up_low")
         gate = lin.delta(x, gate, n_in, [mlp.gate_proj], f"{name}.gate")
         up = lin.delta(x, up, n_in, [mlp.up_proj], f"{name}.up")
-    return _down(b, lin, activate(lin, gate, activation, name), up, mlp, name, norm)
+    activated = activate(lin, _scaled(b, gate, gate_scale, f"{name}.gate"), activation, name)
+    return _scaled(b, _down(b, lin, activated, up, mlp, name, norm), down_scale, f"{name}.down")
 
 
 def _plain_mlp(mlp: Any) -> tuple[Any, Any] | None:

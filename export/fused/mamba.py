@@ -81,7 +81,12 @@ def mamba2_mixer(lin: LinearEmitter, x: str, mixer: Any, i: int) -> str:
     heads, dim, state = int(mixer.num_heads), int(mixer.head_dim), int(mixer.ssm_state_size)
     inner, groups = int(mixer.intermediate_size), int(mixer.n_groups)
     width = groups * state
+    if getattr(mixer, "ssm_in_multiplier", None) is not None:  # Falcon-H1's μP multipliers: of the input, and
+        x = b.op1("Mul", [x, b.const(np.float32(mixer.ssm_in_multiplier), np.float32)], f"{name}/in_scaled")
     projected = _linear(lin, x, mixer.in_proj, f"{name}.in_proj")
+    if getattr(mixer, "mup_vector", None) is not None:  # of each section of the projection (z, x, B, C, dt)
+        projected = b.op1("Mul", [projected, b.weight(f"{name}.mup_vector", _array(mixer.mup_vector).reshape(-1))],
+                          f"{name}/mup")
     gate, xbc, dt = b.op("Split", [projected, b.const([inner, inner + 2 * width, heads])], f"{name}/split", 3,
                          axis=-1)
     conv = causal_conv(lin, b.op1("Transpose", [xbc], f"{name}/channels", perm=[0, 2, 1]), mixer.conv1d, i,
@@ -112,13 +117,29 @@ def mamba2_mixer(lin: LinearEmitter, x: str, mixer: Any, i: int) -> str:
     skip = b.op1("Mul", [per_head, b.op1("Reshape", [d, b.const([heads, 1])], f"{name}/d_heads")], f"{name}/skip")
     y = b.op1("Add", [b.op1("Reshape", [y, b.const([1, -1, heads, dim])], f"{name}/y_heads"), skip],
               f"{name}/with_skip")
-    y = b.op1("Mul", [b.op1("Reshape", [y, b.const([1, -1, inner])], f"{name}/y"), _silu(b, gate, f"{name}/gate_act")],
-              f"{name}/gated")
-    weight = lin.dense_delta(b.weight(f"{name}.norm.weight", _array(mixer.norm.weight)), mixer.norm.weight)
-    normed = b.unique(f"{name}/normed")
-    b.op_named("SimplifiedLayerNormalization", [y, weight], [normed], f"{name}.norm", axis=-1,
-               epsilon=float(mixer.norm.variance_epsilon), stash_type=1)
-    return _linear(lin, normed, mixer.out_proj, f"{name}.out_proj")
+    y = _gated_norm(lin, b.op1("Reshape", [y, b.const([1, -1, inner])], f"{name}/y"), gate, mixer, name)
+    return _linear(lin, y, mixer.out_proj, f"{name}.out_proj")
+
+
+def _gated_norm(lin: LinearEmitter, y: str, gate: str, mixer: Any, name: str) -> str:
+    """The mixer's output gate and RMSNorm: RMSNorm(y ⊙ silu(z)) over all channels (Mamba 2, Granite 4, Bamba); for
+    Falcon-H1 over each of n_groups groups, with the gate before or after it, or the gate alone (no mamba_rms_norm)."""
+    b = lin.builder
+    gated = _silu(b, gate, f"{name}/gate_act")
+    norm = getattr(mixer, "norm", None) if getattr(mixer, "mamba_rms_norm", True) else None
+    if norm is None:
+        return b.op1("Mul", [y, gated], f"{name}/gated")
+    after = getattr(norm, "norm_before_gate", False)  # the gate after the norm (Falcon-H1's default)
+    groups = int(getattr(norm, "n_groups", 1))
+    if not after:
+        y = b.op1("Mul", [y, gated], f"{name}/gated")
+    width = int(norm.weight.shape[0])
+    grouped = b.op1("Reshape", [y, b.const([1, -1, groups, width // groups])], f"{name}/norm_groups")
+    normed = _rms(b, grouped, width // groups, float(norm.variance_epsilon), f"{name}.norm")
+    weight = lin.dense_delta(b.weight(f"{name}.norm.weight", _array(norm.weight)), norm.weight)
+    y = b.op1("Mul", [b.op1("Reshape", [normed, b.const([1, -1, width])], f"{name}/norm_flat"), weight],
+              f"{name}/norm_scaled")
+    return b.op1("Mul", [y, gated], f"{name}/gated_after") if after else y
 
 
 def _per_head(b: GraphBuilder, x: str, dims: tuple[int, int, int], name: str) -> str:

@@ -1,5 +1,6 @@
 """GPT-2, GPT-NeoX, OPT, Falcon, GPT-J, GLM 4, Apertus, GPT-BigCode, GPT-Neo, CodeGen, LFM2, XGLM, MPT, BLOOM, Mamba,
-Granite 4's hybrids and Bamba seen through the Llama layout's names, so the fused graph (``llama.py``) builds them too.
+Granite 4's hybrids, Bamba and Falcon-H1 seen through the Llama layout's names, so the fused graph (``llama.py``) builds
+them too.
 
 The graph reads ``model.model.{embed_tokens, layers, norm, rotary_emb}``, each layer's two norms, ``self_attn`` and
 ``mlp``, and ``model.lm_head``. GPT-2 and GPT-NeoX hold the same parts under other names, and two in another form.
@@ -393,6 +394,18 @@ def _bamba(model: Any) -> Layout:
     return _relaid(model, layers, model.model.final_layernorm)
 
 
+def _falcon_h1(model: Any) -> Layout:
+    """Falcon-H1: in every layer a Mamba 2 mixer and attention side by side on one norm (their μP multipliers stay on
+    the layer), then a SwiGLU MLP (``feed_forward``, with its own multipliers)."""
+    layers = [SimpleNamespace(input_layernorm=layer.input_layernorm, post_attention_layernorm=layer.pre_ff_layernorm,
+                              mamba=layer.mamba, self_attn=layer.self_attn, mlp=layer.feed_forward,
+                              ssm_out_multiplier=float(layer.ssm_out_multiplier),
+                              attention_in_multiplier=float(layer.attention_in_multiplier),
+                              attn_out_multiplier=float(layer.attn_out_multiplier))
+              for layer in model.model.layers]
+    return _relaid(model, layers, model.model.final_layernorm)
+
+
 def _linear_of(module: Any) -> Any:
     """An ``nn.Linear`` equal to a Conv1D (x·W + b, W [in, out]); other modules (a Linear, a factorized pair)
     unchanged."""
@@ -433,4 +446,4 @@ _VIEWS = {"gpt2": _gpt2, "gpt_neox": _neox, "opt": _opt, "falcon": _falcon, "gpt
           "apertus": _apertus, "gpt_bigcode": _bigcode, "gpt_neo": _neo,
           "lfm2": _lfm2, "codegen": _codegen, "xglm": _xglm, "mpt": _mpt, "bloom": _bloom,
           "mamba": _mamba, "mamba2": _mamba, "falcon_mamba": _mamba, "granitemoehybrid": _granite_hybrid,
-          "bamba": _bamba}
+          "bamba": _bamba, "falcon_h1": _falcon_h1}

@@ -149,6 +149,18 @@ VARIANTS = {
     "bamba": ("bamba", {"num_hidden_layers": 3, "attn_layer_indices": [1], "head_dim": 32, "mamba_n_heads": 8,
                         "mamba_d_head": 16, "mamba_n_groups": 2, "mamba_d_state": 8, "mamba_expand": 2,
                         "num_attention_heads": 2, "num_key_value_heads": 1}),
+    # Falcon-H1: a Mamba 2 mixer and attention side by side in every layer, μP multipliers everywhere (set away from 1),
+    # the gated norm over 2 groups with the gate after it, or no norm at all
+    "falcon_h1": ("falcon_h1", {"head_dim": 16, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 2,
+                                "mamba_d_state": 8, "mamba_d_ssm": 128, "mamba_rms_norm": True,
+                                "embedding_multiplier": 1.5, "lm_head_multiplier": 0.7, "key_multiplier": 0.8,
+                                "attention_in_multiplier": 1.2, "attention_out_multiplier": 0.9,
+                                "ssm_in_multiplier": 1.1, "ssm_out_multiplier": 0.6,
+                                "ssm_multipliers": [0.5, 1.5, 0.8, 1.2, 0.9], "mlp_multipliers": [0.7, 1.3],
+                                "tie_word_embeddings": False}),
+    "falcon_h1-nonorm": ("falcon_h1", {"head_dim": 16, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 8,
+                                       "mamba_d_ssm": 128, "mamba_rms_norm": False, "mamba_norm_before_gate": False,
+                                       "tie_word_embeddings": False}),
     "falcon-new": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "hidden_size": 128}),
     "falcon-mq": ("falcon", {"multi_query": True, "hidden_size": 128}),
     # Falcon-RW's ALiBi: BLOOM's slopes, slope · j rounded to bfloat16, added before the scores' scale; 12 heads, so
@@ -266,7 +278,7 @@ def test_other_attention_kinds_are_refused_by_name():
                                      "apertus", "hunyuan-bias", "helium", "arcee", "gpt_bigcode-mha", "gpt_neo",
                                      "bitnet", "lfm2-bias", "codegen", "xglm", "mpt-6heads", "bloom-6heads",
                                      "gpt_oss", "mamba-bias", "granitemoehybrid", "falcon_mamba", "mamba2-limit",
-                                     "bamba"])
+                                     "bamba", "falcon_h1"])
 def test_a_delta_package_matches_merged_weights(variant, tmp_path):
     """build --delta-slots, and a fine-tune that also moves norms (Qwen3's q/k norms) and biases (Qwen2's
     q/k/v biases): its delta applied at load equals PyTorch with the changes merged."""
@@ -294,7 +306,7 @@ def test_a_delta_package_matches_merged_weights(variant, tmp_path):
              "lfm2-bias": "conv.conv.weight", "codegen": "fc_in.bias", "xglm": "fc1.bias",
              "mpt-6heads": "norm_1.weight", "gpt_oss": "self_attn.sinks", "mamba-bias": "mixer.A_log",
              "granitemoehybrid": "mamba.dt_bias", "falcon_mamba": "mixer.D", "mamba2-limit": "mixer.dt_bias",
-             "bamba": "mamba.norm.weight",
+             "bamba": "mamba.norm.weight", "falcon_h1": "mamba.D",
              "bloom-6heads": "query_key_value.bias"}.get(variant, "q_norm.weight")
     assert any(name.endswith(moved) for name in delta.dense)
     if variant == "gpt_oss":

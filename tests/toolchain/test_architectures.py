@@ -276,7 +276,7 @@ def test_lfm2_is_planned_layer_by_layer_with_a_kv_cache_for_its_attention_layers
     assert memory.ModelShape(**json.loads(json.dumps(shape.to_dict()))) == shape  # as a manifest records it
 
 
-@pytest.mark.parametrize("arch", ["mamba", "mamba2", "granitemoehybrid", "bamba"])
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "granitemoehybrid", "bamba", "falcon_h1"])
 def test_state_space_layers_are_planned_with_their_states_not_a_kv_cache(models, arch):
     # Mamba keeps no KV cache at all, Granite 4's hybrid one for its attention layer; both hold their Mamba layers'
     # convolution and SSM states whatever the context
@@ -284,13 +284,13 @@ def test_state_space_layers_are_planned_with_their_states_not_a_kv_cache(models,
     from edgepack.toolchain.planner.plan import model_shape
 
     shape = model_shape(str(models(arch)))
-    attention = 1 if arch in ("granitemoehybrid", "bamba") else 0
+    attention = {"granitemoehybrid": 1, "bamba": 1, "falcon_h1": None}.get(arch, 0)  # Falcon-H1: every layer attends
     assert shape.kv_layers == attention
     layers, inner, state = 2, 128, 8  # Mamba layers; a Mamba 2 convolves x, B and C (its groups' N each)
     conv = {"mamba": inner, "mamba2": inner + 2 * 2 * state, "granitemoehybrid": inner + 2 * state,
-            "bamba": inner + 2 * state}[arch]
+            "bamba": inner + 2 * state, "falcon_h1": inner + 2 * 2 * state}[arch]
     assert shape.state_bytes == layers * (conv * 3 + inner * state) * 4 and shape.ssm_state == state
-    kv = 2 * attention * shape.kv_heads * shape.head_dim * 100 * 4
+    kv = 2 * (attention if attention is not None else layers) * shape.kv_heads * shape.head_dim * 100 * 4
     assert memory.kv_cache_bytes(shape, 100) == kv + shape.state_bytes
     assert any(name.endswith(("mixer.in_proj", "mamba.in_proj")) for name, _, _ in shape.linears()[0])
     assert memory.ModelShape(**json.loads(json.dumps(shape.to_dict()))) == shape

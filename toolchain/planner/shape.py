@@ -63,10 +63,11 @@ def _states(config: Any, layers: int) -> dict[str, int]:
     elif config.model_type in STATE_SPACE_TYPES:  # Mamba, Falcon-Mamba
         inner, state, kernel, convolved = (int(config.intermediate_size), int(config.state_size),
                                            int(config.conv_kernel), int(config.intermediate_size))
-    elif config.model_type in HYBRID_TYPES:
-        layers = sum(kind == "mamba" for kind in config.layers_block_type)
-        inner, state, kernel = int(config.mamba_expand * config.hidden_size), int(config.mamba_d_state), int(
-            config.mamba_d_conv)
+    elif config.model_type in HYBRID_TYPES:  # Falcon-H1: a Mamba 2 mixer in every layer, its width mamba_d_ssm
+        if config.model_type != "falcon_h1":  # its layers_block_type names every layer "attention"
+            layers = sum(kind == "mamba" for kind in config.layers_block_type)
+        inner = int(getattr(config, "mamba_d_ssm", None) or config.mamba_expand * config.hidden_size)
+        state, kernel = int(config.mamba_d_state), int(config.mamba_d_conv)
         convolved = inner + 2 * int(config.mamba_n_groups) * state
     else:
         return {}
