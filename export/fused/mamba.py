@@ -3,7 +3,7 @@ selective-scan mixers, and the causal convolution with a state they share with L
 
 A Mamba layer keeps two states instead of a KV cache: its convolution's last ``conv_kernel - 1`` inputs, graph input
 ``past_conv.i`` / output ``present_conv.i`` [1, inner, kernel - 1], and the SSM state h, ``past_ssm.i`` /
-``present_ssm.i`` [1, inner, state]. The runtime binds one buffer as both past and present, as it does the KV cache
+``present_ssm.i`` [inner, state]. The runtime binds one buffer as both past and present, as it does the KV cache
 (``runtime/fused_decoder.py``). Per position t, with Δ = softplus(dt_proj(dt)) and A = -exp(A_log):
 h ← exp(Δ·A) ⊙ h + (Δ·x) Bᵀ, y = h C + D ⊙ x, and the output is out_proj(y ⊙ silu(z)). The recurrence is one ONNX
 ``Scan`` over this step's positions (one iteration when decoding), everything else is computed for all positions at
@@ -155,8 +155,8 @@ def _per_head(b: GraphBuilder, x: str, dims: tuple[int, int, int], name: str) ->
 def _scan(b: GraphBuilder, decay: str, inject: str, readout: str, dims: tuple[int, ...], i: int, name: str) -> str:
     """h ← decay_t ⊙ h + inject_t and y_t = h · readout_t for each position t, from ``past_ssm.i`` (the state of
     shape ``dims``); the final h is ``present_ssm.i``. Returns the stacked y [S, ..., 1]."""
-    past = b.add_input(f"past_ssm.{i}", FLOAT, [1, *dims])
-    start = b.op1("Reshape", [past, b.const(list(dims))], f"{name}/ssm_start")
+    # the state without a batch axis: the Scan reads it and writes its final value into the bound buffer itself
+    start = b.add_input(f"past_ssm.{i}", FLOAT, list(dims))
     body = helper.make_graph(
         [helper.make_node("Mul", ["decay_t", "h_in"], ["kept"]),
          helper.make_node("Add", ["kept", "inject_t"], ["h_out"]),
@@ -164,11 +164,10 @@ def _scan(b: GraphBuilder, decay: str, inject: str, readout: str, dims: tuple[in
         f"{name}_scan_step",
         [helper.make_tensor_value_info(n, FLOAT, None) for n in ("h_in", "decay_t", "inject_t", "readout_t")],
         [helper.make_tensor_value_info(n, FLOAT, None) for n in ("h_out", "y_t")])
-    final, ys = b.op("Scan", [start, _squeezed(b, decay, name), _squeezed(b, inject, name),
-                              _squeezed(b, readout, name)], f"{name}/scan", 2, body=body, num_scan_inputs=3)
-    present = f"present_ssm.{i}"
-    b.op_named("Reshape", [final, b.const([1, *dims])], [present], f"{name}/ssm_state")
-    b.outputs.append(helper.make_tensor_value_info(present, FLOAT, [1, *dims]))
+    present, ys = f"present_ssm.{i}", b.unique(f"{name}/scan_y")
+    b.op_named("Scan", [start, _squeezed(b, decay, name), _squeezed(b, inject, name), _squeezed(b, readout, name)],
+               [present, ys], f"{name}/scan", body=body, num_scan_inputs=3)
+    b.outputs.append(helper.make_tensor_value_info(present, FLOAT, list(dims)))
     return ys
 
 
