@@ -74,9 +74,9 @@ class ModelShape:
     per_layer_linears: tuple[tuple[tuple[str, int, int], ...], ...] = ()
     kv_layers: int | None = None  # layers with a KV cache (LFM2: its attention layers only); None: all
     # Mamba: the bytes of its layers' convolution and SSM states (held instead of a KV cache, whatever the context),
-    # and the SSM state size N, by which a prefill's per-channel scan inputs grow
+    # and the bytes each prefilled position adds to a Mamba layer's scan inputs ([positions, channels, N] tensors)
     state_bytes: int = 0
-    ssm_state: int = 0
+    scan_bytes: int = 0
 
     def __post_init__(self) -> None:  # from JSON the entries arrive as lists
         object.__setattr__(self, "layer_linears", tuple(tuple(e) for e in self.layer_linears))
@@ -227,11 +227,12 @@ def activation_bytes(shape: ModelShape, context: int, chunk: int, fused: bool = 
     logits = (1 if fused else chunk) * shape.vocab * F32
     attention = (1 if fused else ATTENTION_BUFFERS) * shape.heads * chunk * context * F32
     mlp = 3 * chunk * shape.intermediate * F32
-    mlp += 3 * chunk * shape.intermediate * shape.ssm_state * F32  # Mamba's decay, input and scan tensors
     hidden = 8 * chunk * shape.hidden * F32
+    # a Mamba layer's scan inputs, one layer at a time; measured without the arena's growth, as attention's scores
+    scan = chunk * shape.scan_bytes
     if fused:  # measured: GroupQueryAttention's scores do not grow the arena like the rest (README)
-        return int(ARENA_FACTOR * (logits + mlp + hidden) + attention)
-    return int(ARENA_FACTOR * (logits + attention + mlp + hidden))
+        return int(ARENA_FACTOR * (logits + mlp + hidden) + attention + scan)
+    return int(ARENA_FACTOR * (logits + attention + mlp + hidden) + scan)
 
 
 def estimate(shape: ModelShape, dtype: str, stored_weights: int, context: int, chunk: int = 256,

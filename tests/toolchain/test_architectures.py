@@ -289,7 +289,8 @@ def test_state_space_layers_are_planned_with_their_states_not_a_kv_cache(models,
     layers, inner, state = 2, 128, 8  # Mamba layers; a Mamba 2 convolves x, B and C (its groups' N each)
     conv = {"mamba": inner, "mamba2": inner + 2 * 2 * state, "granitemoehybrid": inner + 2 * state,
             "bamba": inner + 2 * state, "falcon_h1": inner + 2 * 2 * state}[arch]
-    assert shape.state_bytes == layers * (conv * 3 + inner * state) * 4 and shape.ssm_state == state
+    assert shape.state_bytes == layers * (conv * 3 + inner * state) * 4
+    assert shape.scan_bytes == (5 if arch == "mamba" else 2) * inner * state * 4
     kv = 2 * (attention if attention is not None else layers) * shape.kv_heads * shape.head_dim * 100 * 4
     assert memory.kv_cache_bytes(shape, 100) == kv + shape.state_bytes
     assert any(name.endswith(("mixer.in_proj", "mamba.in_proj")) for name, _, _ in shape.linears()[0])
