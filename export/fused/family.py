@@ -112,6 +112,9 @@ def check_supported(config: Any) -> None:
         kinds -= {"conv"}  # LFM2's short convolutions, with their state (llama.py)
         if int(getattr(config, "conv_L_cache", 3)) < 2:
             raise UnsupportedArchitecture("the fused graph needs LFM2 convolutions of at least 2 positions")
+    if model_type in (*STATE_SPACE_TYPES, *HYBRID_TYPES) and act != "silu":  # mamba.py's convolutions and gate
+        raise UnsupportedArchitecture(f"the fused graph's Mamba layers use SiLU, this model uses {act}; no graph "
+                                      "takes it yet")
     if model_type in HYBRID_TYPES:
         kinds -= {"mamba", "attention"}  # Mamba 2 mixers (mamba.py) and full attention
     if kinds:

@@ -267,6 +267,12 @@ def test_a_quantized_checkpoint_is_refused_by_its_method():
         check_supported(_config(quantization_config={"quant_method": "bitnet", "linear_class": "autobitlinear"}))
 
 
+def test_a_mamba_without_silu_is_refused_by_name():
+    # its convolution's activation and output gate are hidden_act; the graph computes SiLU
+    with pytest.raises(UnsupportedArchitecture, match="Mamba layers use SiLU, this model uses gelu"):
+        check_supported(SimpleNamespace(model_type="mamba", hidden_act="gelu"))
+
+
 def test_other_attention_kinds_are_refused_by_name():
     with pytest.raises(UnsupportedArchitecture, match="chunked_attention"):
         check_supported(_config(layer_types=["full_attention", "chunked_attention"]))
