@@ -88,6 +88,14 @@ class GraphBuilder:
         return model
 
 
+def trimmed(inputs: Sequence[str]) -> list[str]:
+    """A node's inputs without their trailing empty (omitted optional) names."""
+    inputs = list(inputs)
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    return inputs
+
+
 def save(model: onnx.ModelProto, path: Path) -> list[Path]:
     """Write the graph to ``path`` and every weight over 1 KB to ``path.data``; return both files.
 

@@ -144,6 +144,15 @@ class LinearEmitter:
             offset += width
         return order
 
+    def linear(self, x: str, module: Any, name: str) -> str:
+        """``module`` (a linear layer or a factorized pair) applied to ``x``, with its delta side branch."""
+        return self.delta(x, self.module(x, module, name), in_features(module), [module], name)
+
+    def parameter(self, name: str, param: Any) -> str:
+        """A parameter read as it is (a norm's weight, a convolution, Mamba's A_log or D, an attention sink), as the
+        weight ``name`` with its dense delta slot."""
+        return self.dense_delta(self.builder.weight(name, _array(param)), param)
+
     def dense_delta(self, value: str, param: Any) -> str:
         """``value`` (the initializer of ``param``, e.g. a norm's weight) plus a delta input of the same
         shape (zeros when no delta is loaded), so deltas that change norms apply too."""
@@ -318,3 +327,8 @@ def _last(module: Any) -> Any:
 def _out_features(module: Any) -> int:
     """Output width of an ``nn.Linear`` or of the last layer of a factorized pair."""
     return int(module[-1].out_features if hasattr(module, "__getitem__") else module.out_features)
+
+
+def in_features(module: Any) -> int:
+    """Input width of an ``nn.Linear`` or of the first layer of a factorized pair."""
+    return int(module[0].in_features if hasattr(module, "__getitem__") else module.in_features)

@@ -31,9 +31,17 @@ from typing import Any
 import numpy as np
 from edgepack.export.fused.activations import activate
 from edgepack.export.fused.alibi import alibi_bias
-from edgepack.export.fused.builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
+from edgepack.export.fused.builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder, trimmed
 from edgepack.export.fused.family import STATE_SPACE_TYPES, Family, check_supported, family_of
-from edgepack.export.fused.linear import LinearEmitter, embed_8bit, head_8bit, is_joint, is_pairs, table_8bit
+from edgepack.export.fused.linear import (
+    LinearEmitter,
+    embed_8bit,
+    head_8bit,
+    in_features,
+    is_joint,
+    is_pairs,
+    table_8bit,
+)
 from edgepack.export.fused.mamba import causal_conv, mamba2_mixer, mamba_mixer
 from edgepack.export.fused.moe import block_of, is_sparse, moe_block
 from edgepack.export.fused.views import layout
@@ -273,11 +281,10 @@ def _attention(b: GraphBuilder, lin: LinearEmitter, x: str, attn: Any, model: tu
     out = b.unique(f"{name}/out")
     present = [f"present.{i}.key", f"present.{i}.value"]
     sinks = getattr(attn, "sinks", None)  # GPT-OSS: a per-head logit that joins each softmax's denominator
-    sink = lin.dense_delta(b.weight(f"{name}.sinks", _array(sinks)), sinks) if sinks is not None else ""
-    extra = ["", bias, sink]  # position_ids (unused), attention_bias (ALiBi), head_sink
-    while extra and not extra[-1]:
-        extra.pop()
-    b.op_named("GroupQueryAttention", [*qkv, *past, seqlens, total, cos, sin, *extra], [out, *present], f"{name}/gqa",
+    sink = lin.parameter(f"{name}.sinks", sinks) if sinks is not None else ""
+    # position_ids (unused), attention_bias (ALiBi), head_sink
+    b.op_named("GroupQueryAttention", trimmed([*qkv, *past, seqlens, total, cos, sin, "", bias, sink]), [out, *present],
+               f"{name}/gqa",
                domain=MS_DOMAIN, num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
                do_rotary=int(rotary),
                rotary_interleaved=int(family.rotary_interleaved),
@@ -298,13 +305,12 @@ def _short_conv(lin: LinearEmitter, x: str, conv: Any, i: int) -> str:
     b = lin.builder
     name = f"layers.{i}.conv"
     hidden = int(conv.conv.weight.shape[0])
-    projected = lin.delta(x, lin.module(x, conv.in_proj, f"{name}.in_proj"), _in_features(conv.in_proj),
-                          [conv.in_proj], f"{name}.in_proj")
+    projected = lin.linear(x, conv.in_proj, f"{name}.in_proj")
     gate_in, gate_out, h = b.op("Split", [projected, b.const([hidden] * 3)], f"{name}/split", 3, axis=-1)
     gated = b.op1("Transpose", [b.op1("Mul", [gate_in, h], f"{name}/gate_in")], f"{name}/channels", perm=[0, 2, 1])
     mixed = causal_conv(lin, gated, conv.conv, i, name)
     y = b.op1("Mul", [b.op1("Transpose", [mixed], f"{name}/positions", perm=[0, 2, 1]), gate_out], f"{name}/gate_out")
-    return lin.delta(y, lin.module(y, conv.out_proj, f"{name}.out_proj"), hidden, [conv.out_proj], f"{name}.out_proj")
+    return lin.linear(y, conv.out_proj, f"{name}.out_proj")
 
 
 def _window(cfg: Any, i: int) -> int:
@@ -391,13 +397,10 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str,
     plain = _plain_mlp(mlp)
     if plain:  # Phi, StarCoder2, Arcee: a plain two-layer MLP, fc2(act(fc1(x)))
         up, down = plain
-        hidden = lin.delta(x, lin.module(x, up, f"{name}.fc1"), _in_features(up), [up], f"{name}.fc1")
-        activated = activate(lin, hidden, activation, name, getattr(mlp, "act_fn", None))
-        out = lin.module(activated, down, f"{name}.fc2")
-        return lin.delta(activated, out, _in_features(down), [down], f"{name}.fc2")
+        hidden = lin.linear(x, up, f"{name}.fc1")
+        return lin.linear(activate(lin, hidden, activation, name, getattr(mlp, "act_fn", None)), down, f"{name}.fc2")
     if hasattr(mlp, "gate_up_proj"):  # Phi-3: one packed projection, gate first
-        both = lin.delta(x, lin.module(x, mlp.gate_up_proj, f"{name}.gate_up"), _in_features(mlp.gate_up_proj),
-                         [mlp.gate_up_proj], f"{name}.gate_up")
+        both = lin.linear(x, mlp.gate_up_proj, f"{name}.gate_up")
         gate, up = b.op("Split", [both, b.const([_out_features(mlp.gate_up_proj) // 2] * 2)], f"{name}/split", 2,
                         axis=-1)
         return _down(b, lin, activate(lin, gate, activation, name), up, mlp, name, norm)
@@ -408,11 +411,11 @@ def _mlp(b: GraphBuilder, lin: LinearEmitter, x: str, mlp: Any, activation: str,
             mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
         both = lin.joint(x, [mlp.gate_proj, mlp.up_proj], f"{name}.gate_up") if joint else lin.weight(
             x, np.concatenate([_array(mlp.gate_proj.weight), _array(mlp.up_proj.weight)]), None, f"{name}.gate_up")
-        both = lin.delta(x, both, _in_features(mlp.gate_proj), [mlp.gate_proj, mlp.up_proj], f"{name}.gate_up")
+        both = lin.delta(x, both, in_features(mlp.gate_proj), [mlp.gate_proj, mlp.up_proj], f"{name}.gate_up")
         widths = [int(m[-1].out_features if joint else m.out_features) for m in (mlp.gate_proj, mlp.up_proj)]
         gate, up = b.op("Split", [both, b.const(widths)], f"{name}/split", 2, axis=-1)
     else:
-        n_in = _in_features(mlp.gate_proj)
+        n_in = in_features(mlp.gate_proj)
         gate, up = lin.modules(x, [mlp.gate_proj, mlp.up_proj], [f"{name}.gate", f"{name}.up"], f"{name}.gate_up_low")
         gate = lin.delta(x, gate, n_in, [mlp.gate_proj], f"{name}.gate")
         up = lin.delta(x, up, n_in, [mlp.up_proj], f"{name}.up")
@@ -435,8 +438,7 @@ def _down(b: GraphBuilder, lin: LinearEmitter, activated: str, up: str, mlp: Any
     gated = b.op1("Mul", [activated, up], f"{name}/gated")
     if getattr(mlp, "ffn_sub_norm", None) is not None:  # BitNet: a norm before the down projection
         gated = norm.alone(gated, mlp.ffn_sub_norm, f"{name}.sub_norm")
-    down = lin.module(gated, mlp.down_proj, f"{name}.down")
-    return lin.delta(gated, down, _in_features(mlp.down_proj), [mlp.down_proj], f"{name}.down")
+    return lin.linear(gated, mlp.down_proj, f"{name}.down")
 
 
 def _rotaries(model: Any) -> dict[str, Any]:
@@ -483,11 +485,6 @@ def _value_info(name: str, shape: list[int | str]) -> Any:
 def _out_features(module: Any) -> int:
     """Output width of an ``nn.Linear`` or of the last layer of a factorized pair."""
     return int(module[-1].out_features if hasattr(module, "__getitem__") else module.out_features)
-
-
-def _in_features(module: Any) -> int:
-    """Input width of an ``nn.Linear`` or of the first layer of a factorized pair."""
-    return int(module[0].in_features if hasattr(module, "__getitem__") else module.in_features)
 
 
 def _array(t: Any) -> np.ndarray:

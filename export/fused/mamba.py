@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from edgepack.export.fused.builder import FLOAT, GraphBuilder
-from edgepack.export.fused.linear import LinearEmitter
+from edgepack.export.fused.linear import LinearEmitter, _array
 from onnx import helper
 
 
@@ -31,9 +31,9 @@ def causal_conv(lin: LinearEmitter, channels: str, conv: Any, i: int, name: str)
     present = f"present_conv.{i}"
     b.op_named("Slice", [window, b.const([1 - kernel]), b.const([2**62]), b.const([2])], [present], f"{name}/state")
     b.outputs.append(helper.make_tensor_value_info(present, FLOAT, [1, width, kernel - 1]))
-    inputs = [window, lin.dense_delta(b.weight(f"{name}.weight", _array(conv.weight)), conv.weight)]
+    inputs = [window, lin.parameter(f"{name}.weight", conv.weight)]
     if conv.bias is not None:
-        inputs.append(lin.dense_delta(b.weight(f"{name}.bias", _array(conv.bias)), conv.bias))
+        inputs.append(lin.parameter(f"{name}.bias", conv.bias))
     return b.op1("Conv", inputs, f"{name}/conv", group=width, kernel_shape=[kernel])
 
 
@@ -43,19 +43,19 @@ def mamba_mixer(lin: LinearEmitter, x: str, mixer: Any, i: int) -> str:
     b = lin.builder
     name = f"layers.{i}.mixer"
     inner, state, rank = int(mixer.intermediate_size), int(mixer.ssm_state_size), int(mixer.time_step_rank)
-    projected = _linear(lin, x, mixer.in_proj, f"{name}.in_proj")
+    projected = lin.linear(x, mixer.in_proj, f"{name}.in_proj")
     h, gate = b.op("Split", [projected, b.const([inner, inner])], f"{name}/split", 2, axis=-1)
     channels = b.op1("Transpose", [h], f"{name}/channels", perm=[0, 2, 1])
     conv = causal_conv(lin, channels, mixer.conv1d, i, f"{name}.conv1d")
     h = _silu(b, b.op1("Transpose", [conv], f"{name}/positions", perm=[0, 2, 1]), f"{name}/conv_act")  # [1, S, I]
-    params = _linear(lin, h, mixer.x_proj, f"{name}.x_proj")
+    params = lin.linear(h, mixer.x_proj, f"{name}.x_proj")
     dt, B, C = b.op("Split", [params, b.const([rank, state, state])], f"{name}/ssm_params", 3, axis=-1)
     eps = getattr(mixer, "rms_eps", None)
     if eps is not None:  # Falcon-Mamba: B, C and dt RMS-normed, without weights
         dt, B, C = (_rms(b, t, width, float(eps), f"{name}/{kind}_rms")
                     for t, width, kind in ((dt, rank, "dt"), (B, state, "b"), (C, state, "c")))
-    delta = b.op1("Softplus", [_linear(lin, dt, mixer.dt_proj, f"{name}.dt_proj")], f"{name}/softplus")  # [1, S, I]
-    a_log = lin.dense_delta(b.weight(f"{name}.A_log", _array(mixer.A_log)), mixer.A_log)
+    delta = b.op1("Softplus", [lin.linear(dt, mixer.dt_proj, f"{name}.dt_proj")], f"{name}/softplus")  # [1, S, I]
+    a_log = lin.parameter(f"{name}.A_log", mixer.A_log)
     A = b.op1("Neg", [b.op1("Exp", [a_log], f"{name}/exp_a")], f"{name}/A")  # [I, N]
     column = b.const([1, -1, inner, 1])
     delta_col = b.op1("Reshape", [delta, column], f"{name}/delta_col")  # [1, S, I, 1]
@@ -66,10 +66,10 @@ def mamba_mixer(lin: LinearEmitter, x: str, mixer: Any, i: int) -> str:
     readout = b.op1("Reshape", [C, b.const([1, -1, state, 1])], f"{name}/c_cols")  # [1, S, N, 1]
     y = _scan(b, decay, inject, readout, (inner, state), i, name)  # [S, I, 1]
     y = b.op1("Reshape", [y, b.const([1, -1, inner])], f"{name}/y")
-    d = lin.dense_delta(b.weight(f"{name}.D", _array(mixer.D)), mixer.D)
+    d = lin.parameter(f"{name}.D", mixer.D)
     y = b.op1("Add", [y, b.op1("Mul", [h, d], f"{name}/skip")], f"{name}/with_skip")
     y = b.op1("Mul", [y, _silu(b, gate, f"{name}/gate_act")], f"{name}/gated")
-    return _linear(lin, y, mixer.out_proj, f"{name}.out_proj")
+    return lin.linear(y, mixer.out_proj, f"{name}.out_proj")
 
 
 def mamba2_mixer(lin: LinearEmitter, x: str, mixer: Any, i: int) -> str:
@@ -83,7 +83,7 @@ def mamba2_mixer(lin: LinearEmitter, x: str, mixer: Any, i: int) -> str:
     width = groups * state
     if getattr(mixer, "ssm_in_multiplier", None) is not None:  # Falcon-H1's μP multipliers: of the input, and
         x = b.op1("Mul", [x, b.const(np.float32(mixer.ssm_in_multiplier), np.float32)], f"{name}/in_scaled")
-    projected = _linear(lin, x, mixer.in_proj, f"{name}.in_proj")
+    projected = lin.linear(x, mixer.in_proj, f"{name}.in_proj")
     if getattr(mixer, "mup_vector", None) is not None:  # of each section of the projection (z, x, B, C, dt)
         projected = b.op1("Mul", [projected, b.weight(f"{name}.mup_vector", _array(mixer.mup_vector).reshape(-1))],
                           f"{name}/mup")
@@ -93,13 +93,13 @@ def mamba2_mixer(lin: LinearEmitter, x: str, mixer: Any, i: int) -> str:
                        f"{name}.conv1d")
     xbc = _silu(b, b.op1("Transpose", [conv], f"{name}/positions", perm=[0, 2, 1]), f"{name}/conv_act")
     h, B, C = b.op("Split", [xbc, b.const([inner, width, width])], f"{name}/xbc", 3, axis=-1)
-    dt_bias = lin.dense_delta(b.weight(f"{name}.dt_bias", _array(mixer.dt_bias)), mixer.dt_bias)
+    dt_bias = lin.parameter(f"{name}.dt_bias", mixer.dt_bias)
     delta = b.op1("Softplus", [b.op1("Add", [dt, dt_bias], f"{name}/dt_biased")], f"{name}/softplus")  # [1, S, H]
     low, high = (float(v) for v in mixer.time_step_limit)
     if low > 0.0 or high < float("inf"):
         delta = b.op1("Clip", [delta, b.const(np.float32(low), np.float32), b.const(np.float32(high), np.float32)],
                       f"{name}/dt_limit")
-    a_log = lin.dense_delta(b.weight(f"{name}.A_log", _array(mixer.A_log)), mixer.A_log)
+    a_log = lin.parameter(f"{name}.A_log", mixer.A_log)
     A = b.op1("Neg", [b.op1("Exp", [a_log], f"{name}/exp_a")], f"{name}/A")  # [H]
     decay = b.op1("Exp", [b.op1("Mul", [delta, A], f"{name}/delta_a")], f"{name}/decay")  # [1, S, H]
     decay = b.op1("Reshape", [decay, b.const([1, -1, heads, 1, 1])], f"{name}/decay_heads")
@@ -113,12 +113,12 @@ def mamba2_mixer(lin: LinearEmitter, x: str, mixer: Any, i: int) -> str:
     C = _per_head(b, C, (groups, heads, state), f"{name}/c")
     readout = b.op1("Reshape", [C, b.const([1, -1, heads, state, 1])], f"{name}/c_cols")
     y = _scan(b, decay, inject, readout, (heads, dim, state), i, name)  # [S, H, P, 1]
-    d = lin.dense_delta(b.weight(f"{name}.D", _array(mixer.D)), mixer.D)
+    d = lin.parameter(f"{name}.D", mixer.D)
     skip = b.op1("Mul", [per_head, b.op1("Reshape", [d, b.const([heads, 1])], f"{name}/d_heads")], f"{name}/skip")
     y = b.op1("Add", [b.op1("Reshape", [y, b.const([1, -1, heads, dim])], f"{name}/y_heads"), skip],
               f"{name}/with_skip")
     y = _gated_norm(lin, b.op1("Reshape", [y, b.const([1, -1, inner])], f"{name}/y"), gate, mixer, name)
-    return _linear(lin, y, mixer.out_proj, f"{name}.out_proj")
+    return lin.linear(y, mixer.out_proj, f"{name}.out_proj")
 
 
 def _gated_norm(lin: LinearEmitter, y: str, gate: str, mixer: Any, name: str) -> str:
@@ -136,7 +136,7 @@ def _gated_norm(lin: LinearEmitter, y: str, gate: str, mixer: Any, name: str) ->
     width = int(norm.weight.shape[0])
     grouped = b.op1("Reshape", [y, b.const([1, -1, groups, width // groups])], f"{name}/norm_groups")
     normed = _rms(b, grouped, width // groups, float(norm.variance_epsilon), f"{name}.norm")
-    weight = lin.dense_delta(b.weight(f"{name}.norm.weight", _array(norm.weight)), norm.weight)
+    weight = lin.parameter(f"{name}.norm.weight", norm.weight)
     y = b.op1("Mul", [b.op1("Reshape", [normed, b.const([1, -1, width])], f"{name}/norm_flat"), weight],
               f"{name}/norm_scaled")
     return b.op1("Mul", [y, gated], f"{name}/gated_after") if after else y
@@ -184,18 +184,6 @@ def _squeezed(b: GraphBuilder, x: str, name: str) -> str:
     return b.op1("Squeeze", [x, b.const([0])], f"{name}/{x.rsplit('/', 1)[-1]}_seq")
 
 
-def _linear(lin: LinearEmitter, x: str, module: Any, name: str) -> str:
-    """A linear layer of the mixer with its delta side branch."""
-    return lin.delta(x, lin.module(x, module, name), _in_features(module), [module], name)
-
-
 def _silu(b: GraphBuilder, x: str, name: str) -> str:
     return b.op1("Mul", [x, b.op1("Sigmoid", [x], f"{name}/sigmoid")], name)
 
-
-def _in_features(module: Any) -> int:
-    return int(module[0].in_features if hasattr(module, "__getitem__") else module.in_features)
-
-
-def _array(t: Any) -> np.ndarray:
-    return t.detach().float().cpu().numpy()

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 from edgepack.export.fused.blocks import BLOCK, quantize_q4_int, quantize_q8
-from edgepack.export.fused.builder import MS_DOMAIN
+from edgepack.export.fused.builder import MS_DOMAIN, trimmed
 from edgepack.export.fused.linear import ACCURACY_LEVEL, LinearEmitter
 from edgepack.runtime.errors import UnsupportedArchitecture
 
@@ -112,7 +112,7 @@ def moe_block(lin: LinearEmitter, x: str, block: Any, config: Any, name: str,
     else:
         inputs = [x, logits, b.weight(f"{name}.experts.gate_up", gate_up), bias_inputs[0],
                   b.weight(f"{name}.experts.down", down), bias_inputs[1]]
-        out = b.op1("MoE", _trimmed(inputs), f"{name}/MoE", domain=MS_DOMAIN, **attrs)
+        out = b.op1("MoE", trimmed(inputs), f"{name}/MoE", domain=MS_DOMAIN, **attrs)
     if shared_mlp is not None:  # GraniteMoE-shared: input_linear packs gate and up (gate first), as Phi-3's gate_up
         view = SimpleNamespace(gate_up_proj=shared_mlp.input_linear, down_proj=shared_mlp.output_linear)
         return b.op1("Add", [out, dense_mlp(x, view, f"{name}.shared_mlp")], f"{name}/with_shared")
@@ -139,7 +139,7 @@ def _qmoe(lin: LinearEmitter, x: str, logits: str, gate_up: np.ndarray, down: np
                          "" if zero_points is None else b.weight(f"{name}.experts.{kind}.zero_points", zero_points))
     (w1, s1, z1), (w2, s2, z2) = tensors["gate_up"], tensors["down"]
     inputs = [x, logits, w1, s1, biases[0], w2, s2, biases[1], "", "", "", z1, z2]
-    return b.op1("QMoE", _trimmed(inputs), f"{name}/QMoE", domain=MS_DOMAIN, expert_weight_bits=bits,
+    return b.op1("QMoE", trimmed(inputs), f"{name}/QMoE", domain=MS_DOMAIN, expert_weight_bits=bits,
                  block_size=BLOCK, accuracy_level=ACCURACY_LEVEL, **attrs)
 
 
@@ -180,9 +180,9 @@ def _biased_router(lin: LinearEmitter, x: str, router: Any, name: str) -> str:
     """GPT-OSS's router logits x·Wᵀ + b in float32; W and b are parameters of its router module, not a linear layer,
     so a delta's change of either is a dense slot."""
     b = lin.builder
-    weight = lin.dense_delta(b.weight(f"{name}.router.weight", _array(router.weight)), router.weight)
+    weight = lin.parameter(f"{name}.router.weight", router.weight)
     logits = b.op1("FusedMatMul", [x, weight], f"{name}/router", domain=MS_DOMAIN, transB=1)
-    bias = lin.dense_delta(b.weight(f"{name}.router.bias", _array(router.bias)), router.bias)
+    bias = lin.parameter(f"{name}.router.bias", router.bias)
     return b.op1("Add", [logits, bias], f"{name}/router_bias")
 
 
@@ -222,13 +222,6 @@ def _optional(lin: LinearEmitter, value: np.ndarray | None, name: str, param: An
         return ""
     weight = lin.builder.weight(f"{name}.bias", value)
     return weight if param is None else lin.dense_delta(weight, param)
-
-
-def _trimmed(inputs: list[str]) -> list[str]:
-    """Inputs without their trailing empty (omitted optional) names."""
-    while inputs and not inputs[-1]:
-        inputs = inputs[:-1]
-    return inputs
 
 
 def _bias_or_zeros(linear: Any) -> np.ndarray:
