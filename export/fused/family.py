@@ -49,8 +49,7 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gra
                    "gpt_bigcode", "gpt_neo", "bitnet", "lfm2", "codegen", "xglm", "mpt", "bloom", "mamba",
                    "mamba2", "falcon_mamba", "granitemoehybrid", "bamba", "falcon_h1", *MOE_TYPES)
 LAYER_NORM_TYPES = ("stablelm", "olmo", "phi", "gpt_neox", "gpt2", "opt", "falcon", "cohere", "gptj", "codegen",
-                    "starcoder2",
-                    "cohere2", "nemotron", "gpt_bigcode", "gpt_neo", "xglm", "mpt", "bloom")
+                    "starcoder2", "cohere2", "nemotron", "gpt_bigcode", "gpt_neo", "xglm", "mpt", "bloom")
 COHERE_TYPES = ("cohere", "cohere2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "vaultgemma")  # norms by 1 + w, embedding scaled by sqrt(hidden)
 POST_NORM_TYPES = ("olmo2", "olmo3", "exaone4", "flex_olmo")  # norms on each block's output only
@@ -60,6 +59,7 @@ STATE_SPACE_TYPES = ("mamba", "mamba2", "falcon_mamba")  # state-space layers on
 HYBRID_TYPES = ("granitemoehybrid", "bamba", "falcon_h1")  # Mamba 2 layers with or beside attention layers
 # embedding, residual, attention and logit multipliers
 GRANITE_TYPES = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")
+GPTJ_TYPES = ("gptj", "codegen")  # GPT-J's layout: a rotary of rotary_dim dimensions in interleaved pairs
 # transformers' activation names → how the graph computes them (FastGelu is the tanh approximation)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
                "gelu": "gelu", "relu": "relu", "relu2": "relu2", "xielu": "xielu"}
@@ -97,8 +97,7 @@ def check_supported(config: Any) -> None:
                                       f"(supported: {', '.join(SUPPORTED_TYPES)}); build without --graph fused")
     quantized = getattr(config, "quantization_config", None)
     if quantized:  # e.g. a packed BitNet, GPTQ or AWQ checkpoint: its modules hold no float weights to read
-        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else getattr(
-            quantized, "quant_method", "?")
+        method = _field(quantized, "quant_method") or "?"
         raise UnsupportedArchitecture(f"the fused graph reads float weights, this checkpoint is quantized "
                                       f"({method}); build from its unquantized weights")
     act = _activation_name(config)
@@ -128,7 +127,7 @@ def check_supported(config: Any) -> None:
         config, "alibi", False)
     share = 0.0 if unrotated else float(getattr(config, "partial_rotary_factor", None) or 1.0)
     rotated = int(head * share)
-    if model_type in ("gptj", "codegen"):
+    if model_type in GPTJ_TYPES:
         if not getattr(config, "rotary_dim", 64):  # transformers then rotates by a hidden-wide table
             raise UnsupportedArchitecture(f"the fused graph needs {model_type}'s rotary_dim; build with --graph "
                                           "optimum")
@@ -240,10 +239,10 @@ def family_of(config: Any, head_dim: int) -> Family:
         norm_eps=_norm_eps(config),
         pre_norm=config.model_type not in POST_NORM_TYPES,
         qk_norm_per_head=config.model_type not in ("olmo2", "olmo3", "olmoe", "flex_olmo"),
-        parallel=config.model_type in ("phi", "gptj", "codegen", *COHERE_TYPES) or neox_parallel or falcon_parallel,
+        parallel=config.model_type in ("phi", *GPTJ_TYPES, *COHERE_TYPES) or neox_parallel or falcon_parallel,
         parallel_norms=two_norms,
         positions=config.model_type in POSITION_TABLE_TYPES,
-        rotary_interleaved=config.model_type in ("gptj", "codegen", "ernie4_5", "glm", "glm4", "helium",
+        rotary_interleaved=config.model_type in (*GPTJ_TYPES, "ernie4_5", "glm", "glm4", "helium",
                                                  *COHERE_TYPES),
         qk_norm_after_rotary=config.model_type == "hunyuan_v1_dense",
         alibi=_alibi(config, head_dim),
@@ -275,7 +274,7 @@ def _norm_eps(config: Any) -> float:
         return float(config.layer_norm_eps)
     if config.model_type in ("opt", "xglm"):
         return 1e-5  # torch's LayerNorm default, which their layers use
-    if config.model_type in ("gpt2", "falcon", "gptj", "codegen", "gpt_bigcode", "gpt_neo", "mpt", "bloom",
+    if config.model_type in ("gpt2", "falcon", *GPTJ_TYPES, "gpt_bigcode", "gpt_neo", "mpt", "bloom",
                              *STATE_SPACE_TYPES):
         return float(config.layer_norm_epsilon)
     if config.model_type == "starcoder2":
@@ -294,7 +293,7 @@ def _activation_name(config: Any) -> str:
         return "gelu"  # transformers' MPT MLP is the exact GELU, whatever its config says
     if getattr(config, "model_type", "") == "bloom":
         return "gelu_pytorch_tanh"  # BloomGelu: the tanh approximation
-    if getattr(config, "model_type", "") in ("gpt2", "opt", "gptj", "codegen", "gpt_bigcode", "gpt_neo", "xglm"):
+    if getattr(config, "model_type", "") in ("gpt2", "opt", *GPTJ_TYPES, "gpt_bigcode", "gpt_neo", "xglm"):
         return getattr(config, "activation_function", "relu" if config.model_type == "opt" else "gelu_new")
     if getattr(config, "model_type", "") in ("gemma2", "gemma3_text", "vaultgemma"):
         return getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"  # their configs' default
