@@ -97,6 +97,7 @@ class FusedDecoder:
         self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
         states = sorted((int(m.group(2)), m.group(1), n) for n in inputs if (m := _STATE.match(n)))
         self.state_names = [n for _, _, n in states]
+        self.state_presents = [n.replace("past_", "present_", 1) for n in self.state_names]
         self.state_shapes = [tuple(int(d) for d in inputs[n].shape) for n in self.state_names]
         if not self.past_names and not self.state_names:
             raise PackageError("the fused graph has no past_key_values (or state) inputs")
@@ -172,9 +173,9 @@ class FusedDecoder:
         for past, present, value in zip(self.past_names, self.present_names, cache.values):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
-        for past, value in zip(self.state_names, cache.state_values):
+        for past, present, value in zip(self.state_names, self.state_presents, cache.state_values):
             binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(past.replace("past_", "present_", 1), value)
+            binding.bind_ortvalue_output(present, value)
 
     def _prefill(self, tokens: list[int], cache: FusedKVCache, total: int, keep: int) -> np.ndarray:
         binding = self.session.io_binding()
