@@ -23,6 +23,14 @@ def test_builtin_profiles_load_and_round_trip(name):
     assert 0 < p.app_memory_mb <= p.ram_mb
 
 
+def test_a_description_with_a_line_break_yaml_folds_round_trips():
+    # PyYAML folds a raw NEL (U+0085) in a quoted scalar to a space; such a profile is written escaped, others as text
+    tricky = DeviceProfile.from_dict({**_valid(), "description": "board\x85two"})
+    assert DeviceProfile.from_yaml(tricky.to_yaml()) == tricky
+    plain = DeviceProfile.from_dict({**_valid(), "description": "carte à puce"})
+    assert "carte à puce" in plain.to_yaml() and DeviceProfile.from_yaml(plain.to_yaml()) == plain
+
+
 def test_phones_are_mobile():
     assert {n for n in REQUIRED if profiles.load_profile(n).mobile} == {"android-midrange", "pixel-9",
                                                                          "iphone-15-pro"}
