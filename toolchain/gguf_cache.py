@@ -34,7 +34,8 @@ def enabled() -> bool:
 def folder_for(gguf_sha256: str) -> Path:
     import transformers
 
-    return cache_dir() / "gguf" / f"{gguf_sha256[:32]}-transformers-{transformers.__version__}"
+    # -r1: read with gguf_repair.py, so copies made before it (another config, maybe other weights) are not reused
+    return cache_dir() / "gguf" / f"{gguf_sha256[:32]}-transformers-{transformers.__version__}-r1"
 
 
 def lookup(gguf_sha256: str) -> Path | None:

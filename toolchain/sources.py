@@ -12,7 +12,7 @@ from typing import Any
 
 from edgepack.runtime.errors import ModelSourceError, ResourceError, UnsupportedArchitecture
 from edgepack.runtime.files import sha256_file
-from edgepack.toolchain import gguf_cache
+from edgepack.toolchain import gguf_cache, gguf_repair
 from edgepack.toolchain.default_model import WHEEL, WHEEL_VERSION, ensure_default_model
 
 DEFAULT = "default"
@@ -109,6 +109,8 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
     except Exception as e:  # corrupt GGUF headers surface as assorted exception types
         raise ModelSourceError(f"cannot read {source.ref}: {_first_line(e)}{_hint(source)}") from None
     full, config = config, language_model_config(config, source.ref)
+    header = _gguf_header(source) if "gguf_file" in kwargs else None
+    repairs = gguf_repair.repair_config(config, header, source.ref) if header else []
     _check_causal_lm(config, source)
     if check is not None:
         check(config)
@@ -130,6 +132,8 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
         raise UnsupportedArchitecture(
             f"{source.ref}: its tokenizer has no 'tokenizers' (fast) version, which the runtime needs"
         )
+    if header:
+        repairs += gguf_repair.repair_tokenizer(tokenizer, header, config.model_type)
     try:
         if ressvd_storage.is_compressed(source.path):
             model = ressvd_storage.load(source.path, config)
@@ -139,6 +143,9 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
             model, info = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
                                                                output_loading_info=True, **model_kwargs)
             _check_complete(info, source, config, multimodal=config is not full)
+            if header and gguf_repair.repair_weights(model, header):
+                repairs.append("Falcon's query-key-value rows regrouped")
+            gguf_repair.report(source.ref, repairs)
             if "gguf_file" in kwargs and gguf_cache.enabled():
                 _keep_copy(source, model, tokenizer)
     except ModelSourceError:
@@ -194,6 +201,13 @@ def _tokenizer(folder: str, config: Any, kwargs: dict[str, Any]) -> Any:
                                f"model's tokenizer.json (and tokenizer_config.json) beside it in {folder}, or build "
                                "from its Hugging Face folder")
     return AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k != "gguf_file"})
+
+
+def _gguf_header(source: ModelSource) -> gguf_repair.Header:
+    try:
+        return gguf_repair.read_header(Path(source.path) / source.gguf_file)
+    except Exception as e:  # as for the config: a damaged file surfaces as assorted exception types
+        raise ModelSourceError(f"cannot read {source.ref}: {_first_line(e)}{_hint(source)}") from None
 
 
 def _check_causal_lm(config: Any, source: ModelSource) -> None:

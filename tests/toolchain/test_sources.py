@@ -77,13 +77,12 @@ def test_loads_hf_folder(tiny_model_dir):
 @pytest.fixture
 def tiny_gguf(tmp_path, monkeypatch):
     """The tiny model written as a real GGUF with the gguf package, and a cache of its own."""
-    import gguf
+    import gguf_writer
     import tiny
 
     monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))
     model = tiny.make_model(seed=4)
-    path = tmp_path / "tiny.gguf"
-    _write_llama_gguf(gguf, model, tiny.make_tokenizer(), path)
+    path = gguf_writer.write(model, tiny.make_tokenizer(), tmp_path / "tiny.gguf")
     return path, model
 
 
@@ -146,86 +145,11 @@ def test_gguf_copy_can_be_turned_off(tiny_gguf, monkeypatch):
     assert gguf_cache.lookup(loaded.source.sha256) is None
 
 
-def _write_llama_gguf(gguf, model, tokenizer, path):
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_vocab_size(cfg.vocab_size)
-    _add_tokenizer(w, tokenizer)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-                 "post_attention_layernorm": "ffn_norm"}
-    for i in range(cfg.num_hidden_layers):
-        for hf, gg in per_layer.items():
-            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
-    state = model.state_dict()
-    for hf, gg in names.items():
-        tensor = state[hf].detach().numpy().astype("float32")
-        if gg.endswith(("attn_q.weight", "attn_k.weight")):
-            tensor = _permute_for_gguf(tensor, cfg.num_attention_heads if "attn_q" in gg else cfg.num_key_value_heads)
-        w.add_tensor(gg, tensor)
-    _finish(w)
-
-
-def _add_tokenizer(w, tokenizer):
-    vocab = tokenizer.get_vocab()
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * len(tokens))
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
-    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-
-
-def _finish(w):
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def _write_lfm2_gguf(gguf, model, tokenizer, path):
-    """As llama.cpp writes LFM2: key-value heads per layer (0: a convolution layer), llama.cpp's tensor names from
-    the gguf package's map, the convolution weight without its middle axis."""
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), "lfm2")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(model.model.layers[0].feed_forward.w1.out_features)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv([cfg.num_key_value_heads if kind == "full_attention" else 0 for kind in cfg.layer_types])
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_shortconv_l_cache(cfg.conv_L_cache)
-    _add_tokenizer(w, tokenizer)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LFM2, cfg.num_hidden_layers)
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # tied to the embedding
-        array = tensor.detach().numpy().astype("float32")
-        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), array.squeeze(1) if array.ndim == 3 else
-                     array)
-    _finish(w)
-
-
 def test_an_lfm2_gguf_builds_a_package_that_computes_its_model(tmp_path, monkeypatch):
     """LFM2 ships as GGUF too: transformers reads its layer kinds from the per-layer key-value heads; the package
     built from the GGUF (fused graph, convolution states) gives the source model's logits, and its tokenizer comes from
     the files beside the GGUF, since transformers cannot convert an LFM2 GGUF's own."""
-    import gguf
+    import gguf_writer
     import numpy as np
     import tiny
     import tiny_archs
@@ -235,7 +159,7 @@ def test_an_lfm2_gguf_builds_a_package_that_computes_its_model(tmp_path, monkeyp
 
     monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))
     model = tiny_archs.make_model("lfm2", seed=3)
-    _write_lfm2_gguf(gguf, model, tiny.make_tokenizer(), tmp_path / "lfm2.gguf")
+    gguf_writer.write(model, tiny.make_tokenizer(), tmp_path / "lfm2.gguf")
     # transformers 4.57 has no converter for an LFM2 GGUF's tokenizer: the files beside it are asked for, then read
     with pytest.raises(ModelSourceError, match="tokenizer.json .* beside it"):
         sources.load(str(tmp_path / "lfm2.gguf"))
@@ -248,12 +172,6 @@ def test_an_lfm2_gguf_builds_a_package_that_computes_its_model(tmp_path, monkeyp
     with torch.no_grad():
         want = model(torch.tensor([prompt])).logits[0].numpy()
     np.testing.assert_allclose(ours, want, atol=1e-3)
-
-
-def _permute_for_gguf(weight, heads):
-    # llama.cpp stores q/k rows interleaved per rotary pair; transformers undoes this on load.
-    out_dim = weight.shape[0]
-    return weight.reshape(heads, 2, out_dim // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def test_gguf_cut_off_in_its_tensor_data_is_named_as_such(tmp_path):
