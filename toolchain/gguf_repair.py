@@ -233,7 +233,7 @@ def repair_tokenizer(tokenizer: Any, header: Header, model_type: str) -> list[st
     """What the GGUF says of its tokenizer and transformers' converter does not do: a byte-level BPE's split rule
     (``tokenizer.ggml.pre``: it applies GPT-2's to any Llama GGUF, Llama 3's included), and no BOS token where
     ``tokenizer.ggml.add_bos_token`` is false (its Llama converter adds one regardless). Notes of the changes."""
-    notes = []
+    notes = _special_tokens(tokenizer, header)
     if header.keys.get("tokenizer.ggml.add_bos_token") is False and getattr(tokenizer, "add_bos_token", False):
         tokenizer.add_bos_token = False  # LlamaTokenizerFast rebuilds its post-processor on this
         notes.append("add_bos_token=False")
@@ -246,6 +246,22 @@ def repair_tokenizer(tokenizer: Any, header: Header, model_type: str) -> list[st
             pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
         notes.append(f"the '{pre}' split rule for its tokenizer")
+    return notes
+
+
+def _special_tokens(tokenizer: Any, header: Header) -> list[str]:
+    """The GGUF's own BOS / EOS / UNK / PAD ids: transformers' Gemma and Llama converters take their classes'
+    default token names, which another vocabulary may not hold (they are then added past the model's embedding)."""
+    notes = []
+    vocab = {i: t for t, i in tokenizer.get_vocab().items()}
+    for kind, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        wanted = header.keys.get(f"tokenizer.ggml.{key}_token_id")
+        if wanted is None or int(wanted) not in vocab or getattr(tokenizer, f"{kind}_token_id") == int(wanted):
+            continue
+        setattr(tokenizer, f"{kind}_token", vocab[int(wanted)])
+        notes.append(f"{kind}_token={vocab[int(wanted)]}")
+    if notes and hasattr(tokenizer, "update_post_processor"):
+        tokenizer.update_post_processor()  # its BOS / EOS template names the tokens
     return notes
 
 

@@ -105,9 +105,10 @@ def main() -> None:
     for r in rows:
         cells = [r["variant"], r["arch"], r.get("transformers"), r.get("edgepack"), r.get("package"), r.get("graph"),
                  r["read"]]
-        lines.append("| " + " | ".join(_cell(c).replace("|", "/") for c in cells) + " |")
+        lines.append("| " + " | ".join(_cell(c).replace("|", "\\|") for c in cells) + " |")
     text = (f"GGUF sweep (`python benchmarks/generality/gguf_sweep.py`, transformers {transformers.__version__}): "
-            "max |Δ logit| against the model each GGUF was written from, 40-token prompt.\n\n" + "\n".join(lines) + "\n")
+            "max |Δ logit| against the model each GGUF was written from, 40-token prompt.\n\n"
+            + "\n".join(lines) + "\n")
     out = results_dir(__file__)
     stem = f"gguf-{args.tag}" if args.tag else "gguf"
     (out / f"{stem}.md").write_text(text, encoding="utf-8")
