@@ -118,6 +118,8 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
     if getattr(config, "attn_logit_softcapping", None):
         # transformers' SDPA path skips the attention softcap (Gemma 2): only eager computes the model as defined
         config._attn_implementation = model_kwargs["attn_implementation"] = "eager"
+    if source.kind == "hf-folder":
+        _check_safetensors(source)
     if source.kind == "hf-folder" and not any((Path(source.path) / f).is_file() for f in _TOKENIZER_FILES):
         raise ModelSourceError(f"{source.ref} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...): "
                                "copy the model's tokenizer next to its config.json")
@@ -140,6 +142,8 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
         else:
             # The config already read is passed on: for a GGUF file each read of it parses the whole
             # header again (tokenizer arrays included), 3-4 s each on the default model.
+            if source.kind == "hf-folder":
+                model_kwargs["use_safetensors"] = True  # never transformers' fallback to a pickle file
             model, info = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
                                                                output_loading_info=True, **model_kwargs)
             _check_complete(info, source, config, multimodal=config is not full)
@@ -201,6 +205,22 @@ def _tokenizer(folder: str, config: Any, kwargs: dict[str, Any]) -> Any:
                                f"model's tokenizer.json (and tokenizer_config.json) beside it in {folder}, or build "
                                "from its Hugging Face folder")
     return AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k != "gguf_file"})
+
+
+# Weight files that are pickles (torch.save): edgepack unpickles nothing, not even with torch's restricted loader.
+_PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _check_safetensors(source: ModelSource) -> None:
+    folder = Path(source.path)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in _PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if pickles:
+        raise ModelSourceError(
+            f"{source.ref} holds its weights as a pickle ({pickles[0]}) and no .safetensors file: edgepack reads "
+            "safetensors only and unpickles nothing; convert the folder once where you trust the file, e.g. "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR) writes model.safetensors")
 
 
 def _gguf_header(source: ModelSource) -> gguf_repair.Header:

@@ -271,3 +271,23 @@ def test_a_multimodal_checkpoint_whose_language_model_does_not_load_is_refused(t
     tiny.make_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(ModelSourceError, match="cannot package its text part yet"):
         sources.load(str(tmp_path))
+
+
+def test_a_folder_with_pickled_weights_only_is_refused_unread(tmp_path, monkeypatch):
+    """No pickle is unpickled: a folder whose weights are pytorch_model.bin only is refused by name, before
+    transformers (which would read it with torch's restricted unpickler) is asked to."""
+    import tiny
+    import tiny_archs
+    import torch
+
+    folder = tmp_path / "old"
+    tiny_archs.make_model("llama").save_pretrained(folder, safe_serialization=False)
+    tiny.make_tokenizer().save_pretrained(folder)
+    assert (folder / "pytorch_model.bin").is_file() and not list(folder.glob("*.safetensors"))
+
+    def unpickle(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", unpickle)
+    with pytest.raises(ModelSourceError, match=r"pickle \(pytorch_model.bin\) and no .safetensors file"):
+        sources.load(str(folder))
