@@ -31,16 +31,19 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def folder_for(gguf_sha256: str) -> Path:
+def folder_for(gguf_sha256: str, tokenizer_sha256: str | None = None) -> Path:
+    """``tokenizer_sha256``: of a tokenizer.json beside the GGUF, which some loads read instead of the GGUF's own
+    (sources.py), so a copy made before one was put there is not reused."""
     import transformers
 
     # -r1: read with gguf_repair.py, so copies made before it (another config, maybe other weights) are not reused
-    return cache_dir() / "gguf" / f"{gguf_sha256[:32]}-transformers-{transformers.__version__}-r1"
+    name = f"{gguf_sha256[:32]}-transformers-{transformers.__version__}-r1"
+    return cache_dir() / "gguf" / (f"{name}-tokenizer-{tokenizer_sha256[:12]}" if tokenizer_sha256 else name)
 
 
-def lookup(gguf_sha256: str) -> Path | None:
+def lookup(gguf_sha256: str, tokenizer_sha256: str | None = None) -> Path | None:
     """The verified copy of the GGUF with this sha256, or None when there is none (or it is damaged)."""
-    folder = folder_for(gguf_sha256)
+    folder = folder_for(gguf_sha256, tokenizer_sha256)
     try:
         record = json.loads((folder / RECORD).read_text())
     except (OSError, ValueError):
@@ -57,9 +60,9 @@ def lookup(gguf_sha256: str) -> Path | None:
     return folder
 
 
-def store(gguf_sha256: str, model: Any, tokenizer: Any) -> Path | None:
+def store(gguf_sha256: str, model: Any, tokenizer: Any, tokenizer_sha256: str | None = None) -> Path | None:
     """Save ``model`` and ``tokenizer`` (just loaded from that GGUF) as the copy; None where it is skipped."""
-    folder = folder_for(gguf_sha256)
+    folder = folder_for(gguf_sha256, tokenizer_sha256)
     need = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
     with locked(folder.parent):  # creates the parent, so its free space can be read
         free = shutil.disk_usage(folder.parent).free

@@ -32,6 +32,8 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 # llama.cpp's tokenizer.ggml.pre names for those rules
 _SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
            "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+# rules transformers' converters already apply (GPT-2's; SmolLM's vocabulary has no multi-digit token to differ on)
+_GPT2_RULES = {"gpt-2", "smollm", "default"}
 # architectures whose transformers converter already applies the Qwen 2 rule
 _QWEN2_CONVERTED = {"qwen2", "qwen2_moe", "qwen3", "qwen3_moe"}
 # the small tensors read here (not the weights)
@@ -227,6 +229,15 @@ def repair_weights(model: Any, header: Header) -> bool:
                                      v.reshape(kv, 1, head_dim, *rest)], dim=1)
                 p.data.copy_(grouped.reshape(p.shape))
     return True
+
+
+def split_rule_known(header: Header, model_type: str) -> bool:
+    """Whether transformers' converter plus ``repair_tokenizer`` give this GGUF's byte-level BPE its own split
+    rule (llama.cpp has some 40 others, by ``tokenizer.ggml.pre`` name, that edgepack does not carry)."""
+    pre = header.keys.get("tokenizer.ggml.pre")
+    if header.keys.get("tokenizer.ggml.model") != "gpt2" or not pre:
+        return True
+    return str(pre) in _SPLITS or str(pre) in _GPT2_RULES or (str(pre) == "qwen2" and model_type in _QWEN2_CONVERTED)
 
 
 def repair_tokenizer(tokenizer: Any, header: Header, model_type: str) -> list[str]:

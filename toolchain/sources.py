@@ -90,7 +90,9 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     # A GGUF read before is read from its verified float32 copy (gguf_cache.py): the same weights, 100x faster.
-    copy = gguf_cache.lookup(source.sha256) if source.gguf_file and source.sha256 and gguf_cache.enabled() else None
+    beside_sha = _tokenizer_beside_sha(source)
+    copy = (gguf_cache.lookup(source.sha256, beside_sha) if source.gguf_file and source.sha256 and gguf_cache.enabled()
+            else None)
     folder = str(copy) if copy else source.path
     kwargs: dict[str, Any] = {"local_files_only": True}
     if source.gguf_file and copy is None:
@@ -123,8 +125,9 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
     if source.kind == "hf-folder" and not any((Path(source.path) / f).is_file() for f in _TOKENIZER_FILES):
         raise ModelSourceError(f"{source.ref} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...): "
                                "copy the model's tokenizer next to its config.json")
+    beside = header is not None and _tokenizer_beside(source, header, config.model_type)
     try:  # the tokenizer first: it fails in seconds where the weights take a minute
-        tokenizer = _tokenizer(folder, config, kwargs)
+        tokenizer = _tokenizer(folder, config, kwargs, beside)
     except ModelSourceError:
         raise
     except Exception as e:
@@ -134,7 +137,7 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
         raise UnsupportedArchitecture(
             f"{source.ref}: its tokenizer has no 'tokenizers' (fast) version, which the runtime needs"
         )
-    if header:
+    if header and not beside:
         repairs += gguf_repair.repair_tokenizer(tokenizer, header, config.model_type)
     try:
         if ressvd_storage.is_compressed(source.path):
@@ -151,7 +154,7 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
                 repairs.append("Falcon's query-key-value rows regrouped")
             gguf_repair.report(source.ref, repairs)
             if "gguf_file" in kwargs and gguf_cache.enabled():
-                _keep_copy(source, model, tokenizer)
+                _keep_copy(source, model, tokenizer, beside_sha)
     except ModelSourceError:
         raise
     except Exception as e:
@@ -192,19 +195,35 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenize
                     "vocab.txt")
 
 
-def _tokenizer(folder: str, config: Any, kwargs: dict[str, Any]) -> Any:
+def _tokenizer(folder: str, config: Any, kwargs: dict[str, Any], beside: bool = False) -> Any:
     """The model's tokenizer. transformers converts a GGUF's tokenizer by architecture and has no converter for some
-    (LFM2); for those, the tokenizer files beside the GGUF (tokenizer.json, ...) are read instead."""
+    (LFM2); for those, and with ``beside``, the tokenizer files beside the GGUF (tokenizer.json, ...) are read."""
     from transformers import AutoTokenizer
     from transformers.integrations.ggml import GGUF_TO_FAST_CONVERTERS
 
-    if "gguf_file" not in kwargs or config.model_type in GGUF_TO_FAST_CONVERTERS:  # keyed as the GGUF's config
-        return AutoTokenizer.from_pretrained(folder, config=config, **kwargs)
+    if "gguf_file" not in kwargs or (config.model_type in GGUF_TO_FAST_CONVERTERS and not beside):
+        return AutoTokenizer.from_pretrained(folder, config=config, **kwargs)  # keyed as the GGUF's config
     if not (Path(folder) / "tokenizer.json").is_file():
         raise ModelSourceError(f"transformers cannot convert the tokenizer of a '{config.model_type}' GGUF: put the "
                                f"model's tokenizer.json (and tokenizer_config.json) beside it in {folder}, or build "
                                "from its Hugging Face folder")
     return AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k != "gguf_file"})
+
+
+def _tokenizer_beside(source: ModelSource, header: gguf_repair.Header, model_type: str) -> bool:
+    """For a GGUF whose tokenizer split rule edgepack does not carry: read the tokenizer.json beside it (the model's
+    exact tokenizer) when there is one, else say that transformers' conversion may tokenize differently."""
+    if gguf_repair.split_rule_known(header, model_type):
+        return False
+    pre = header.keys.get("tokenizer.ggml.pre")
+    if (Path(source.path) / "tokenizer.json").is_file():
+        print(f"edgepack: {source.ref}: its tokenizer's split rule '{pre}' is not one edgepack carries: reading the "
+              "tokenizer.json beside it", file=sys.stderr)
+        return True
+    print(f"edgepack: warning: {source.ref}: its tokenizer's split rule '{pre}' is not one edgepack carries, so "
+          "transformers' GPT-2 rule is used and some texts may tokenize differently from the original model; put "
+          "the model's tokenizer.json beside the GGUF to use it exactly", file=sys.stderr)
+    return False
 
 
 # Weight files that are pickles (torch.save): edgepack unpickles nothing, not even with torch's restricted loader.
@@ -245,9 +264,14 @@ def _hint(source: ModelSource) -> str:
     return " (is the GGUF file truncated or corrupt?)" if source.gguf_file else ""
 
 
-def _keep_copy(source: ModelSource, model: Any, tokenizer: Any) -> None:
+def _tokenizer_beside_sha(source: ModelSource) -> str | None:
+    beside = Path(source.path) / "tokenizer.json"
+    return sha256_file(beside) if source.gguf_file and beside.is_file() else None
+
+
+def _keep_copy(source: ModelSource, model: Any, tokenizer: Any, tokenizer_sha256: str | None) -> None:
     try:
-        gguf_cache.store(source.sha256, model, tokenizer)
+        gguf_cache.store(source.sha256, model, tokenizer, tokenizer_sha256)
     except (OSError, ResourceError) as e:  # a cache that cannot be written costs speed, never the command
         print(f"edgepack: could not cache a float32 copy of {source.ref} ({_first_line(e)}); "
               "each load dequantizes it again", file=sys.stderr)

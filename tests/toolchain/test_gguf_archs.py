@@ -66,10 +66,9 @@ def test_an_unknown_rope_scaling_is_refused_by_name(tmp_path, monkeypatch):
         sources.load(str(path))
 
 
-def test_a_llama3_tokenizer_gets_its_own_split_rule(tmp_path, monkeypatch):
-    """transformers converts a Llama GGUF's byte-level BPE with GPT-2's split rule, which Llama 3 does not use
-    ('llama-bpe': one to three digits a piece, punctuation joined to the next word or newlines): the tokens differ.
-    edgepack applies the rule the file names, so the ids are the original tokenizer's."""
+def _llama3_style_tokenizer():
+    """A byte-level BPE trained with Llama 3's split rule (one to three digits a piece, punctuation joined to the
+    next word or newlines), which GPT-2's rule splits otherwise."""
     from pydoc_data.topics import topics
 
     import tiny
@@ -77,7 +76,6 @@ def test_a_llama3_tokenizer_gets_its_own_split_rule(tmp_path, monkeypatch):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(gguf_repair._LLAMA3_SPLIT), behavior="isolated"),
@@ -85,10 +83,24 @@ def test_a_llama3_tokenizer_gets_its_own_split_rule(tmp_path, monkeypatch):
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(list(topics.values())[:20], trainers.BpeTrainer(
         vocab_size=tiny.VOCAB, special_tokens=tiny.SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    original = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                       unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def _held_out_text():
+    from pydoc_data.topics import topics
+
+    return "\n".join(list(topics.values())[30:33])  # not in the tokenizer's training text
+
+
+def test_a_llama3_tokenizer_gets_its_own_split_rule(tmp_path, monkeypatch):
+    """transformers converts a Llama GGUF's byte-level BPE with GPT-2's split rule, which Llama 3 ('llama-bpe')
+    does not use: the tokens differ. edgepack applies the rule the file names, so the ids are the original's."""
+    from tokenizers import pre_tokenizers
+
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))
+    original, text = _llama3_style_tokenizer(), _held_out_text()
     path = gguf_writer.write(gguf_writer.make_model("llama"), original, tmp_path / "l3.gguf", pre="llama-bpe")
-    text = "\n".join(list(topics.values())[30:33])  # held out from the tokenizer's training text
     want = original(text)["input_ids"]
     loaded = sources.load(str(path))
     assert loaded.tokenizer(text)["input_ids"] == want
@@ -96,6 +108,21 @@ def test_a_llama3_tokenizer_gets_its_own_split_rule(tmp_path, monkeypatch):
     gpt2_rule = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
     loaded.tokenizer.backend_tokenizer.pre_tokenizer = gpt2_rule  # what transformers alone gives
     assert loaded.tokenizer(text)["input_ids"] != want
+
+
+def test_a_split_rule_edgepack_does_not_carry_is_said_and_a_tokenizer_beside_the_gguf_is_read(tmp_path, monkeypatch,
+                                                                                             capsys):
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))
+    original, text = _llama3_style_tokenizer(), _held_out_text()
+    path = gguf_writer.write(gguf_writer.make_model("llama"), original, tmp_path / "n.gguf", pre="tekken")
+    first = sources.load(str(path))
+    assert "split rule 'tekken' is not one edgepack carries, so transformers' GPT-2 rule is used" in \
+        capsys.readouterr().err
+    assert first.tokenizer(text)["input_ids"] != original(text)["input_ids"]
+    original.save_pretrained(tmp_path)  # the model's own tokenizer.json, beside the GGUF
+    again = sources.load(str(path))  # not the float32 copy made above, which holds the converted tokenizer
+    assert "reading the tokenizer.json beside it" in capsys.readouterr().err
+    assert again.tokenizer(text)["input_ids"] == original(text)["input_ids"]
 
 
 @pytest.mark.parametrize("variant", ["llama-rope3", "phi3", "falcon"])
