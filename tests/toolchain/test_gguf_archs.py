@@ -137,3 +137,16 @@ def test_a_package_built_from_a_gguf_computes_its_model(variant, tmp_path, monke
     decoder = load(tmp_path / "pkg").decoder
     ours = decoder.forward(PROMPT, decoder.new_cache(), all_logits=True)
     np.testing.assert_allclose(ours, _logits(model), atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["qwen3", "qwen3_moe", "phi3"])
+def test_the_planner_lays_out_a_gguf_as_its_model(variant, tmp_path, monkeypatch):
+    """`edgepack plan` reads a GGUF's config without its weights, with the same repairs as the load."""
+    import tiny
+    from edgepack.toolchain.planner import plan
+
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "cache"))
+    model, path = _write(variant, tmp_path)
+    model.save_pretrained(tmp_path / "hf")
+    tiny.make_tokenizer().save_pretrained(tmp_path / "hf")
+    assert plan.model_shape(str(path)) == plan.model_shape(str(tmp_path / "hf"))

@@ -196,9 +196,13 @@ def model_config(spec: str) -> dict[str, Any]:
 
     source = sources.resolve(spec)
     if source.gguf_file:
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        from edgepack.toolchain import gguf_repair
+        from transformers import AutoConfig
 
-        return load_gguf_checkpoint(str(Path(source.path) / source.gguf_file), return_tensors=False)["config"]
+        # as sources.py reads it: with what transformers' GGUF reader leaves out (a head size, an expert width, ...)
+        config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file, local_files_only=True)
+        gguf_repair.repair_config(config, gguf_repair.read_header(Path(source.path) / source.gguf_file), spec)
+        return config.to_dict() | {"model_type": config.model_type}
     cfg = json.loads((Path(source.path) / "config.json").read_text())
     if "text_config" in cfg:  # a multimodal checkpoint: what is packaged is its language model (sources.py)
         from transformers import AutoConfig
