@@ -324,7 +324,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2": ("gpt2", {}),
     "mamba": ("mamba", {}),
     "lfm2": ("lfm2", {}),
-    "qwen2_moe": ("qwen2_moe", {}),  # refused: transformers reads none of its settings
+    "qwen2_moe": ("qwen2_moe", {}),  # transformers alone reads none of its settings
 }
 
 

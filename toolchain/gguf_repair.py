@@ -4,12 +4,13 @@ transformers (4.57) maps a fixed list of ``{arch}.*`` keys per architecture into
 rest, so a GGUF written by llama.cpp's converter can load without an error and still compute another model:
 Llama 3's rope divisors (the ``rope_freqs`` tensor), Phi-3's longrope factors and partial rotary, Gemma's
 softcaps and rope scaling, StarCoder 2's rope base, StableLM's rotary share, Llama biases. Others fail on a
-shape (Qwen 3's head size, GPT-2's positions, Falcon's key-value heads). Each was found by writing a tiny model
+shape (Qwen 3's head size, GPT-2's positions, Falcon's key-value heads), and one reads no key at all (Qwen2-MoE,
+``mend_reader``). Each was found by writing a tiny model
 as llama.cpp does and comparing what transformers reads back (tests/gguf_writer.py, tests/toolchain/
 test_gguf_archs.py). No library does this, so it is written here: ``repair_config`` sets what the header says
 and transformers did not, ``repair_weights`` undoes a tensor layout transformers does not know, ``repair_tokenizer``
-gives a byte-level BPE the split rule its ``tokenizer.ggml.pre`` names. An architecture whose GGUF transformers
-cannot read correctly even so is refused by name. Every change is printed.
+gives a byte-level BPE the split rule its ``tokenizer.ggml.pre`` names. What cannot be read (an unknown rope
+scaling) is refused by name. Every change is printed.
 """
 
 from __future__ import annotations
@@ -68,13 +69,20 @@ def read_header(path: Path) -> Header:
     return Header(str(keys.get("general.architecture", "")), keys, frozenset(t.name for t in reader.tensors), extra)
 
 
+def mend_reader() -> None:
+    """transformers (4.57) renames a qwen2moe GGUF's architecture to 'qwen2_moe' before it looks the file's keys up
+    in its table, which has them under 'qwen2moe' only: it reads none of them, not even the expert count its own
+    weight loader then uses (an index error, or the wrong experts). Give the table that name too; a transformers
+    that has it is left alone. Called before transformers reads a GGUF."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
+
+    table = GGUF_TO_TRANSFORMERS_MAPPING["config"]
+    if "qwen2moe" in table and "qwen2_moe" not in table:
+        table["qwen2_moe"] = table["qwen2moe"]
+
+
 def repair_config(config: Any, header: Header, ref: str) -> list[str]:
     """Set on ``config`` what ``header`` says and transformers did not read; the changes, as 'name=value'."""
-    if header.arch == "qwen2moe":
-        # transformers renames the architecture before it looks its keys up, so it reads none of them (not even
-        # the expert count its own weight loader then uses)
-        raise UnsupportedArchitecture(f"{ref}: transformers {_version()} cannot read a qwen2moe GGUF (it finds none "
-                                      "of its settings); build from the model's Hugging Face folder")
     changes: list[str] = []
 
     def put(name: str, value: Any) -> None:
@@ -194,9 +202,11 @@ def _per_arch(config: Any, header: Header, put: Any) -> None:
             put("rope_local_base_freq", float(header.get("rope.freq_base_swa")))
     if arch == "phi3" and header.get("attention.sliding_window"):
         put("sliding_window", int(header.get("attention.sliding_window")))
+    if arch in ("qwen2moe", "qwen3moe") and header.get("expert_feed_forward_length"):
+        put("moe_intermediate_size", int(header.get("expert_feed_forward_length")))
+    if arch == "qwen2moe" and header.get("expert_shared_feed_forward_length"):
+        put("shared_expert_intermediate_size", int(header.get("expert_shared_feed_forward_length")))
     if arch == "qwen3moe":
-        if header.get("expert_feed_forward_length"):
-            put("moe_intermediate_size", int(header.get("expert_feed_forward_length")))
         # llama.cpp's Qwen 3 MoE always renormalizes the chosen experts' weights (as every released one is set up)
         put("norm_topk_prob", bool(header.get("expert_weights_norm", True)))
     if arch == "gpt2" and header.get("context_length"):

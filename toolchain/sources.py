@@ -97,6 +97,7 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if source.gguf_file and copy is None:
         kwargs["gguf_file"] = source.gguf_file
+        gguf_repair.mend_reader()
     try:
         config = AutoConfig.from_pretrained(folder, **kwargs)
     except ValueError as e:

@@ -200,6 +200,7 @@ def model_config(spec: str) -> dict[str, Any]:
         from transformers import AutoConfig
 
         # as sources.py reads it: with what transformers' GGUF reader leaves out (a head size, an expert width, ...)
+        gguf_repair.mend_reader()
         config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file, local_files_only=True)
         gguf_repair.repair_config(config, gguf_repair.read_header(Path(source.path) / source.gguf_file), spec)
         return config.to_dict() | {"model_type": config.model_type}
