@@ -311,9 +311,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                       "original_max_position_embeddings": 128, "partial_rotary_factor": 0.5, "rope_scaling": {
                           "type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0, 2.5],
                           "long_factor": [1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]}}),
-    "gemma2": ("gemma2", {"attn_logit_softcapping": 40.0, "final_logit_softcapping": 20.0}),
+    # a GGUF's Gemma scales attention by its head size (llama.cpp), where the config class's default is 256
+    "gemma2": ("gemma2", {"attn_logit_softcapping": 40.0, "final_logit_softcapping": 20.0,
+                          "query_pre_attn_scalar": 16}),
     "gemma3_text": ("gemma3_text", {"rope_scaling": {"rope_type": "linear", "factor": 4.0},
-                                    "rope_local_base_freq": 20000.0}),
+                                    "rope_local_base_freq": 20000.0, "query_pre_attn_scalar": 16}),
     "stablelm": ("stablelm", {"partial_rotary_factor": 0.5}),
     # llama.cpp writes no sliding window for StarCoder 2 (nor for a Mistral): a GGUF of one has none
     "starcoder2": ("starcoder2", {"rope_theta": 999999.0, "sliding_window": None}),
@@ -340,7 +342,8 @@ def make_model(variant: str, seed: int = 3) -> Any:
     for key, value in overrides.items():
         setattr(config, key, value)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    # eager attention: transformers' SDPA path skips Gemma 2's attention softcap, which edgepack computes
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:

@@ -198,6 +198,11 @@ def _per_arch(config: Any, header: Header, put: Any) -> None:
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             if header.get(key) is not None:
                 put(key, float(header.get(key)))
+        # llama.cpp's attention scale: by the head size, or by hidden / heads for the 27B models (46 / 62 layers)
+        big = header.get("block_count") == {"gemma2": 46, "gemma3": 62}[arch]
+        width = config.hidden_size // config.num_attention_heads if big else header.get("attention.key_length")
+        if width:
+            put("query_pre_attn_scalar", int(width))
         if arch == "gemma3" and header.get("rope.freq_base_swa") is not None:
             put("rope_local_base_freq", float(header.get("rope.freq_base_swa")))
     if arch == "phi3" and header.get("attention.sliding_window"):
