@@ -98,6 +98,11 @@ def test_a_llama3_tokenizer_gets_its_own_split_rule(tmp_path, monkeypatch):
     loaded = sources.load(str(path))
     assert loaded.tokenizer(text)["input_ids"] == want
     assert loaded.tokenizer.decode(want, clean_up_tokenization_spaces=False) == text
+    from edgepack.runtime import load
+    from edgepack.toolchain.build import BuildConfig, build
+
+    build(BuildConfig(model=str(path), context=64), tmp_path / "pkg")  # the runtime's tokenizer (no transformers)
+    assert load(tmp_path / "pkg").tokenizer.encode(text) == want
     gpt2_rule = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
     loaded.tokenizer.backend_tokenizer.pre_tokenizer = gpt2_rule  # what transformers alone gives
     assert loaded.tokenizer(text)["input_ids"] != want
