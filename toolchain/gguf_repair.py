@@ -170,21 +170,22 @@ def _llama3_rope(config: Any, divisors: np.ndarray, ref: str) -> dict[str, Any]:
     original = 8192  # free: the band depends on original / (low or high factor) only
     scaling = {"rope_type": "llama3", "factor": big, "low_freq_factor": float(original * low),
                "high_freq_factor": float(original * high), "original_max_position_embeddings": original}
-    if not np.allclose(_llama3_divisors(base, scaling), divisors, rtol=1e-4):
+    if not np.allclose(_llama3_divisors(config, scaling, base), divisors, rtol=1e-4):
         raise UnsupportedArchitecture(f"{ref}: its rope_freqs tensor is not a llama3 rope scaling edgepack can "
                                       "read; build from the model's Hugging Face folder")
     return scaling
 
 
-def _llama3_divisors(base: np.ndarray, s: dict[str, Any]) -> np.ndarray:
-    """transformers' llama3 rule, as divisors of the base frequencies."""
-    wavelen = 2 * math.pi / base
-    low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
-    high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
-    share = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
-        s["high_freq_factor"] - s["low_freq_factor"])
-    smooth = 1 / ((1 - share) / s["factor"] + share)
-    return np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, s["factor"], smooth))
+def _llama3_divisors(config: Any, scaling: dict[str, Any], base: np.ndarray) -> np.ndarray:
+    """The divisors of the base frequencies that transformers' own llama3 rope computes from ``scaling``."""
+    import copy
+
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    trial = copy.copy(config)
+    trial.rope_scaling = scaling
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](trial, "cpu")
+    return base / inv_freq.double().numpy()
 
 
 def _per_arch(config: Any, header: Header, put: Any) -> None:
@@ -246,13 +247,21 @@ def repair_weights(model: Any, header: Header) -> bool:
     return True
 
 
-def split_rule_known(header: Header, model_type: str) -> bool:
+def split_rule_known(header: Header) -> bool:
     """Whether transformers' converter plus ``repair_tokenizer`` give this GGUF's byte-level BPE its own split
     rule (llama.cpp has some 40 others, by ``tokenizer.ggml.pre`` name, that edgepack does not carry)."""
     pre = header.keys.get("tokenizer.ggml.pre")
     if header.keys.get("tokenizer.ggml.model") != "gpt2" or not pre:
         return True
-    return str(pre) in _SPLITS or str(pre) in _GPT2_RULES or (str(pre) == "qwen2" and model_type in _QWEN2_CONVERTED)
+    return str(pre) in _SPLITS or str(pre) in _GPT2_RULES
+
+
+def _split_to_set(header: Header, model_type: str) -> str | None:
+    """The split rule ``repair_tokenizer`` puts in place of the converter's, or None where that one is right."""
+    if header.keys.get("tokenizer.ggml.model") != "gpt2":
+        return None
+    pattern = _SPLITS.get(str(header.keys.get("tokenizer.ggml.pre")))
+    return None if pattern is _QWEN2_SPLIT and model_type in _QWEN2_CONVERTED else pattern
 
 
 def repair_tokenizer(tokenizer: Any, header: Header, model_type: str) -> list[str]:
@@ -263,15 +272,14 @@ def repair_tokenizer(tokenizer: Any, header: Header, model_type: str) -> list[st
     if header.keys.get("tokenizer.ggml.add_bos_token") is False and getattr(tokenizer, "add_bos_token", False):
         tokenizer.add_bos_token = False  # LlamaTokenizerFast rebuilds its post-processor on this
         notes.append("add_bos_token=False")
-    pre = header.keys.get("tokenizer.ggml.pre")
-    pattern = _SPLITS.get(str(pre)) if header.keys.get("tokenizer.ggml.model") == "gpt2" else None
-    if pattern is not None and not (pattern is _QWEN2_SPLIT and model_type in _QWEN2_CONVERTED):
+    pattern = _split_to_set(header, model_type)
+    if pattern is not None:
         from tokenizers import Regex, pre_tokenizers
 
         tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
-        notes.append(f"the '{pre}' split rule for its tokenizer")
+        notes.append(f"the '{header.keys['tokenizer.ggml.pre']}' split rule for its tokenizer")
     return notes
 
 

@@ -214,7 +214,7 @@ def _tokenizer(folder: str, config: Any, kwargs: dict[str, Any], beside: bool = 
 def _tokenizer_beside(source: ModelSource, header: gguf_repair.Header, model_type: str) -> bool:
     """For a GGUF whose tokenizer split rule edgepack does not carry: read the tokenizer.json beside it (the model's
     exact tokenizer) when there is one, else say that transformers' conversion may tokenize differently."""
-    if gguf_repair.split_rule_known(header, model_type):
+    if gguf_repair.split_rule_known(header):
         return False
     pre = header.keys.get("tokenizer.ggml.pre")
     if (Path(source.path) / "tokenizer.json").is_file():
