@@ -91,8 +91,7 @@ def _load_transformers(source: ModelSource, check: Callable[[Any], None] | None)
 
     # A GGUF read before is read from its verified float32 copy (gguf_cache.py): the same weights, 100x faster.
     beside_sha = _tokenizer_beside_sha(source)
-    copy = (gguf_cache.lookup(source.sha256, beside_sha) if source.gguf_file and source.sha256 and gguf_cache.enabled()
-            else None)
+    copy = _copy_of(source, beside_sha)
     folder = str(copy) if copy else source.path
     kwargs: dict[str, Any] = {"local_files_only": True}
     if source.gguf_file and copy is None:
@@ -263,6 +262,17 @@ def _check_causal_lm(config: Any, source: ModelSource) -> None:
 def _hint(source: ModelSource) -> str:
     # gguf's reader reports a cut-off file as a reshape or dtype error deep in numpy.
     return " (is the GGUF file truncated or corrupt?)" if source.gguf_file else ""
+
+
+def gguf_copy(source: ModelSource) -> Path | None:
+    """The verified float32 copy of a GGUF source that was loaded before (gguf_cache.py), or None."""
+    return _copy_of(source, _tokenizer_beside_sha(source))
+
+
+def _copy_of(source: ModelSource, tokenizer_sha256: str | None) -> Path | None:
+    if not (source.gguf_file and source.sha256 and gguf_cache.enabled()):
+        return None
+    return gguf_cache.lookup(source.sha256, tokenizer_sha256)
 
 
 def _tokenizer_beside_sha(source: ModelSource) -> str | None:

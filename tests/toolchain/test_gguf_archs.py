@@ -148,3 +148,7 @@ def test_the_planner_lays_out_a_gguf_as_its_model(variant, tmp_path, monkeypatch
     model.save_pretrained(tmp_path / "hf")
     tiny.make_tokenizer().save_pretrained(tmp_path / "hf")
     assert plan.model_shape(str(path)) == plan.model_shape(str(tmp_path / "hf"))
+
+    sources.load(str(path))  # now with a float32 copy, whose config.json the planner reads instead
+    assert sources.gguf_copy(sources.resolve(str(path))) is not None
+    assert plan.model_shape(str(path)) == plan.model_shape(str(tmp_path / "hf"))

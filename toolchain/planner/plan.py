@@ -195,7 +195,8 @@ def model_config(spec: str) -> dict[str, Any]:
     from edgepack.toolchain import sources
 
     source = sources.resolve(spec)
-    if source.gguf_file:
+    copy = sources.gguf_copy(source)  # a GGUF loaded before: its copy's config.json, as repaired then
+    if source.gguf_file and copy is None:
         from edgepack.toolchain import gguf_repair
         from transformers import AutoConfig
 
@@ -204,7 +205,7 @@ def model_config(spec: str) -> dict[str, Any]:
         config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file, local_files_only=True)
         gguf_repair.repair_config(config, gguf_repair.read_header(Path(source.path) / source.gguf_file), spec)
         return config.to_dict() | {"model_type": config.model_type}
-    cfg = json.loads((Path(source.path) / "config.json").read_text())
+    cfg = json.loads(((copy or Path(source.path)) / "config.json").read_text())
     if "text_config" in cfg:  # a multimodal checkpoint: what is packaged is its language model (sources.py)
         from transformers import AutoConfig
 
